@@ -1,0 +1,49 @@
+# The two commands of the README: `make demo` and `make test`. Both bootstrap from a
+# fresh machine: a .venv with the pinned install set, the npm packages of the JS device
+# harness, and Debian's chromium for the browser test. Every step is idempotent.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.spliteasy-installed
+JS := device_tf/js
+JS_STAMP := $(JS)/node_modules/.spliteasy-installed
+
+.PHONY: install demo test lint js browser schema clean
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements.txt -c constraints.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(JS_STAMP): $(JS)/package.json $(JS)/package-lock.json
+	cd $(JS) && npm ci --no-audit --no-fund
+	touch $(JS_STAMP)
+
+js: $(JS_STAMP)
+
+# Debian's chromium for the browser device test (a test tool's own browser download
+# cannot work on a closed network).
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q chromium; \
+	  else sudo apt-get update -q && sudo apt-get install -y -q chromium; fi; }
+
+demo: install
+	$(BIN)/spliteasy demo
+
+test: install js browser
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+schema: install
+	$(BIN)/python -m shared_schema.export_schema
+
+clean:
+	rm -rf $(VENV) $(JS)/node_modules .pytest_cache

@@ -1,0 +1,187 @@
+"""The binary tensor frame: a small header and the raw little-endian bytes of one tensor.
+
+Layout (all integers little-endian)::
+
+    offset size
+    0      4   magic  b"SPLT"
+    4      1   version (1)
+    5      1   kind   (FrameKind)
+    6      1   dtype  (code in DTYPES)
+    7      1   layout (code in LAYOUTS)
+    8      1   ndim   (<= 8)
+    9      1   flags  (0; reserved for compression)
+    10     2   name length in bytes (<= 200)
+    12     16  session id
+    28     8   step
+    36     8   payload length in bytes
+    44     .   name (UTF-8), then ndim x uint32 dims, then the payload
+
+A message is one or more frames back to back. Every frame names its session and step,
+so a retried request can be recognised and answered from a store. Decoding trusts
+nothing: each length is checked before it is used, and the payload length must equal
+dtype size x prod(shape). Payloads are not copied on decode (numpy views the buffer).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+
+from ._exceptions import (
+    BadMagic,
+    FrameSizeMismatch,
+    FrameSpecMismatch,
+    TruncatedFrame,
+    UnsupportedVersion,
+)
+from .manifest import TensorSpec
+
+MAGIC = b"SPLT"
+VERSION = 1
+MEDIA_TYPE = "application/x-spliteasy-frames"
+MAX_NDIM = 8
+MAX_NAME = 200
+_HEADER = struct.Struct("<4sBBBBBBH16sQQ")
+HEADER_SIZE = _HEADER.size  # 44
+
+DTYPES: dict[int, str] = {1: "float32", 2: "float16", 3: "int32", 4: "int64", 5: "uint8"}
+_DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+_NP = {"float32": "<f4", "float16": "<f2", "int32": "<i4", "int64": "<i8", "uint8": "u1"}
+LAYOUTS: dict[int, str] = {0: "N", 1: "NC", 2: "NHWC", 3: "NCHW", 4: "scalar"}
+_LAYOUT_CODES = {v: k for k, v in LAYOUTS.items()}
+NO_SESSION = bytes(16)
+
+
+class FrameKind(IntEnum):
+    ACTIVATION = 1  # forward: a cut tensor's values
+    GRADIENT = 2  # backward: dL/d(cut tensor)
+    TARGET = 3  # backward, auxiliary-label form: c_hat = c - dL/dc
+    LABELS = 4  # single split: the labels travel up
+    SCALAR = 5  # metrics (loss) riding along a reply
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: FrameKind
+    name: str
+    array: np.ndarray
+    layout: str
+    session: bytes = NO_SESSION
+    step: int = 0
+
+    @property
+    def dtype(self) -> str:
+        return np.dtype(self.array.dtype).name
+
+
+def encode(frames: Iterable[Frame]) -> bytes:
+    """Frames to one message body. Arrays are written little-endian, C order."""
+    parts: list[bytes | memoryview] = []
+    for f in frames:
+        arr = np.asarray(f.array)
+        dtype_name = np.dtype(arr.dtype).name
+        if dtype_name not in _DTYPE_CODES:
+            raise FrameSpecMismatch(f"{f.name}: dtype {dtype_name} cannot be framed")
+        arr = np.ascontiguousarray(arr, dtype=_NP[dtype_name])
+        name = f.name.encode()
+        if len(name) > MAX_NAME:
+            raise FrameSpecMismatch(f"tensor name longer than {MAX_NAME} bytes")
+        if arr.ndim > MAX_NDIM:
+            raise FrameSpecMismatch(f"{f.name}: rank {arr.ndim} exceeds {MAX_NDIM}")
+        if len(f.session) != 16:
+            raise FrameSpecMismatch("session id must be 16 bytes")
+        parts.append(
+            _HEADER.pack(
+                MAGIC, VERSION, int(f.kind), _DTYPE_CODES[dtype_name], _LAYOUT_CODES[f.layout],
+                arr.ndim, 0, len(name), f.session, f.step, arr.nbytes,
+            )
+        )
+        parts.append(name)
+        parts.append(struct.pack(f"<{arr.ndim}I", *arr.shape))
+        parts.append(memoryview(arr).cast("B"))
+    return b"".join(parts)
+
+
+def decode(buf: bytes | bytearray | memoryview) -> list[Frame]:
+    """One message body to its frames; any inconsistency raises a FrameError subclass."""
+    view = memoryview(buf).cast("B")
+    frames: list[Frame] = []
+    pos = 0
+    if len(view) == 0:
+        raise TruncatedFrame("empty message: expected at least one frame")
+    while pos < len(view):
+        frame, pos = _decode_one(view, pos)
+        frames.append(frame)
+    return frames
+
+
+def _decode_one(view: memoryview, pos: int) -> tuple[Frame, int]:
+    if len(view) - pos < HEADER_SIZE:
+        if bytes(view[pos : pos + 4]) not in (MAGIC[: len(view) - pos], MAGIC):
+            raise BadMagic(f"bad magic at byte {pos}: not a spliteasy frame")
+        raise TruncatedFrame(f"frame at byte {pos}: {len(view) - pos} bytes, header needs {HEADER_SIZE}")
+    (magic, version, kind, dtype, layout, ndim, _flags, name_len, session, step, nbytes) = (
+        _HEADER.unpack_from(view, pos)
+    )
+    if magic != MAGIC:
+        raise BadMagic(f"bad magic {magic!r} at byte {pos}: not a spliteasy frame")
+    if version != VERSION:
+        raise UnsupportedVersion(f"frame version {version}; this build speaks version {VERSION}")
+    try:
+        kind_e = FrameKind(kind)
+    except ValueError:
+        raise FrameSpecMismatch(f"unknown frame kind {kind}") from None
+    if dtype not in DTYPES:
+        raise FrameSpecMismatch(f"unknown dtype code {dtype}")
+    if layout not in LAYOUTS:
+        raise FrameSpecMismatch(f"unknown layout code {layout}")
+    if ndim > MAX_NDIM or name_len > MAX_NAME:
+        raise FrameSpecMismatch(f"frame header out of range (ndim={ndim}, name length={name_len})")
+    pos += HEADER_SIZE
+    meta = name_len + 4 * ndim
+    if len(view) - pos < meta:
+        raise TruncatedFrame(f"frame header promises {meta} bytes of name and shape; {len(view) - pos} left")
+    try:
+        name = bytes(view[pos : pos + name_len]).decode()
+    except UnicodeDecodeError:
+        raise FrameSpecMismatch("tensor name is not UTF-8") from None
+    pos += name_len
+    shape = struct.unpack_from(f"<{ndim}I", view, pos)
+    pos += 4 * ndim
+    dtype_name = DTYPES[dtype]
+    expected = np.dtype(_NP[dtype_name]).itemsize * int(np.prod(shape, dtype=np.int64))
+    if nbytes != expected:
+        raise FrameSizeMismatch(
+            f"{name}: header says {nbytes} payload bytes, {dtype_name}{list(shape)} needs {expected}"
+        )
+    if len(view) - pos < nbytes:
+        raise TruncatedFrame(f"{name}: payload truncated ({len(view) - pos} of {nbytes} bytes)")
+    array = np.frombuffer(view, dtype=_NP[dtype_name], count=int(np.prod(shape)), offset=pos)
+    array = array.reshape(shape)
+    pos += nbytes
+    return Frame(kind_e, name, array, LAYOUTS[layout], bytes(session), step), pos
+
+
+def check(frame: Frame, spec: TensorSpec, kind: FrameKind | None = None) -> None:
+    """Raise FrameSpecMismatch unless the frame is the tensor the manifest describes."""
+    if kind is not None and frame.kind != kind:
+        raise FrameSpecMismatch(f"expected a {kind.name} frame, got {frame.kind.name}")
+    if frame.name != spec.name:
+        raise FrameSpecMismatch(f"expected tensor {spec.name!r}, got {frame.name!r}")
+    if frame.dtype != spec.dtype:
+        raise FrameSpecMismatch(f"{spec.name}: dtype {frame.dtype}, manifest says {spec.dtype}")
+    if frame.layout != spec.layout:
+        raise FrameSpecMismatch(f"{spec.name}: layout {frame.layout}, manifest says {spec.layout}")
+    shape = frame.array.shape
+    if len(shape) != len(spec.shape) or tuple(shape[1:]) != spec.sample_shape or shape[0] < 1:
+        raise FrameSpecMismatch(
+            f"{spec.name}: shape {list(shape)}, manifest says {['N', *spec.sample_shape]}"
+        )
+
+
+def scalar(name: str, value: float, session: bytes = NO_SESSION, step: int = 0) -> Frame:
+    return Frame(FrameKind.SCALAR, name, np.asarray(value, dtype=np.float32), "scalar", session, step)

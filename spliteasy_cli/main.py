@@ -1,0 +1,49 @@
+"""``spliteasy`` entry point.
+
+Each subcommand lives in its own module exposing ``HELP``, ``add_arguments(parser)`` and
+``run(args) -> int``. Those modules import nothing heavy at the top, so ``spliteasy
+--help`` answers at once; TensorFlow and torch load only inside ``run``. Errors that
+spliteasy raises on purpose become a one-line message and exit status 2, never a trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+SUBCOMMANDS = ["convert", "cuts", "serve", "train", "demo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spliteasy",
+        description="Split learning: A and C train on the device (TensorFlow), B on a PyTorch server.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        module = importlib.import_module(f"spliteasy_cli.{name}")
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = build_parser().parse_args(argv)
+    from shared_schema import SpliteasyError
+
+    try:
+        return int(args._module.run(args) or 0)
+    except SpliteasyError as exc:
+        print(f"spliteasy {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"spliteasy {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
