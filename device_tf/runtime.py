@@ -1,0 +1,54 @@
+"""What a device runtime must do with the slices it holds (A, and C in a double split).
+
+The step loop (``device_tf.loop``) drives any runtime through this interface, so Python
+TF (SavedModel / Keras), TFLite and future runtimes share one loop, one transport and
+one codec. Arrays in and out are numpy, NHWC for images, float32; labels int32.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+
+class DeviceRuntime(ABC):
+    """The device's half of the network.
+
+    Training protocol for one step (double split)::
+
+        a = rt.a_forward(x)             # A in training mode; remembers what backward needs
+        ... server: b = B(a) ...
+        loss, g_b = rt.c_train(b, y)    # C forward, loss, dL/db, and C's update
+        ... server: g_a ...
+        rt.a_backward(g_a)              # A's update from the upstream gradient
+
+    Single split uses ``a_forward`` and ``a_backward`` only.
+    """
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def a_forward(self, x: np.ndarray) -> np.ndarray:
+        """A(x) in training mode."""
+
+    @abstractmethod
+    def a_backward(self, upstream_grad: np.ndarray) -> None:
+        """Backpropagate dL/da through A (for the x of the last ``a_forward``) and update A."""
+
+    @abstractmethod
+    def c_train(self, cut_activations: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+        """C forward, loss, update of C; returns (loss, dL/d cut_activations)."""
+
+    @abstractmethod
+    def a_infer(self, x: np.ndarray) -> np.ndarray:
+        """A(x) in inference mode."""
+
+    @abstractmethod
+    def c_infer(self, cut_activations: np.ndarray) -> np.ndarray:
+        """C(b) in inference mode: the model's output (logits or probabilities)."""
+
+    @abstractmethod
+    def weights(self) -> dict[str, list[np.ndarray]]:
+        """Current variables of each held slice, {"A": [...], "C": [...]}, in Keras order
+        (``model.weights``: trainable and non-trainable), for checks and checkpoints."""
