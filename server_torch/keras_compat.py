@@ -78,7 +78,11 @@ class KerasSGD(torch.optim.Optimizer):
     """SGD with Keras' momentum rule: v <- m v - lr g; w <- w + v (Nesterov: w + m v - lr g)."""
 
     def __init__(
-        self, params: Iterable[nn.Parameter], lr: float, momentum: float = 0.0, nesterov: bool = False
+        self,
+        params: Iterable[nn.Parameter],
+        lr: float,
+        momentum: float = 0.0,
+        nesterov: bool = False,
     ) -> None:
         super().__init__(params, {"lr": lr, "momentum": momentum, "nesterov": nesterov})
 

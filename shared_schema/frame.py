@@ -96,8 +96,17 @@ def encode(frames: Iterable[Frame]) -> bytes:
             raise FrameSpecMismatch("session id must be 16 bytes")
         parts.append(
             _HEADER.pack(
-                MAGIC, VERSION, int(f.kind), _DTYPE_CODES[dtype_name], _LAYOUT_CODES[f.layout],
-                arr.ndim, 0, len(name), f.session, f.step, arr.nbytes,
+                MAGIC,
+                VERSION,
+                int(f.kind),
+                _DTYPE_CODES[dtype_name],
+                _LAYOUT_CODES[f.layout],
+                arr.ndim,
+                0,
+                len(name),
+                f.session,
+                f.step,
+                arr.nbytes,
             )
         )
         parts.append(name)
@@ -123,7 +132,9 @@ def _decode_one(view: memoryview, pos: int) -> tuple[Frame, int]:
     if len(view) - pos < HEADER_SIZE:
         if bytes(view[pos : pos + 4]) not in (MAGIC[: len(view) - pos], MAGIC):
             raise BadMagic(f"bad magic at byte {pos}: not a spliteasy frame")
-        raise TruncatedFrame(f"frame at byte {pos}: {len(view) - pos} bytes, header needs {HEADER_SIZE}")
+        raise TruncatedFrame(
+            f"frame at byte {pos}: {len(view) - pos} bytes, header needs {HEADER_SIZE}"
+        )
     (magic, version, kind, dtype, layout, ndim, _flags, name_len, session, step, nbytes) = (
         _HEADER.unpack_from(view, pos)
     )
@@ -144,7 +155,9 @@ def _decode_one(view: memoryview, pos: int) -> tuple[Frame, int]:
     pos += HEADER_SIZE
     meta = name_len + 4 * ndim
     if len(view) - pos < meta:
-        raise TruncatedFrame(f"frame header promises {meta} bytes of name and shape; {len(view) - pos} left")
+        raise TruncatedFrame(
+            f"frame header promises {meta} bytes of name and shape; {len(view) - pos} left"
+        )
     try:
         name = bytes(view[pos : pos + name_len]).decode()
     except UnicodeDecodeError:
@@ -184,4 +197,6 @@ def check(frame: Frame, spec: TensorSpec, kind: FrameKind | None = None) -> None
 
 
 def scalar(name: str, value: float, session: bytes = NO_SESSION, step: int = 0) -> Frame:
-    return Frame(FrameKind.SCALAR, name, np.asarray(value, dtype=np.float32), "scalar", session, step)
+    return Frame(
+        FrameKind.SCALAR, name, np.asarray(value, dtype=np.float32), "scalar", session, step
+    )

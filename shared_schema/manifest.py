@@ -56,12 +56,18 @@ class TensorSpec(_Strict):
     @model_validator(mode="after")
     def _check(self) -> TensorSpec:
         if not self.shape or self.shape[0] is not None:
-            raise ValueError(f"{self.name}: the first dimension must be the free batch dimension (null)")
+            raise ValueError(
+                f"{self.name}: the first dimension must be the free batch dimension (null)"
+            )
         if any(d is None or d <= 0 for d in self.shape[1:]):
-            raise ValueError(f"{self.name}: every dimension but the batch must be a positive integer")
+            raise ValueError(
+                f"{self.name}: every dimension but the batch must be a positive integer"
+            )
         rank = {"NHWC": 4, "NCHW": 4, "NC": 2, "N": 1}[self.layout]
         if len(self.shape) != rank:
-            raise ValueError(f"{self.name}: layout {self.layout} needs rank {rank}, shape is {self.shape}")
+            raise ValueError(
+                f"{self.name}: layout {self.layout} needs rank {rank}, shape is {self.shape}"
+            )
         return self
 
     @property
@@ -159,7 +165,9 @@ class Manifest(_Strict):
         if names != expected:
             raise ValueError(f"{self.split_mode} split needs slices {expected}, got {names}")
         if len(self.cuts) != ncuts:
-            raise ValueError(f"{self.split_mode} split needs {ncuts} cut tensor(s), got {len(self.cuts)}")
+            raise ValueError(
+                f"{self.split_mode} split needs {ncuts} cut tensor(s), got {len(self.cuts)}"
+            )
         if self.label_holder != holder:
             raise ValueError(f"{self.split_mode} split keeps the labels on the {holder}")
         sides = {"A": "device", "B": "server", "C": "device"}

@@ -1,0 +1,156 @@
+"""Cut a tf_keras functional model at one or two single-tensor cut points.
+
+Each slice becomes its own functional model, rebuilt from config with fresh layers and
+the original weights, so A, B and C can be saved, converted and trained independently
+while starting from exactly the unsplit model's initial values. The input layer of a
+slice is named after the cut it starts at, which is also the tensor's name on the wire.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from shared_schema import TensorSpec
+
+from ._exceptions import InvalidCut, UnsupportedLayer
+
+LABELS = "labels"
+
+
+@dataclass
+class Slices:
+    """The sliced model. ``c`` is None for a single split (B then ends at the output)."""
+
+    a: Any
+    b: Any
+    c: Any | None
+    input: TensorSpec
+    cuts: list[TensorSpec]
+    output: TensorSpec
+    labels: TensorSpec
+
+    @property
+    def split_mode(self) -> str:
+        return "double" if self.c is not None else "single"
+
+
+def tensor_spec(name: str, shape) -> TensorSpec:
+    dims = [None, *[int(d) for d in shape[1:]]]
+    layout = {4: "NHWC", 2: "NC"}.get(len(dims))
+    if layout is None:
+        raise InvalidCut(f"tensor {name!r} has rank {len(dims)}; cuts support rank 4 (NHWC) or 2")
+    if any(d is None for d in dims[1:]):
+        raise InvalidCut(f"tensor {name!r} has an unknown dimension {dims}; fix the input size")
+    return TensorSpec(name=name, shape=dims, layout=layout)
+
+
+def _check_cuts(model, cut_names: list[str]) -> None:
+    """Order, existence and single-use checks; the dominance check lives in ``cuts``."""
+    try:
+        from .cuts import validate_cuts
+    except ImportError:
+        validate_cuts = None
+    if validate_cuts is not None:
+        validate_cuts(model, list(cut_names))
+        return
+    names = [layer.name for layer in model.layers]
+    for cut in cut_names:
+        if cut not in names:
+            raise InvalidCut(f"unknown layer {cut!r}")
+    positions = [names.index(c) for c in cut_names]
+    if positions != sorted(positions) or len(set(positions)) != len(positions):
+        raise InvalidCut(f"cuts {cut_names} are out of order or repeated")
+    if positions[0] == 0 or positions[-1] == len(names) - 1:
+        raise InvalidCut("a cut at the input or the output layer leaves a slice empty")
+
+
+def _submodel(keras, inputs, outputs, input_name: str, name: str):
+    """A standalone copy of the graph between two tensors, with fresh layers."""
+    try:
+        view = keras.Model(inputs, outputs, name=name)
+    except ValueError as exc:
+        raise InvalidCut(
+            f"slice {name} is not closed between its cuts (a path bypasses a cut): {exc}"
+        ) from exc
+    config = view.get_config()
+    old_inputs = [entry[0] for entry in config["input_layers"]]
+    if len(old_inputs) != 1:
+        raise InvalidCut(f"slice {name} has {len(old_inputs)} inputs; a cut must be one tensor")
+    if old_inputs[0] != input_name:
+        _rename_layer(config, old_inputs[0], input_name)
+    custom = {type(layer).__name__: type(layer) for layer in view.layers}
+    try:
+        clean = keras.Model.from_config(config, custom_objects=custom)
+    except Exception as exc:  # a layer whose config cannot be rebuilt
+        raise UnsupportedLayer(f"slice {name}: cannot rebuild from config: {exc}") from exc
+    clean.set_weights(view.get_weights())
+    return clean
+
+
+def _rename_layer(config: dict, old: str, new: str) -> None:
+    def fix(obj):
+        if isinstance(obj, list):
+            if obj and obj[0] == old and len(obj) >= 3 and isinstance(obj[1], int):
+                obj[0] = new
+            for item in obj:
+                fix(item)
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                fix(value)
+
+    for layer in config["layers"]:
+        if layer["name"] == old:
+            layer["name"] = new
+            layer["config"]["name"] = new
+        fix(layer.get("inbound_nodes", []))
+    fix(config["input_layers"])
+    fix(config["output_layers"])
+
+
+def slice_model(model, cut_names: list[str]) -> Slices:
+    """A, B[, C] as independent tf_keras models; one cut = single split, two = double."""
+    import tf_keras as keras
+
+    if len(cut_names) not in (1, 2):
+        raise InvalidCut(f"give one cut (single split) or two (double split), got {len(cut_names)}")
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise UnsupportedLayer("only models with one input and one output can be split")
+    _check_cuts(model, cut_names)
+    for cut in cut_names:
+        layer = model.get_layer(cut)
+        if len(layer._inbound_nodes) != 1:
+            raise InvalidCut(f"layer {cut!r} is shared (called {len(layer._inbound_nodes)} times)")
+    cut_tensors = [model.get_layer(c).output for c in cut_names]
+    input_name = model.layers[0].name
+    input_spec = tensor_spec(input_name, model.inputs[0].shape)
+    cuts = [tensor_spec(c, t.shape) for c, t in zip(cut_names, cut_tensors, strict=True)]
+    out_shape = model.outputs[0].shape
+    if len(out_shape) != 2:
+        raise UnsupportedLayer(f"the model's output must be (batch, classes), got {out_shape}")
+    output = TensorSpec(name="logits", shape=[None, int(out_shape[1])], layout="NC")
+    labels = TensorSpec(name=LABELS, shape=[None], dtype="int32", layout="N")
+
+    a = _submodel(keras, model.inputs[0], cut_tensors[0], input_name, "A")
+    if len(cut_names) == 2:
+        b = _submodel(keras, cut_tensors[0], cut_tensors[1], cut_names[0], "B")
+        c = _submodel(keras, cut_tensors[1], model.outputs[0], cut_names[1], "C")
+    else:
+        b = _submodel(keras, cut_tensors[0], model.outputs[0], cut_names[0], "B")
+        c = None
+    return Slices(a, b, c, input_spec, cuts, output, labels)
+
+
+def named_variables(model) -> dict[str, object]:
+    """Variables keyed ``layer/variable`` (e.g. ``b_bn1/moving_mean``), in model order.
+
+    Keras' own ``variable.name`` depends on the name scope a layer was built in (a model
+    rebuilt from config loses it), so spliteasy names variables by layer itself; the
+    names are equal in the unsplit model and in the slice that holds the layer.
+    """
+    out: dict[str, object] = {}
+    for layer in model.layers:
+        for var in layer.weights:
+            short = var.name.split("/")[-1].split(":")[0]
+            out[f"{layer.name}/{short}"] = var
+    return out
