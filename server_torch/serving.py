@@ -1,0 +1,227 @@
+"""Running the app under uvicorn: in the foreground (the CLI), in a thread (tests,
+benchmarks, the demo) or as a ``spliteasy serve`` child process.
+
+The listening socket is bound *before* uvicorn starts, so port 0 works (the OS picks a
+free port and we know it at once, with no race between choosing and binding) and the
+URL printed or returned is the one that is already accepting connections.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from shared_schema import SpliteasyError
+
+
+class ServeError(SpliteasyError):
+    """The server could not be started (port taken, child died, never became healthy)."""
+
+
+def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A listening TCP socket on (host, port); port 0 picks a free one."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def configure_threads(num_threads: int | None = None) -> int:
+    """Torch intra-op threads: one per core by default (B runs one call at a time)."""
+    import torch
+
+    n = num_threads or max(1, os.cpu_count() or 1)
+    torch.set_num_threads(n)
+    return n
+
+
+def _uvicorn_server(app: Any, log_level: str) -> Any:
+    import uvicorn
+
+    config = uvicorn.Config(
+        app, log_level=log_level, lifespan="off", access_log=log_level == "debug"
+    )
+    return uvicorn.Server(config)
+
+
+def serve_forever(app: Any, sock: socket.socket, log_level: str = "info") -> None:
+    """Serve ``app`` on an already-bound socket until interrupted (Ctrl-C / SIGTERM)."""
+    _uvicorn_server(app, log_level).run(sockets=[sock])
+
+
+def wait_for_health(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> dict:
+    """Poll ``{url}/v1/health`` until it answers 200; returns its JSON."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ServeError(f"server process exited with status {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/v1/health", timeout=2) as resp:
+                return json.loads(resp.read())
+        except (urllib.error.URLError, OSError) as exc:
+            last = exc
+            time.sleep(0.05)
+    raise ServeError(f"{url} did not become healthy within {timeout:g} s ({last})")
+
+
+class ServerThread:
+    """uvicorn serving an app object in a background thread of this process.
+
+    ::
+
+        with ServerThread(create_app(bundle)) as srv:
+            httpx.get(f"{srv.url}/v1/health")
+    """
+
+    def __init__(
+        self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
+    ):
+        self.app = app
+        self.host, self.port, self.log_level = host, port, log_level
+        self.url = ""
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self, timeout: float = 30.0) -> ServerThread:
+        sock = bind_socket(self.host, self.port)
+        self.url = url_of(sock)
+        self._server = _uvicorn_server(self.app, self.log_level)
+
+        def run() -> None:
+            try:
+                self._server.run(sockets=[sock])
+            except BaseException as exc:  # surfaced by start()/stop()
+                self._error = exc
+            finally:
+                sock.close()
+
+        self._thread = threading.Thread(target=run, name=f"uvicorn {self.url}", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise ServeError(f"uvicorn did not start on {self.url}: {self._error}")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+_LISTENING = re.compile(r"listening on (http://\S+)")
+
+
+class ServerProcess:
+    """``spliteasy serve BUNDLE`` as a child process on a free port of 127.0.0.1.
+
+    The child prints the URL it listens on; we read it and wait for /v1/health.
+    ::
+
+        with ServerProcess(bundle_dir) as srv:
+            httpx.get(f"{srv.url}/v1/manifest")
+    """
+
+    def __init__(
+        self,
+        bundle_dir: Path | str,
+        extra_args: Sequence[str] = (),
+        host: str = "127.0.0.1",
+        env: dict[str, str] | None = None,
+        log_level: str = "warning",
+    ):
+        self.bundle_dir = Path(bundle_dir)
+        self.args = [
+            sys.executable, "-m", "spliteasy_cli.main", "serve", str(self.bundle_dir),
+            "--host", host, "--port", "0", "--log-level", log_level, *extra_args,
+        ]  # fmt: skip
+        self.env = {**os.environ, **(env or {})}
+        self.url = ""
+        self.proc: subprocess.Popen | None = None
+        self.output: list[str] = []
+
+    def start(self, timeout: float = 120.0) -> ServerProcess:
+        self.proc = subprocess.Popen(
+            self.args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=self.env,
+        )
+        found = threading.Event()
+
+        def pump() -> None:  # keep reading so the child never blocks on a full pipe
+            assert self.proc is not None and self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.output.append(line)
+                m = _LISTENING.search(line)
+                if m and not self.url:
+                    self.url = m.group(1).rstrip("/")
+                    found.set()
+            found.set()
+
+        threading.Thread(target=pump, name="spliteasy serve output", daemon=True).start()
+        if not found.wait(timeout) or not self.url:
+            self.stop()
+            raise ServeError("spliteasy serve did not start:\n" + "".join(self.output))
+        try:
+            wait_for_health(self.url, timeout, self.proc)
+        except ServeError:
+            self.stop()
+            raise ServeError("spliteasy serve is not healthy:\n" + "".join(self.output)) from None
+        return self
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        return self.proc.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

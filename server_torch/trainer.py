@@ -1,0 +1,210 @@
+"""Slice B in training: forward, backward and the optimizer step, with numpy at the edges.
+
+The trainer speaks the wire's layout (NHWC for images, as the TensorFlow device sends
+them) and translates to torch's NCHW by *viewing* the incoming buffer permuted, never by
+copying it: the NHWC array becomes a leaf tensor that requires grad, B sees it as an
+NCHW view (a channels_last tensor), and dL/da lands on the leaf already in NHWC. The
+only copy on the way out is the one that makes B's output contiguous for the wire.
+
+It knows nothing of sessions or HTTP, holds at most one pending forward (split learning
+trains one device's batch at a time through B; ``sessions`` enforces the turn-taking),
+and validates everything it is handed before B is touched, so a rejected call changes
+neither B's parameters nor its BatchNorm statistics nor its optimizer state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared_schema import FrameSpecMismatch, Manifest, TensorSpec
+from shared_schema.manifest import AdamSpec, LossSpec, SGDSpec
+
+from .errors import LabelOutOfRange, NonFinite, StepConflict
+from .keras_compat import KerasAdam, KerasSGD
+
+# Keras' backend epsilon: probabilities are clipped to [eps, 1 - eps] before the log.
+KERAS_EPSILON = 1e-7
+
+
+def build_optimizer(spec: SGDSpec | AdamSpec, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """The manifest's optimizer with Keras' update rule (see keras_compat)."""
+    if isinstance(spec, SGDSpec):
+        return KerasSGD(
+            params, lr=spec.learning_rate, momentum=spec.momentum, nesterov=spec.nesterov
+        )
+    if isinstance(spec, AdamSpec):
+        return KerasAdam(
+            params,
+            lr=spec.learning_rate,
+            beta_1=spec.beta_1,
+            beta_2=spec.beta_2,
+            epsilon=spec.epsilon,
+        )
+    raise TypeError(f"no optimizer for {spec!r}")  # pragma: no cover - the manifest forbids it
+
+
+def keras_sparse_ce(output: torch.Tensor, labels: torch.Tensor, loss: LossSpec) -> torch.Tensor:
+    """Keras' sparse categorical cross-entropy, mean over the batch."""
+    if loss.from_logits:
+        return F.cross_entropy(output, labels)
+    p = output / output.sum(dim=-1, keepdim=True)
+    p = p.clamp(KERAS_EPSILON, 1.0 - KERAS_EPSILON)
+    return -torch.log(p.gather(1, labels.view(-1, 1))).mean()
+
+
+def to_torch_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """Wire layout -> torch layout, as a view."""
+    return t.permute(0, 3, 1, 2) if layout == "NHWC" else t
+
+
+def to_wire(t: torch.Tensor, layout: str, dtype: str) -> np.ndarray:
+    """Torch layout -> contiguous numpy array in the wire layout and dtype (one copy at most)."""
+    if layout == "NHWC":
+        t = t.permute(0, 2, 3, 1)
+    arr = t.detach().contiguous().numpy()
+    return arr if arr.dtype.name == dtype else arr.astype(dtype)
+
+
+def as_float32(arr: np.ndarray, what: str) -> np.ndarray:
+    """The float32 array torch will view; rejects NaN/Inf before anything is computed."""
+    if arr.dtype != np.float32:
+        arr = arr.astype(np.float32)
+    elif not arr.flags.writeable:
+        arr = arr.copy()  # torch.from_numpy wants writable memory; the app hands over its own
+    if not np.isfinite(arr).all():
+        raise NonFinite(f"{what}: contains NaN or Inf")
+    return arr
+
+
+@dataclass
+class _Pending:
+    leaf: torch.Tensor  # the incoming activation in wire layout, requires grad
+    out: torch.Tensor  # B's output in torch layout, graph attached
+
+
+class Trainer:
+    """B, its optimizer and its loss, driven one call at a time (callers serialise)."""
+
+    def __init__(self, module: nn.Module, manifest: Manifest) -> None:
+        self.module = module.to(torch.float32)
+        self.module.train()
+        self.manifest = manifest
+        self.in_spec: TensorSpec = manifest.server_input
+        self.out_spec: TensorSpec = manifest.server_output
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(manifest.optimizer, params)
+        self.steps = 0  # optimizer steps applied to B
+        self._pending: _Pending | None = None
+
+    # -- checks (all run before B is touched) ------------------------------------------
+
+    def _check(self, arr: np.ndarray, spec: TensorSpec, what: str) -> np.ndarray:
+        if (
+            arr.ndim != len(spec.shape)
+            or tuple(arr.shape[1:]) != spec.sample_shape
+            or arr.shape[0] < 1
+        ):
+            raise FrameSpecMismatch(
+                f"{what}: shape {list(arr.shape)}, manifest says {['N', *spec.sample_shape]}"
+            )
+        return as_float32(arr, what)
+
+    def _check_labels(self, labels: np.ndarray, batch: int) -> torch.Tensor:
+        if labels.ndim != 1 or labels.shape[0] != batch:
+            raise FrameSpecMismatch(f"labels: shape {list(labels.shape)}, expected [{batch}]")
+        if labels.dtype.kind not in "iu":
+            raise FrameSpecMismatch(f"labels: dtype {labels.dtype.name}, expected integers")
+        n = self.manifest.num_classes
+        if labels.size and (labels.min() < 0 or labels.max() >= n):
+            raise LabelOutOfRange(
+                f"labels must lie in [0, {n}); got [{labels.min()}, {labels.max()}]"
+            )
+        return torch.from_numpy(labels.astype(np.int64))
+
+    @property
+    def pending_batch(self) -> int | None:
+        return None if self._pending is None else int(self._pending.leaf.shape[0])
+
+    # -- training ----------------------------------------------------------------------
+
+    def _run(self, a: np.ndarray) -> _Pending:
+        leaf = torch.from_numpy(a).requires_grad_(True)
+        with torch.enable_grad():
+            out = self.module(to_torch_layout(leaf, self.in_spec.layout))
+        return _Pending(leaf, out)
+
+    def forward(self, a: np.ndarray) -> np.ndarray:
+        """B(a) in training mode; the graph is kept for :meth:`backward`."""
+        a = self._check(a, self.in_spec, self.in_spec.name)
+        self._pending = None
+        self._pending = self._run(a)
+        return to_wire(self._pending.out, self.out_spec.layout, self.out_spec.dtype)
+
+    def backward(self, g: np.ndarray, *, target: bool = False) -> np.ndarray:
+        """Backprop through the pending forward, step the optimizer, return dL/da.
+
+        With ``target`` the array is the auxiliary label c_hat = c - g: B minimises
+        1/2 ||c_hat - c||^2, whose gradient at c is c - c_hat, and the reply is the
+        target a_hat = a - dL/da in the same form.
+        """
+        p = self._pending
+        if p is None:
+            raise StepConflict("no forward is pending: send the forward of this step first")
+        g = self._check(g, self.out_spec, self.out_spec.name)
+        if g.shape[0] != p.leaf.shape[0]:
+            raise FrameSpecMismatch(
+                f"{self.out_spec.name}: batch {g.shape[0]}, the forward had {p.leaf.shape[0]}"
+            )
+        g_t = to_torch_layout(torch.from_numpy(g), self.out_spec.layout)
+        if target:
+            g_t = p.out.detach() - g_t  # d/dc 1/2 ||c_hat - c||^2
+        self._pending = None
+        p.out.backward(g_t)
+        return self._finish(p.leaf, target)
+
+    def step_single(
+        self, a: np.ndarray, labels: np.ndarray, *, target: bool = False
+    ) -> tuple[np.ndarray, float]:
+        """Single split: B forward, the loss on the server's labels, backward, update."""
+        a = self._check(a, self.in_spec, self.in_spec.name)
+        y = self._check_labels(labels, a.shape[0])
+        self._pending = None
+        p = self._run(a)
+        with torch.enable_grad():
+            loss = keras_sparse_ce(p.out, y, self.manifest.loss)
+        loss.backward()
+        return self._finish(p.leaf, target), float(loss.detach())
+
+    def _finish(self, leaf: torch.Tensor, target: bool) -> np.ndarray:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        g_a = leaf.grad
+        assert g_a is not None
+        if target:
+            g_a = leaf.detach() - g_a
+        arr = g_a.contiguous().numpy()
+        return arr if arr.dtype.name == self.in_spec.dtype else arr.astype(self.in_spec.dtype)
+
+    def discard(self) -> None:
+        """Forget the pending forward (its device went away or lost its turn)."""
+        self._pending = None
+
+    # -- inference ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def infer(self, a: np.ndarray) -> np.ndarray:
+        """B(a) in inference mode; B's state (and any pending graph) is left as it was."""
+        a = self._check(a, self.in_spec, self.in_spec.name)
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            out = self.module(to_torch_layout(torch.from_numpy(a), self.in_spec.layout))
+        finally:
+            self.module.train(was_training)
+        return to_wire(out, self.out_spec.layout, self.out_spec.dtype)

@@ -1,0 +1,78 @@
+"""``spliteasy serve BUNDLE``: train slice B of a bundle behind the HTTP protocol (v1)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP = "serve slice B of a bundle: the PyTorch side of split learning over HTTP"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", type=Path, help="bundle directory (with manifest.json)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="interface to listen on (default %(default)s)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=8000, help="TCP port; 0 picks a free one (default %(default)s)"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="uvicorn log level (default %(default)s; debug also logs each request)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: one per core)"
+    )
+    parser.add_argument(
+        "--max-sessions", type=int, default=64, help="open sessions at most (default %(default)s)"
+    )
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=1024,
+        help="largest batch a message may carry; sets the body size limit (default %(default)s)",
+    )
+    parser.add_argument(
+        "--lease-timeout",
+        type=float,
+        default=120.0,
+        help="seconds a device may hold B between its forward and backward before another "
+        "device may take over (default %(default)s)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from server_torch.app import create_app
+    from server_torch.serving import bind_socket, configure_threads, serve_forever, url_of
+
+    for name in ("max_sessions", "max_batch"):
+        if getattr(args, name) < 1:
+            from shared_schema import SpliteasyError
+
+            raise SpliteasyError(f"--{name.replace('_', '-')} must be at least 1")
+    app = create_app(
+        args.bundle,
+        max_sessions=args.max_sessions,
+        max_batch=args.max_batch,
+        lease_timeout=args.lease_timeout,
+    )
+    threads = configure_threads(args.threads)
+    sock = bind_socket(args.host, args.port)
+    url = url_of(sock)
+    m = app.state.manifest
+    print(
+        f"spliteasy serve: {m.model} ({m.split_mode} split, manifest {app.state.manifest_sha256[:12]}, "
+        f"{threads} torch thread(s))"
+    )
+    if any(getattr(r, "path", None) == "/device" for r in app.routes):
+        print(f"spliteasy serve: device page {url}/device/")
+    print(f"spliteasy serve: listening on {url}", flush=True)
+    try:
+        serve_forever(app, sock, args.log_level)
+    finally:
+        sock.close()
+    print("spliteasy serve: stopped", file=sys.stderr)
+    return 0
