@@ -1,0 +1,316 @@
+"""TFLite training models for the device slices A and C.
+
+A device that runs TFLite has no Keras and no optimizer: everything a step needs must
+be inside the ``.tflite`` file as signatures over resource variables (TFLite's
+on-device training pattern, Flex delegate for the TF ops). The file therefore holds
+the slice's Keras variables, the optimizer's slot variables and a step counter, and
+the optimizer update is written out with TF ops, following tf_keras' ``update_step``
+formulas term by term so the device steps exactly as unsplit Keras training would:
+
+- SGD: ``m = -g*lr + m*momentum``; ``w += m`` (Nesterov: ``w += -g*lr + m*momentum``).
+  Like tf_keras, the slot exists even with momentum 0 (the formula then is plain SGD).
+- Adam: ``alpha = lr*sqrt(1-b2^t)/(1-b1^t)``; ``m += (g-m)*(1-b1)``;
+  ``v += (g^2-v)*(1-b2)``; ``w -= m*alpha/(sqrt(v)+eps)`` with ``t`` the step count.
+
+The loss is tf_keras' own ``SparseCategoricalCrossentropy`` object traced into the
+graph, so its softmax-logits shortcut and clipping are Keras' and not a rewrite.
+
+Signatures (inputs -> outputs):
+
+A: ``forward_train(x) -> a``         A(x) in training mode; changes no state
+   ``train(x, upstream_grad) -> step`` recomputes A(x) in training mode, backprops
+                                      dL/da, applies the update, updates BN moving stats
+C: ``train(b, labels) -> loss, grad_b`` C forward, loss, dL/db, update, BN moving stats
+both: ``infer(x|b) -> a|y``          inference mode
+      ``weights() -> w000, w001, ...`` the slice's variables in Keras ``model.weights`` order
+      ``save(checkpoint_path)`` / ``restore(checkpoint_path)`` -> step
+                                      every variable incl. optimizer slots and step counter
+
+Why A's state changes only in ``train``: the step sends A(x) to the server before the
+gradient returns, and ``train`` must recompute the forward pass anyway (a TFLite
+signature cannot keep a tape across calls). Unsplit Keras updates BatchNorm moving
+statistics once per step, so exactly one of the two passes may update them. It is
+``train``: ``forward_train`` snapshots the non-trainable variables and puts them back.
+That way a step abandoned after the forward pass (server down, bad reply) leaves the
+device slice exactly as it was. The recomputation makes stochastic layers (Dropout,
+noise) in A unsound: the mask would differ between the two passes, so they are refused.
+
+The batch dimension stays free (``None``) unless ``batch_size`` is given; the Python
+interpreter resizes inputs per call, so the last partial batch works too.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from converters._exceptions import ConverterError, UnsupportedLayer
+from shared_schema import AdamSpec, LossSpec, SGDSpec
+
+if TYPE_CHECKING:
+    import tf_keras
+
+Role = Literal["A", "C"]
+
+SIGNATURES: dict[str, tuple[str, ...]] = {
+    "A": ("forward_train", "train", "infer", "weights", "save", "restore"),
+    "C": ("train", "infer", "weights", "save", "restore"),
+}
+
+# Layers whose training-mode output is random: A's forward runs twice per step.
+_STOCHASTIC = {
+    "Dropout",
+    "SpatialDropout1D",
+    "SpatialDropout2D",
+    "SpatialDropout3D",
+    "GaussianNoise",
+    "GaussianDropout",
+    "AlphaDropout",
+}
+
+
+def export_tflite(
+    model: tf_keras.Model,
+    out_path: Path,
+    role: Role,
+    loss: LossSpec,
+    optimizer: SGDSpec | AdamSpec,
+    batch_size: int | None = None,
+) -> None:
+    """Write ``model`` (slice A or C, its current weights as the initial state) as a
+    TFLite training model with the signatures listed in the module docstring."""
+    import tensorflow as tf
+
+    if role not in SIGNATURES:
+        raise ConverterError(f"TFLite export is for device slices A and C, not {role!r}")
+    if batch_size is not None and batch_size <= 0:
+        raise ConverterError(f"batch_size must be positive, got {batch_size}")
+    _check_model(model, role)
+    module = _build_module(tf, model, role, loss, optimizer, batch_size)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="spliteasy-tflite-") as tmp:
+        signatures = {
+            name: getattr(module, name).get_concrete_function() for name in SIGNATURES[role]
+        }
+        tf.saved_model.save(module, tmp, signatures=signatures)
+        converter = tf.lite.TFLiteConverter.from_saved_model(
+            tmp, signature_keys=list(SIGNATURES[role])
+        )
+        converter.target_spec.supported_ops = [
+            tf.lite.OpsSet.TFLITE_BUILTINS,
+            tf.lite.OpsSet.SELECT_TF_OPS,
+        ]
+        converter.experimental_enable_resource_variables = True
+        try:
+            flatbuffer = converter.convert()
+        except Exception as exc:  # the converter raises a zoo of internal types
+            raise ConverterError(f"TFLite conversion of slice {role} failed: {exc}") from exc
+    out_path.write_bytes(flatbuffer)
+
+
+def _check_model(model: Any, role: Role) -> None:
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ConverterError(
+            f"slice {role} must have one input and one output, has "
+            f"{len(model.inputs)} and {len(model.outputs)}"
+        )
+    shape = model.inputs[0].shape
+    if any(d is None for d in shape[1:]):
+        raise ConverterError(
+            f"slice {role} input {model.inputs[0].name} has unknown non-batch dimensions "
+            f"{shape}; fix the spatial size"
+        )
+    if model.inputs[0].dtype.name != "float32":
+        raise ConverterError(f"slice {role} input must be float32, is {model.inputs[0].dtype.name}")
+    if role == "A":
+        for layer in _all_layers(model):
+            if type(layer).__name__ in _STOCHASTIC and getattr(layer, "rate", 1.0) != 0:
+                raise UnsupportedLayer(
+                    f"layer {layer.name} ({type(layer).__name__}) in slice A: the TFLite device "
+                    "recomputes A's forward pass in train(), so a random mask would differ "
+                    "from the one the server saw; move the cut before it or remove it"
+                )
+    if model.outputs[0].shape.rank != 2 and role == "C":
+        raise ConverterError(
+            f"slice C must output (batch, classes) for sparse categorical crossentropy, "
+            f"outputs {model.outputs[0].shape}"
+        )
+
+
+def _all_layers(model: Any) -> list[Any]:
+    out = []
+    for layer in model.layers:
+        out.append(layer)
+        if hasattr(layer, "layers"):
+            out.extend(_all_layers(layer))
+    return out
+
+
+def _slot_name(var: Any) -> str:
+    return var.name.split(":")[0]
+
+
+def _build_module(
+    tf: Any,
+    model: Any,
+    role: Role,
+    loss: LossSpec,
+    optimizer: SGDSpec | AdamSpec,
+    batch_size: int | None,
+) -> Any:
+    import tf_keras
+
+    in_spec = tf.TensorSpec(
+        [batch_size, *model.inputs[0].shape[1:]], tf.float32, name="x" if role == "A" else "b"
+    )
+    out_shape = [batch_size, *model.outputs[0].shape[1:]]
+    path_spec = tf.TensorSpec([], tf.string, name="checkpoint_path")
+    loss_fn = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=loss.from_logits)
+
+    class SliceModule(tf.Module):
+        def __init__(self) -> None:
+            super().__init__(name=f"spliteasy_{role}")
+            self.model = model
+            self.trainable = list(model.trainable_weights)
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+            if optimizer.name == "sgd":
+                self.slots = [
+                    [tf.Variable(tf.zeros_like(v), trainable=False, name="momentum")]
+                    for v in self.trainable
+                ]
+            else:
+                self.slots = [
+                    [
+                        tf.Variable(tf.zeros_like(v), trainable=False, name="m"),
+                        tf.Variable(tf.zeros_like(v), trainable=False, name="v"),
+                    ]
+                    for v in self.trainable
+                ]
+            # Unique names for the checkpoint: Keras names can repeat across nested models.
+            self.named = [
+                (f"model/{i:03d}/{_slot_name(v)}", v) for i, v in enumerate(model.weights)
+            ]
+            for i, slots in enumerate(self.slots):
+                for s in slots:
+                    self.named.append((f"opt/{i:03d}/{_slot_name(s)}", s))
+            self.named.append(("opt/step", self.step))
+
+        def _apply(self, grads: list[Any]) -> None:
+            """One tf_keras optimizer step (see module docstring for the formulas)."""
+            t = tf.cast(self.step + 1, tf.float32)
+            lr = tf.constant(optimizer.learning_rate, tf.float32)
+            for var, g, slots in zip(self.trainable, grads, self.slots, strict=True):
+                if g is None:  # unconnected variable: Keras skips it as well
+                    continue
+                if optimizer.name == "sgd":
+                    (m,) = slots
+                    momentum = tf.constant(optimizer.momentum, tf.float32)
+                    m.assign(-g * lr + m * momentum)
+                    if optimizer.nesterov:
+                        var.assign_add(-g * lr + m * momentum)
+                    else:
+                        var.assign_add(m)
+                else:
+                    m, v = slots
+                    b1, b2 = optimizer.beta_1, optimizer.beta_2
+                    beta_1_power = tf.pow(tf.constant(b1, tf.float32), t)
+                    beta_2_power = tf.pow(tf.constant(b2, tf.float32), t)
+                    alpha = lr * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+                    m.assign_add((g - m) * (1 - b1))
+                    v.assign_add((tf.square(g) - v) * (1 - b2))
+                    var.assign_sub((m * alpha) / (tf.sqrt(v) + optimizer.epsilon))
+            self.step.assign_add(1)
+
+        def _regularization(self) -> Any:
+            losses = self.model.losses
+            return tf.add_n(losses) if losses else None
+
+        @tf.function(input_signature=[])
+        def weights(self) -> dict[str, Any]:
+            return {f"w{i:03d}": v.read_value() for i, v in enumerate(self.model.weights)}
+
+        @tf.function(input_signature=[path_spec])
+        def save(self, checkpoint_path: Any) -> dict[str, Any]:
+            tf.raw_ops.Save(
+                filename=checkpoint_path,
+                tensor_names=[n for n, _ in self.named],
+                data=[v.read_value() for _, v in self.named],
+                name="save",
+            )
+            return {"step": self.step.read_value()}
+
+        @tf.function(input_signature=[path_spec])
+        def restore(self, checkpoint_path: Any) -> dict[str, Any]:
+            # Read everything before assigning anything: a checkpoint that lacks a name
+            # or has a wrong shape fails before the state is half overwritten.
+            restored = [
+                tf.reshape(
+                    tf.raw_ops.Restore(
+                        file_pattern=checkpoint_path, tensor_name=n, dt=v.dtype, name="restore"
+                    ),
+                    v.shape,
+                )
+                for n, v in self.named
+            ]
+            with tf.control_dependencies(restored):
+                for (_, v), value in zip(self.named, restored, strict=True):
+                    v.assign(value)
+            return {"step": self.step.read_value()}
+
+    if role == "A":
+
+        class ASlice(SliceModule):
+            @tf.function(input_signature=[in_spec])
+            def forward_train(self, x: Any) -> dict[str, Any]:
+                frozen = [v.read_value() for v in self.model.non_trainable_weights]
+                a = self.model(x, training=True)
+                with tf.control_dependencies([a]):
+                    for v, value in zip(self.model.non_trainable_weights, frozen, strict=True):
+                        v.assign(value)
+                return {"a": a}
+
+            @tf.function(
+                input_signature=[in_spec, tf.TensorSpec(out_shape, tf.float32, "upstream_grad")]
+            )
+            def train(self, x: Any, upstream_grad: Any) -> dict[str, Any]:
+                with tf.GradientTape() as tape:
+                    a = self.model(x, training=True)
+                    reg = self._regularization()
+                if reg is None:
+                    grads = tape.gradient(a, self.trainable, output_gradients=upstream_grad)
+                else:
+                    grads = tape.gradient(
+                        [a, reg], self.trainable, output_gradients=[upstream_grad, tf.ones([])]
+                    )
+                self._apply(grads)
+                return {"step": self.step.read_value()}
+
+            @tf.function(input_signature=[in_spec])
+            def infer(self, x: Any) -> dict[str, Any]:
+                return {"a": self.model(x, training=False)}
+
+        return ASlice()
+
+    class CSlice(SliceModule):
+        @tf.function(
+            input_signature=[in_spec, tf.TensorSpec([batch_size], tf.int32, name="labels")]
+        )
+        def train(self, b: Any, labels: Any) -> dict[str, Any]:
+            with tf.GradientTape() as tape:
+                tape.watch(b)
+                y = self.model(b, training=True)
+                value = loss_fn(labels, y)
+                reg = self._regularization()
+                if reg is not None:
+                    value = value + reg
+            grads = tape.gradient(value, [b, *self.trainable])
+            self._apply(grads[1:])
+            return {"loss": value, "grad_b": grads[0]}
+
+        @tf.function(input_signature=[in_spec])
+        def infer(self, b: Any) -> dict[str, Any]:
+            return {"y": self.model(b, training=False)}
+
+    return CSlice()
