@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from device_tf.keras_util import named_variables  # noqa: F401  (re-exported)
 from shared_schema import TensorSpec
 
 from ._exceptions import InvalidCut, UnsupportedLayer
@@ -139,18 +140,3 @@ def slice_model(model, cut_names: list[str]) -> Slices:
         b = _submodel(keras, cut_tensors[0], model.outputs[0], cut_names[0], "B")
         c = None
     return Slices(a, b, c, input_spec, cuts, output, labels)
-
-
-def named_variables(model) -> dict[str, object]:
-    """Variables keyed ``layer/variable`` (e.g. ``b_bn1/moving_mean``), in model order.
-
-    Keras' own ``variable.name`` depends on the name scope a layer was built in (a model
-    rebuilt from config loses it), so spliteasy names variables by layer itself; the
-    names are equal in the unsplit model and in the slice that holds the layer.
-    """
-    out: dict[str, object] = {}
-    for layer in model.layers:
-        for var in layer.weights:
-            short = var.name.split("/")[-1].split(":")[0]
-            out[f"{layer.name}/{short}"] = var
-    return out

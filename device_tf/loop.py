@@ -1,0 +1,188 @@
+"""The device's step loop: runtime (A, C) + codec (frames) + transport (HTTP), kept apart.
+
+Double split, two round trips per step::
+
+    a = A(x)          --forward(a)-->    b = B(a)
+    loss, g_b, C step <--b--
+                      --backward(g_b)--> B step, g_a
+    A step(g_a)       <--g_a--
+
+Single split, one round trip: ``step(a, labels) -> (g_a, loss)``.
+
+Every step is timed by component: device compute (the runtime), server compute (the
+server's own ``X-Spliteasy-Server-Ms``), codec (encode + decode here), and wire (the
+rest of each round trip).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from shared_schema import Frame, FrameKind, Manifest, check, decode, encode
+
+from ._exceptions import DeviceError
+from .runtime import DeviceRuntime
+from .transport import HttpTransport
+
+
+@dataclass
+class StepTimings:
+    device_ms: float = 0.0
+    server_ms: float = 0.0
+    codec_ms: float = 0.0
+    wire_ms: float = 0.0
+    total_ms: float = 0.0
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    timings: StepTimings = field(default_factory=StepTimings)
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "loss": self.loss, **asdict(self.timings)}
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = StepTimings()
+
+    def device(self, fn, *args):
+        start = time.perf_counter()
+        out = fn(*args)
+        self.t.device_ms += (time.perf_counter() - start) * 1000
+        return out
+
+    def codec(self, fn, *args):
+        start = time.perf_counter()
+        out = fn(*args)
+        self.t.codec_ms += (time.perf_counter() - start) * 1000
+        return out
+
+
+class SplitTrainer:
+    """Trains the device's slices against a spliteasy server."""
+
+    def __init__(
+        self,
+        runtime: DeviceRuntime,
+        transport: HttpTransport,
+        manifest: Manifest,
+        manifest_sha256: str,
+        aux_label: bool = False,
+    ) -> None:
+        self.rt = runtime
+        self.transport = transport
+        self.manifest = manifest
+        self.manifest_sha256 = manifest_sha256
+        self.aux_label = aux_label
+        self.session: bytes | None = None
+        self.session_id = ""
+        self.next_step = 0
+
+    # -- session ---------------------------------------------------------------
+    def open(self) -> None:
+        reply = self.transport.post_json(
+            "/v1/sessions", {"manifest_sha256": self.manifest_sha256, "aux_label": self.aux_label}
+        )
+        self.session_id = reply["session_id"]
+        self.session = bytes.fromhex(self.session_id)
+        self.transport.token = reply["token"]
+        self.next_step = int(reply.get("next_step", 0))
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.transport.delete(f"/v1/sessions/{self.session_id}")
+            self.session = None
+
+    def __enter__(self) -> SplitTrainer:
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- one exchange ----------------------------------------------------------
+    def _call(self, clock: _Clock, endpoint: str, frames: list[Frame]) -> list[Frame]:
+        body = clock.codec(encode, frames)
+        reply = self.transport.post_frames(f"/v1/sessions/{self.session_id}/{endpoint}", body)
+        out = clock.codec(decode, reply.body)
+        clock.t.server_ms += reply.server_ms
+        clock.t.wire_ms += max(reply.round_trip_ms - reply.server_ms, 0.0)
+        clock.t.bytes_up += len(body)
+        clock.t.bytes_down += len(reply.body)
+        return out
+
+    def _frame(self, kind: FrameKind, spec, array: np.ndarray, step: int) -> Frame:
+        return Frame(
+            kind, spec.name, np.asarray(array, dtype=spec.dtype), spec.layout, self.session, step
+        )
+
+    def _expect(self, frames: list[Frame], kind: FrameKind, spec, step: int) -> np.ndarray:
+        found = [f for f in frames if f.name == spec.name]
+        if not found:
+            raise DeviceError(f"server reply lacks tensor {spec.name!r}")
+        frame = found[0]
+        check(frame, spec, kind)
+        if frame.step != step or frame.session != self.session:
+            raise DeviceError(f"server reply is for step {frame.step}, expected {step}")
+        return frame.array
+
+    # -- training --------------------------------------------------------------
+    def step(self, x: np.ndarray, y: np.ndarray) -> StepResult:
+        if self.session is None:
+            self.open()
+        m, step, clock = self.manifest, self.next_step, _Clock()
+        start = time.perf_counter()
+        down = FrameKind.TARGET if self.aux_label else FrameKind.GRADIENT
+        a = clock.device(self.rt.a_forward, x)
+        if m.split_mode == "double":
+            reply = self._call(
+                clock, "forward", [self._frame(FrameKind.ACTIVATION, m.cuts[0], a, step)]
+            )
+            b = self._expect(reply, FrameKind.ACTIVATION, m.cuts[1], step)
+            loss, g_b = clock.device(self.rt.c_train, b, y)
+            up = (b - g_b) if self.aux_label else g_b  # auxiliary label: b_hat = b - dL/db
+            reply = self._call(clock, "backward", [self._frame(down, m.cuts[1], up, step)])
+        else:
+            frames = [
+                self._frame(FrameKind.ACTIVATION, m.cuts[0], a, step),
+                self._frame(FrameKind.LABELS, m.labels, y, step),
+            ]
+            reply = self._call(clock, "step", frames)
+            loss_frames = [f for f in reply if f.kind == FrameKind.SCALAR and f.name == "loss"]
+            if not loss_frames:
+                raise DeviceError("server reply lacks the loss")
+            loss = float(loss_frames[0].array)
+        g_or_target = self._expect(reply, down, m.cuts[0], step)
+        # auxiliary label: the server sent a_hat = a - dL/da; the gradient of
+        # 1/2 ||a_hat - a||^2 at a is a - a_hat = dL/da.
+        g_a = (a - g_or_target) if self.aux_label else g_or_target
+        clock.device(self.rt.a_backward, g_a)
+        self.next_step = step + 1
+        clock.t.total_ms = (time.perf_counter() - start) * 1000
+        return StepResult(step, float(loss), clock.t)
+
+    # -- inference ---------------------------------------------------------------
+    def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """The model's output for x: A and C here, B on the server in inference mode."""
+        m, outs = self.manifest, []
+        clock = _Clock()
+        for start in range(0, len(x), batch_size):
+            a = self.rt.a_infer(x[start : start + batch_size])
+            reply = self._call(
+                clock, "infer", [self._frame(FrameKind.ACTIVATION, m.cuts[0], a, self.next_step)]
+            )
+            server_out = m.server_output
+            b = self._expect(reply, FrameKind.ACTIVATION, server_out, self.next_step)
+            outs.append(self.rt.c_infer(b) if m.split_mode == "double" else b)
+        return np.concatenate(outs)
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
+        return float((self.predict(x, batch_size).argmax(-1) == y).mean())

@@ -1,0 +1,84 @@
+"""The Python TensorFlow device runtime: A and C as tf_keras models from the bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from shared_schema import Manifest, load_manifest
+
+from .keras_util import keras_loss, keras_optimizer, named_variables
+from .runtime import DeviceRuntime
+
+
+class TFRuntime(DeviceRuntime):
+    """A (and C) trained eagerly with GradientTape and the manifest's Keras optimizer.
+
+    A and C get their own optimizer instances; each steps once per training step, so
+    Adam's step count and every slot match one optimizer over the unsplit model.
+    """
+
+    name = "tf"
+
+    def __init__(self, a_model, c_model, manifest: Manifest) -> None:
+        self.a = a_model
+        self.c = c_model
+        self.manifest = manifest
+        self.opt_a = keras_optimizer(manifest.optimizer)
+        self.opt_c = keras_optimizer(manifest.optimizer) if c_model is not None else None
+        self.loss_fn = keras_loss(manifest.loss)
+        self._pending = None
+
+    @classmethod
+    def from_bundle(cls, bundle: Path | str, manifest: Manifest | None = None) -> TFRuntime:
+        import tf_keras as keras
+
+        bundle = Path(bundle)
+        manifest = manifest or load_manifest(bundle)
+        load = lambda name: keras.models.load_model(  # noqa: E731
+            bundle / manifest.slice(name).artifact("savedmodel").path, compile=False
+        )
+        return cls(load("A"), load("C") if manifest.split_mode == "double" else None, manifest)
+
+    def a_forward(self, x: np.ndarray) -> np.ndarray:
+        import tensorflow as tf
+
+        x = tf.convert_to_tensor(x)
+        with tf.GradientTape() as tape:
+            a = self.a(x, training=True)
+        self._pending = (tape, a)
+        return a.numpy()
+
+    def a_backward(self, upstream_grad: np.ndarray) -> None:
+        if self._pending is None:
+            raise RuntimeError("a_backward without a_forward")
+        tape, a = self._pending
+        self._pending = None
+        variables = self.a.trainable_variables
+        grads = tape.gradient(a, variables, output_gradients=upstream_grad)
+        self.opt_a.apply_gradients(zip(grads, variables, strict=True))
+
+    def c_train(self, cut_activations: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+        import tensorflow as tf
+
+        b = tf.convert_to_tensor(cut_activations)
+        with tf.GradientTape() as tape:
+            tape.watch(b)
+            loss = self.loss_fn(labels, self.c(b, training=True))
+        variables = self.c.trainable_variables
+        *grads, grad_b = tape.gradient(loss, [*variables, b])
+        self.opt_c.apply_gradients(zip(grads, variables, strict=True))
+        return float(loss), grad_b.numpy()
+
+    def a_infer(self, x: np.ndarray) -> np.ndarray:
+        return self.a(x, training=False).numpy()
+
+    def c_infer(self, cut_activations: np.ndarray) -> np.ndarray:
+        return self.c(cut_activations, training=False).numpy()
+
+    def weights(self) -> dict[str, dict[str, np.ndarray]]:
+        out = {"A": {k: v.numpy() for k, v in named_variables(self.a).items()}}
+        if self.c is not None:
+            out["C"] = {k: v.numpy() for k, v in named_variables(self.c).items()}
+        return out
