@@ -18,11 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from device_tf._exceptions import DeviceError
 from device_tf.runtime import DeviceRuntime
-from shared_schema import SpliteasyError
+from shared_schema import Manifest, load_manifest
 
 
-class TFLiteRuntimeError(SpliteasyError):
+class TFLiteRuntimeError(DeviceError):
     """The TFLite device cannot do what was asked (bad file, bad input, failed op)."""
 
 
@@ -31,8 +32,8 @@ class TFLiteInputError(TFLiteRuntimeError, ValueError):
 
 
 _REQUIRED = {
-    "A": ("forward_train", "train", "infer", "weights", "save", "restore"),
-    "C": ("train", "infer", "weights", "save", "restore"),
+    "A": ("forward_train", "train", "infer", "variable_names", "weights", "save", "restore"),
+    "C": ("train", "infer", "variable_names", "weights", "save", "restore"),
 }
 
 
@@ -67,6 +68,7 @@ class TFLiteSlice:
         self.runners = {s: self.interpreter.get_signature_runner(s) for s in _REQUIRED[role]}
         self.inputs = {s: r.get_input_details() for s, r in self.runners.items()}
         self.outputs = {s: r.get_output_details() for s, r in self.runners.items()}
+        self.names = [n.decode() for n in self.call("variable_names")["names"]]
 
     def output_shape(self, signature: str, name: str) -> list[int]:
         """Declared shape of an output, -1 for the free batch dimension."""
@@ -130,9 +132,9 @@ class TFLiteSlice:
             raise TFLiteInputError(f"{where} is an empty batch")
         return np.ascontiguousarray(arr, dtype=dtype)
 
-    def weights(self) -> list[np.ndarray]:
+    def weights(self) -> dict[str, np.ndarray]:
         out = self.call("weights")
-        return [out[k] for k in sorted(out)]
+        return {name: out[f"w{i:03d}"] for i, name in enumerate(self.names)}
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,6 +164,19 @@ class TFLiteRuntime(DeviceRuntime):
         self._pending_x: np.ndarray | None = None
         self._pending_a_shape: tuple[int, ...] | None = None
         self.num_classes = self.c.output_shape("infer", "y")[-1] if self.c else None
+
+    @classmethod
+    def from_bundle(
+        cls, bundle: Path | str, manifest: Manifest | None = None, num_threads: int | None = None
+    ) -> TFLiteRuntime:
+        """The bundle's ``tflite`` artefacts of A (and C in a double split)."""
+        bundle = Path(bundle)
+        manifest = manifest or load_manifest(bundle)
+        a_path = bundle / manifest.slice("A").artifact("tflite").path
+        c_path = None
+        if manifest.split_mode == "double":
+            c_path = bundle / manifest.slice("C").artifact("tflite").path
+        return cls(a_path, c_path, num_threads)
 
     def _need_c(self) -> TFLiteSlice:
         if self.c is None:
@@ -203,7 +218,8 @@ class TFLiteRuntime(DeviceRuntime):
     def c_infer(self, cut_activations: np.ndarray) -> np.ndarray:
         return self._need_c().call("infer", b=cut_activations)["y"]
 
-    def weights(self) -> dict[str, list[np.ndarray]]:
+    def weights(self) -> dict[str, dict[str, np.ndarray]]:
+        """{"A": {"layer/variable": array}, "C": ...}, named like ``keras_util.named_variables``."""
         out = {"A": self.a.weights()}
         if self.c is not None:
             out["C"] = self.c.weights()

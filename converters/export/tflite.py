@@ -22,7 +22,8 @@ A: ``forward_train(x) -> a``         A(x) in training mode; changes no state
                                       dL/da, applies the update, updates BN moving stats
 C: ``train(b, labels) -> loss, grad_b`` C forward, loss, dL/db, update, BN moving stats
 both: ``infer(x|b) -> a|y``          inference mode
-      ``weights() -> w000, w001, ...`` the slice's variables in Keras ``model.weights`` order
+      ``variable_names() -> names``    spliteasy's ``layer/variable`` names (keras_util)
+      ``weights() -> w000, w001, ...`` the variables, in the order of ``names``
       ``save(checkpoint_path)`` / ``restore(checkpoint_path)`` -> step
                                       every variable incl. optimizer slots and step counter
 
@@ -54,8 +55,8 @@ if TYPE_CHECKING:
 Role = Literal["A", "C"]
 
 SIGNATURES: dict[str, tuple[str, ...]] = {
-    "A": ("forward_train", "train", "infer", "weights", "save", "restore"),
-    "C": ("train", "infer", "weights", "save", "restore"),
+    "A": ("forward_train", "train", "infer", "variable_names", "weights", "save", "restore"),
+    "C": ("train", "infer", "variable_names", "weights", "save", "restore"),
 }
 
 # Layers whose training-mode output is random: A's forward runs twice per step.
@@ -162,6 +163,14 @@ def _build_module(
 ) -> Any:
     import tf_keras
 
+    from device_tf.keras_util import named_variables
+
+    names = named_variables(model)
+    if len(names) != len(model.weights):
+        raise ConverterError(
+            f"slice {role}: its variables do not have unique layer/variable names "
+            f"({len(names)} names for {len(model.weights)} variables)"
+        )
     in_spec = tf.TensorSpec(
         [batch_size, *model.inputs[0].shape[1:]], tf.float32, name="x" if role == "A" else "b"
     )
@@ -188,13 +197,15 @@ def _build_module(
                     ]
                     for v in self.trainable
                 ]
-            # Unique names for the checkpoint: Keras names can repeat across nested models.
-            self.named = [
-                (f"model/{i:03d}/{_slot_name(v)}", v) for i, v in enumerate(model.weights)
-            ]
-            for i, slots in enumerate(self.slots):
+            # Checkpoint names: spliteasy's layer/variable names, and for the slots the
+            # name of the variable they belong to.
+            self.names = list(names)
+            self.ordered = [names[n] for n in self.names]
+            by_ref = {v.ref(): n for n, v in names.items()}
+            self.named = [(f"model/{n}", v) for n, v in names.items()]
+            for var, slots in zip(self.trainable, self.slots, strict=True):
                 for s in slots:
-                    self.named.append((f"opt/{i:03d}/{_slot_name(s)}", s))
+                    self.named.append((f"opt/{by_ref[var.ref()]}/{_slot_name(s)}", s))
             self.named.append(("opt/step", self.step))
 
         def _apply(self, grads: list[Any]) -> None:
@@ -228,8 +239,12 @@ def _build_module(
             return tf.add_n(losses) if losses else None
 
         @tf.function(input_signature=[])
+        def variable_names(self) -> dict[str, Any]:
+            return {"names": tf.constant(self.names, dtype=tf.string)}
+
+        @tf.function(input_signature=[])
         def weights(self) -> dict[str, Any]:
-            return {f"w{i:03d}": v.read_value() for i, v in enumerate(self.model.weights)}
+            return {f"w{i:03d}": v.read_value() for i, v in enumerate(self.ordered)}
 
         @tf.function(input_signature=[path_spec])
         def save(self, checkpoint_path: Any) -> dict[str, Any]:
