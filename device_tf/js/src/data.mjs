@@ -1,0 +1,71 @@
+/**
+ * Training data for the JS device: a spliteasy frame message with two frames,
+ *
+ *   x  any non-LABELS kind, float32, NHWC (or NC), shape [N, ...input sample shape]
+ *   y  kind LABELS, int32, layout N, shape [N]
+ *
+ * The codec is the wire codec, so Python writes the file with shared_schema.frame.encode
+ * and nothing new has to agree. Batches are taken in file order (step i of an epoch uses
+ * rows [i*B, (i+1)*B), the last one possibly short), which is how a test feeds the very
+ * same batches to the Python, TFLite and TF.js devices: shuffle when writing the file.
+ */
+
+import { DeviceError } from './errors.mjs';
+import { FrameKind, decode } from './frame.mjs';
+
+/** Parse a data file's bytes; with `inputSpec` (the manifest's input) check x fits the model. */
+export function parseData(bytes, inputSpec = undefined) {
+  const frames = decode(bytes);
+  const ys = frames.filter((f) => f.kind === FrameKind.LABELS);
+  const xs = frames.filter((f) => f.kind !== FrameKind.LABELS);
+  if (frames.length !== 2 || ys.length !== 1 || xs.length !== 1) {
+    throw new DeviceError('a data file holds exactly two frames: x and a LABELS frame y');
+  }
+  const [x] = xs;
+  const [y] = ys;
+  if (x.dtype !== 'float32') throw new DeviceError(`data x must be float32, got ${x.dtype}`);
+  if (y.dtype !== 'int32' || y.shape.length !== 1) throw new DeviceError('data y must be int32 of shape [N]');
+  if (x.shape[0] !== y.shape[0]) throw new DeviceError(`data has ${x.shape[0]} samples but ${y.shape[0]} labels`);
+  if (x.shape[0] < 1) throw new DeviceError('data file holds no samples');
+  if (inputSpec) {
+    const want = inputSpec.shape.slice(1);
+    const got = x.shape.slice(1);
+    if (want.length !== got.length || want.some((d, i) => d !== got[i])) {
+      throw new DeviceError(`data samples are [${got}], the model's input is [${want}]`);
+    }
+  }
+  return { x: x.data, y: y.data, sampleShape: x.shape.slice(1), count: x.shape[0] };
+}
+
+/**
+ * The batches of a run, in order: {epoch, index, step, x, y, shape}. `steps` caps the total;
+ * `order(data, epoch)`, if given, returns the data reordered for that epoch (shuffle.mjs).
+ * x and y are views into the data (no copies).
+ */
+export function* batches(data, { batchSize, epochs = 1, steps = Infinity, order = undefined }) {
+  if (!(batchSize >= 1)) throw new DeviceError(`batch size must be >= 1, got ${batchSize}`);
+  const per = data.sampleShape.reduce((a, b) => a * b, 1);
+  let step = 0;
+  for (let epoch = 0; epoch < epochs; epoch++) {
+    if (step >= steps) return;
+    const d = order ? order(data, epoch) : data;
+    for (let start = 0, index = 0; start < d.count; start += batchSize, index++) {
+      if (step >= steps) return;
+      const n = Math.min(batchSize, d.count - start);
+      yield {
+        epoch,
+        index,
+        step,
+        x: d.x.subarray(start * per, (start + n) * per),
+        y: d.y.subarray(start, start + n),
+        shape: [n, ...d.sampleShape],
+      };
+      step++;
+    }
+  }
+}
+
+/** How many steps a run takes (for progress bars). */
+export function countSteps(data, { batchSize, epochs = 1, steps = Infinity }) {
+  return Math.min(steps, epochs * Math.ceil(data.count / batchSize));
+}

@@ -1,0 +1,97 @@
+/**
+ * Where TF.js layers train differently from Keras, Keras' behaviour is restored here, so a
+ * slice trained in TF.js follows the very trajectory the unsplit Keras model would.
+ *
+ * BatchNormalization, training mode. TF.js' own layer (tfjs-layers 4.22)
+ *  - crashes when the layer has no gamma (scale=False, InceptionV3) or no beta
+ *    (center=False): it calls this.gamma.read() unconditionally (tfjs #2868);
+ *  - feeds the biased batch variance to the moving variance, where Keras' fused kernel
+ *    (4-D input, channel axis 1 or 3) feeds the unbiased one (n / (n - 1)).
+ * The replacement below is registered under the Keras class name, so models loaded after
+ * this module is imported deserialise their BN layers into it. Inference is untouched.
+ *
+ * Dropout: A's backward recomputes A's forward (TF.js' gradient tape cannot stay open across
+ * the server round trip), so the random mask must be drawn twice identically. reseed() gives
+ * every Dropout layer a per-step seed before both passes.
+ */
+
+import * as tf from '@tensorflow/tfjs';
+
+const BaseBN = tf.layers.batchNormalization({}).constructor;
+
+class KerasBatchNormalization extends BaseBN {
+  static className = 'BatchNormalization';
+
+  constructor(args = {}) {
+    // Keras writes the axis as a list ([3]); TF.js expects a number.
+    const axis = Array.isArray(args.axis) ? singleAxis(args.axis) : args.axis;
+    super({ ...args, axis });
+  }
+
+  call(inputs, kwargs) {
+    if (!kwargs?.training) return super.call(inputs, kwargs);
+    return tf.tidy(() => {
+      const x = Array.isArray(inputs) ? inputs[0] : inputs;
+      const ndim = x.rank;
+      const axis = this.axis >= 0 ? this.axis : this.axis + ndim;
+      const reduce = [...Array(ndim).keys()].filter((i) => i !== axis);
+      const bshape = x.shape.map((d, i) => (i === axis ? d : 1));
+      const { mean, variance } = tf.moments(x, reduce);
+      const r = (t) => tf.reshape(t, bshape);
+      // Written out rather than tf.batchNorm: that op records a missing offset/scale as an
+      // undefined input (the #2868 crash) and its gradient only reduces rank-1 statistics.
+      const channels = [x.shape[axis]];
+      const beta = this.center ? this.beta.read() : tf.zeros(channels);
+      const gamma = this.scale ? this.gamma.read() : tf.ones(channels);
+      const factor = tf.mul(tf.rsqrt(tf.add(variance, this.epsilon)), gamma);
+      const y = tf.add(tf.mul(tf.sub(x, r(mean)), r(factor)), r(beta));
+      const n = reduce.reduce((acc, i) => acc * x.shape[i], 1);
+      const fused = (ndim === 4 && (axis === 1 || axis === 3)) || (ndim === 5 && (axis === 1 || axis === 4));
+      const accVar = fused && n > 1 ? tf.mul(variance, n / (n - 1)) : variance;
+      // Keras: moving <- moving - (moving - batch) * (1 - momentum)
+      const update = (v, value) => {
+        const old = v.read();
+        v.write(tf.sub(old, tf.mul(tf.sub(old, value), 1 - this.momentum)));
+      };
+      update(this.movingMean, mean);
+      update(this.movingVariance, accVar);
+      return y;
+    });
+  }
+}
+
+function singleAxis(axes) {
+  if (axes.length !== 1) throw new Error(`BatchNormalization over axes [${axes}] is not supported in TF.js`);
+  return axes[0];
+}
+
+tf.serialization.registerClass(KerasBatchNormalization);
+
+/** Every layer of a (possibly nested) model. */
+export function allLayers(model) {
+  const out = [];
+  for (const layer of model.layers) {
+    if (layer.layers) out.push(...allLayers(layer));
+    else out.push(layer);
+  }
+  return out;
+}
+
+const DROPOUT = new Set(['Dropout', 'SpatialDropout1D']);
+const UNREPEATABLE = new Set(['GaussianNoise', 'GaussianDropout', 'AlphaDropout']);
+
+/** Names of noise layers whose draw cannot be repeated (A cannot hold them). */
+export function unrepeatableLayers(model) {
+  return allLayers(model)
+    .filter((l) => UNREPEATABLE.has(l.getClassName()))
+    .map((l) => `${l.name} (${l.getClassName()})`);
+}
+
+/** Give each Dropout layer of `model` a seed derived from `stepSeed`. */
+export function reseed(model, stepSeed) {
+  allLayers(model)
+    .filter((l) => DROPOUT.has(l.getClassName()))
+    .forEach((l, i) => {
+      l.seed = (stepSeed * 7919 + i) % 2147483647;
+    });
+}

@@ -1,0 +1,86 @@
+/**
+ * Optimizers with Keras' update formulas (tf_keras 2.19), written in TF.js ops.
+ *
+ * TF.js' built-ins differ: its Adam adds epsilon to the bias-corrected sqrt(v_hat) where
+ * Keras adds "epsilon hat" to sqrt(v) after folding the correction into the step size, and
+ * its momentum optimizer accumulates g (not -lr g). Split training equals unsplit training
+ * only if every side steps exactly as Keras would, so the formulas are Keras':
+ *
+ *   SGD:       w <- w - lr g
+ *   momentum:  v <- m v - lr g;  w <- w + v            (Nesterov: w <- w + m v - lr g)
+ *   Adam:      alpha = lr sqrt(1 - b2^t) / (1 - b1^t)
+ *              m <- m + (g - m)(1 - b1);  v <- v + (g^2 - v)(1 - b2)
+ *              w <- w - alpha m / (sqrt(v) + eps)
+ *
+ * Each slice has its own optimizer; both step once per training step, so t agrees with
+ * the unsplit model's iteration count.
+ */
+
+import * as tf from '@tensorflow/tfjs';
+
+import { DeviceError } from './errors.mjs';
+
+export class KerasOptimizer {
+  /** @param spec the manifest's optimizer ({name: "sgd"|"adam", ...}) */
+  constructor(spec) {
+    if (spec.name !== 'sgd' && spec.name !== 'adam') throw new DeviceError(`unknown optimizer ${spec.name}`);
+    this.spec = { momentum: 0, nesterov: false, beta_1: 0.9, beta_2: 0.999, epsilon: 1e-7, ...spec };
+    this.iterations = 0;
+    this.slots = new Map(); // variable -> {m, v} or {velocity}
+  }
+
+  /** Apply one step. `grads` maps variable name -> gradient; `vars` are tf.Variables. */
+  apply(vars, grads) {
+    this.iterations += 1;
+    const s = this.spec;
+    tf.tidy(() => {
+      for (const v of vars) {
+        const g = grads[v.name];
+        if (g === undefined) throw new DeviceError(`no gradient for ${v.name}`);
+        if (s.name === 'sgd') this.sgd(v, g);
+        else this.adam(v, g);
+      }
+    });
+  }
+
+  sgd(v, g) {
+    const { learning_rate: lr, momentum: m, nesterov } = this.spec;
+    const step = tf.mul(tf.neg(g), lr);
+    if (!m) {
+      v.assign(tf.add(v, step));
+      return;
+    }
+    const slot = this.slot(v, ['velocity']);
+    const vel = tf.add(step, tf.mul(slot.velocity, m));
+    slot.velocity.assign(vel);
+    v.assign(tf.add(v, nesterov ? tf.add(step, tf.mul(vel, m)) : vel));
+  }
+
+  adam(v, g) {
+    const { learning_rate: lr, beta_1: b1, beta_2: b2, epsilon: eps } = this.spec;
+    const t = this.iterations;
+    // Keras computes these powers in float32; Math.fround keeps the same rounding points.
+    const f = Math.fround;
+    const b1p = f(f(b1) ** t);
+    const b2p = f(f(b2) ** t);
+    const alpha = f((f(lr) * f(Math.sqrt(f(1 - b2p)))) / f(1 - b1p));
+    const slot = this.slot(v, ['m', 'v']);
+    slot.m.assign(tf.add(slot.m, tf.mul(tf.sub(g, slot.m), 1 - b1)));
+    slot.v.assign(tf.add(slot.v, tf.mul(tf.sub(tf.square(g), slot.v), 1 - b2)));
+    v.assign(tf.sub(v, tf.div(tf.mul(slot.m, alpha), tf.add(tf.sqrt(slot.v), eps))));
+  }
+
+  slot(v, names) {
+    let slot = this.slots.get(v);
+    if (!slot) {
+      slot = Object.fromEntries(names.map((n) => [n, tf.variable(tf.zerosLike(v), false)]));
+      this.slots.set(v, slot);
+    }
+    return slot;
+  }
+
+  dispose() {
+    for (const slot of this.slots.values()) Object.values(slot).forEach((t) => t.dispose());
+    this.slots.clear();
+  }
+}

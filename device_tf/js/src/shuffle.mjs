@@ -1,0 +1,34 @@
+/**
+ * Optional per-epoch shuffling for long runs (--seed): a seeded permutation from a small
+ * PRNG, so a run is reproducible from its seed. It is not numpy's permutation: when JS and
+ * Python must see the same batches, write the file in the order wanted and do not shuffle.
+ */
+
+function mulberry32(seed) {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** The data with its samples permuted by (seed, epoch): a copy, same shape. */
+export function shuffled(data, seed, epoch) {
+  const rand = mulberry32((seed * 1000003 + epoch) >>> 0);
+  const order = Array.from({ length: data.count }, (_, i) => i);
+  for (let i = order.length - 1; i > 0; i--) {
+    const j = Math.floor(rand() * (i + 1));
+    [order[i], order[j]] = [order[j], order[i]];
+  }
+  const per = data.sampleShape.reduce((a, b) => a * b, 1);
+  const x = new Float32Array(data.x.length);
+  const y = new Int32Array(data.count);
+  order.forEach((src, dst) => {
+    x.set(data.x.subarray(src * per, (src + 1) * per), dst * per);
+    y[dst] = data.y[src];
+  });
+  return { ...data, x, y };
+}

@@ -1,0 +1,179 @@
+/**
+ * The device's half of the network in TF.js: slices A (and C) as trainable layers models.
+ * Same protocol as device_tf/runtime.py's DeviceRuntime, so one step loop drives it:
+ *
+ *   a = rt.aForward(x)              A in training mode
+ *   {loss, gB} = rt.cTrain(b, y)    C forward, loss, dL/db, C's update
+ *   rt.aBackward(gA)                A's update from the upstream gradient
+ *
+ * TF.js records gradients only inside a synchronous tf.variableGrads call, and the server
+ * round trip sits between A's forward and A's backward, so aBackward recomputes A(x) under
+ * the tape: the gradient of sum(A(x) * gA) w.r.t. A's variables is exactly the
+ * vector-Jacobian product dL/dθ_A. The recomputation must not count twice: A's
+ * non-trainable state (BN moving statistics) is put back afterwards, and Dropout masks are
+ * redrawn from the same per-step seed (layers.mjs).
+ */
+
+import * as tf from '@tensorflow/tfjs';
+
+import { DeviceError } from './errors.mjs';
+import { reseed, unrepeatableLayers } from './layers.mjs';
+import { KerasOptimizer } from './optim.mjs';
+
+/**
+ * A TF.js layers model from the files of a tfjs_layers artefact.
+ * @param {object} modelJson parsed model.json
+ * @param {(path: string) => Promise<ArrayBuffer>} readShard reads a shard named in model.json
+ */
+export async function loadLayersModel(modelJson, readShard) {
+  const specs = [];
+  const buffers = [];
+  for (const group of modelJson.weightsManifest) {
+    specs.push(...group.weights);
+    for (const path of group.paths) buffers.push(new Uint8Array(await readShard(path)));
+  }
+  const weightData = new Uint8Array(buffers.reduce((n, b) => n + b.length, 0));
+  let pos = 0;
+  for (const b of buffers) {
+    weightData.set(b, pos);
+    pos += b.length;
+  }
+  const artifacts = {
+    modelTopology: modelJson.modelTopology,
+    weightSpecs: specs,
+    weightData: weightData.buffer,
+    format: modelJson.format,
+    generatedBy: modelJson.generatedBy,
+    convertedBy: modelJson.convertedBy,
+  };
+  try {
+    return await tf.loadLayersModel(tf.io.fromMemory(artifacts));
+  } catch (err) {
+    throw new DeviceError(`TF.js cannot load the slice: ${err.message}`);
+  }
+}
+
+/** Mean sparse categorical cross-entropy, as Keras computes it. */
+export function sparseCrossEntropy(output, labels, numClasses, fromLogits) {
+  return tf.tidy(() => {
+    let logits = output;
+    if (!fromLogits) {
+      // Keras: log(clip(p, eps, 1 - eps)), then softmax cross-entropy on those "logits".
+      const eps = 1e-7;
+      logits = tf.log(tf.clipByValue(output, eps, 1 - eps));
+    }
+    const onehot = tf.oneHot(labels, numClasses);
+    return tf.neg(tf.mean(tf.sum(tf.mul(onehot, tf.logSoftmax(logits)), -1)));
+  });
+}
+
+export class TfjsSlices {
+  /**
+   * @param manifest the validated manifest
+   * @param {{A: tf.LayersModel, C?: tf.LayersModel}} models
+   */
+  constructor(manifest, models) {
+    this.name = 'tfjs';
+    this.manifest = manifest;
+    this.a = models.A;
+    this.c = models.C ?? null;
+    if (manifest.split_mode === 'double' && !this.c) throw new DeviceError('a double split needs slice C');
+    const noisy = unrepeatableLayers(this.a);
+    if (noisy.length) {
+      throw new DeviceError(`slice A holds noise layers TF.js cannot replay for backward: ${noisy.join(', ')}`);
+    }
+    this.optA = new KerasOptimizer(manifest.optimizer);
+    this.optC = this.c ? new KerasOptimizer(manifest.optimizer) : null;
+    this.lastX = null;
+    this.stepSeed = 0;
+  }
+
+  /** A(x) in training mode; remembers x for aBackward. */
+  aForward(x) {
+    this.lastX?.dispose();
+    this.lastX = tf.keep(tf.clone(x));
+    this.stepSeed += 1;
+    reseed(this.a, this.stepSeed);
+    return this.a.apply(x, { training: true });
+  }
+
+  /** Backpropagate dL/da through A for the x of the last aForward, and update A. */
+  aBackward(gA) {
+    if (!this.lastX) throw new DeviceError('aBackward without aForward');
+    const x = this.lastX;
+    const frozen = this.a.nonTrainableWeights;
+    const saved = frozen.map((w) => tf.keep(tf.clone(w.read())));
+    const vars = this.a.trainableWeights.map((w) => w.read());
+    try {
+      if (vars.length) {
+        reseed(this.a, this.stepSeed);
+        const { value, grads } = tf.variableGrads(
+          () => tf.sum(tf.mul(this.a.apply(x, { training: true }), gA)),
+          vars,
+        );
+        this.optA.apply(vars, grads);
+        value.dispose();
+        tf.dispose(grads);
+      }
+    } finally {
+      frozen.forEach((w, i) => w.write(saved[i]));
+      tf.dispose(saved);
+      x.dispose();
+      this.lastX = null;
+    }
+  }
+
+  /** C forward, loss and update of C; returns {loss: number, gB: tf.Tensor}. */
+  cTrain(b, y) {
+    if (!this.c) throw new DeviceError('a single split holds no slice C');
+    const bVar = tf.variable(b, true);
+    const vars = this.c.trainableWeights.map((w) => w.read());
+    const { num_classes: k, loss } = this.manifest;
+    try {
+      const { value, grads } = tf.variableGrads(
+        () => sparseCrossEntropy(this.c.apply(bVar, { training: true }), y, k, loss.from_logits),
+        [bVar, ...vars],
+      );
+      const gB = grads[bVar.name];
+      this.optC.apply(vars, grads);
+      const lossValue = value.dataSync()[0];
+      value.dispose();
+      tf.dispose(vars.map((v) => grads[v.name]));
+      return { loss: lossValue, gB };
+    } finally {
+      bVar.dispose();
+    }
+  }
+
+  aInfer(x) {
+    return this.a.apply(x, { training: false });
+  }
+
+  cInfer(b) {
+    if (!this.c) throw new DeviceError('a single split holds no slice C');
+    return this.c.apply(b, { training: false });
+  }
+
+  /** Loss of the whole device+server network is the caller's; this is C's loss alone. */
+  loss(output, labels) {
+    return sparseCrossEntropy(output, labels, this.manifest.num_classes, this.manifest.loss.from_logits);
+  }
+
+  /** Current variables of each slice, {A: {"layer/var": Float32Array}, C: {...}}. */
+  weights() {
+    const out = {};
+    for (const [name, model] of [['A', this.a], ['C', this.c]]) {
+      if (!model) continue;
+      out[name] = Object.fromEntries(model.weights.map((w) => [w.originalName, w.read().dataSync().slice()]));
+    }
+    return out;
+  }
+
+  dispose() {
+    this.optA.dispose();
+    this.optC?.dispose();
+    this.lastX?.dispose();
+    this.a.dispose();
+    this.c?.dispose();
+  }
+}

@@ -1,0 +1,150 @@
+#!/usr/bin/env node
+/**
+ * The TF.js device from the command line: trains slices A and C of a spliteasy bundle
+ * against the server that trains B.
+ *
+ *   node device_tf/js/train.mjs --bundle DIR --server URL --data FILE [--epochs E]
+ *        [--batch-size B] [--steps N] [--seed S] [--aux-label] [--log-json FILE]
+ *
+ * Without --bundle the slices are fetched from the server (as the browser page does).
+ * The data file is a spliteasy frame message with x and y (src/data.mjs).
+ * Exit status: 0 done, 2 a problem spliteasy names (bad bundle, data, server answer), 1 a bug.
+ */
+
+import { readFile, writeFile } from 'node:fs/promises';
+import { parseArgs } from 'node:util';
+
+import { initBackend } from './src/backend.mjs';
+import { loadDeviceModels, readManifest, readSchema } from './src/bundle_node.mjs';
+import { fetchDeviceModels, fetchManifest } from './src/bundle_http.mjs';
+import { countSteps, batches, parseData } from './src/data.mjs';
+import { DeviceError, SpliteasyError } from './src/errors.mjs';
+import { SplitTrainer, train } from './src/loop.mjs';
+import { shuffled } from './src/shuffle.mjs';
+import { TfjsSlices } from './src/slices.mjs';
+import { HttpTransport } from './src/transport.mjs';
+
+const USAGE = `usage: node train.mjs --server URL --data FILE [--bundle DIR] [--epochs E] [--batch-size B]
+                      [--steps N] [--seed S] [--aux-label] [--log-json FILE] [--quiet]`;
+
+function options(argv) {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      bundle: { type: 'string' },
+      server: { type: 'string' },
+      data: { type: 'string' },
+      epochs: { type: 'string', default: '1' },
+      'batch-size': { type: 'string', default: '32' },
+      steps: { type: 'string' },
+      seed: { type: 'string' },
+      'aux-label': { type: 'boolean', default: false },
+      'log-json': { type: 'string' },
+      quiet: { type: 'boolean', default: false },
+      help: { type: 'boolean', short: 'h', default: false },
+    },
+    strict: true,
+  });
+  if (values.help) {
+    console.log(USAGE);
+    process.exit(0);
+  }
+  const int = (name, min) => {
+    const v = values[name];
+    if (v === undefined) return undefined;
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < min) throw new DeviceError(`--${name} must be an integer >= ${min}, got ${v}`);
+    return n;
+  };
+  if (!values.server) throw new DeviceError('--server URL is required');
+  if (!values.data) throw new DeviceError('--data FILE is required (a spliteasy frames file with x and y)');
+  return {
+    bundle: values.bundle,
+    server: values.server,
+    data: values.data,
+    epochs: int('epochs', 1),
+    batchSize: int('batch-size', 1),
+    steps: int('steps', 1) ?? Infinity,
+    seed: int('seed', 0),
+    auxLabel: values['aux-label'],
+    logJson: values['log-json'],
+    quiet: values.quiet,
+  };
+}
+
+const fmt = (r) =>
+  `loss ${r.loss.toFixed(4)} | device ${r.device_ms.toFixed(1)} ms, server ${r.server_ms.toFixed(1)} ms, ` +
+  `codec ${r.codec_ms.toFixed(2)} ms, wire ${r.wire_ms.toFixed(1)} ms | up ${(r.bytes_up / 1024).toFixed(1)} KiB, ` +
+  `down ${(r.bytes_down / 1024).toFixed(1)} KiB`;
+
+async function main(argv) {
+  const opt = options(argv);
+  const log = opt.quiet ? () => {} : (s) => console.log(s);
+  await initBackend();
+  const schema = await readSchema();
+  const transport = new HttpTransport(opt.server);
+  let manifest;
+  let digest;
+  let models;
+  if (opt.bundle) {
+    ({ manifest, digest } = await readManifest(opt.bundle, schema));
+    models = await loadDeviceModels(opt.bundle, manifest);
+  } else {
+    ({ manifest, digest } = await fetchManifest(transport, schema));
+    models = await fetchDeviceModels(transport, manifest);
+  }
+  let dataBytes;
+  try {
+    dataBytes = await readFile(opt.data);
+  } catch (err) {
+    throw new DeviceError(`cannot read data file ${opt.data}: ${err.code ?? err.message}`);
+  }
+  const data = parseData(new Uint8Array(dataBytes), manifest.input);
+  const rt = new TfjsSlices(manifest, models);
+  const trainer = new SplitTrainer(rt, transport, manifest, digest, { auxLabel: opt.auxLabel });
+  const plan = { batchSize: opt.batchSize, epochs: opt.epochs, steps: opt.steps };
+  if (opt.seed !== undefined) plan.order = (d, epoch) => shuffled(d, opt.seed, epoch);
+  const total = countSteps(data, plan);
+  log(
+    `spliteasy TF.js device: ${manifest.model} (${manifest.split_mode} split), ${data.count} samples, ` +
+      `${total} steps of ${opt.batchSize}, server ${opt.server}`,
+  );
+  await trainer.open();
+  let records;
+  let done = 0;
+  try {
+    records = await train(trainer, batches(data, plan), {
+      onStep: (r) => log(`step ${++done}/${total} epoch ${r.epoch + 1} ${fmt(r)}`),
+    });
+  } finally {
+    await trainer.close();
+  }
+  const mean = (k) => records.reduce((s, r) => s + r[k], 0) / Math.max(records.length, 1);
+  const summary = {
+    steps: records.length,
+    first_loss: records[0]?.loss,
+    last_loss: records.at(-1)?.loss,
+    mean_device_ms: mean('device_ms'),
+    mean_server_ms: mean('server_ms'),
+    mean_codec_ms: mean('codec_ms'),
+    mean_wire_ms: mean('wire_ms'),
+    mean_total_ms: mean('total_ms'),
+  };
+  log(
+    `done: ${summary.steps} steps, loss ${summary.first_loss?.toFixed(4)} -> ${summary.last_loss?.toFixed(4)}, ` +
+      `mean step ${summary.mean_total_ms.toFixed(1)} ms`,
+  );
+  if (opt.logJson) {
+    const doc = { runtime: 'tfjs', backend: 'cpu', model: manifest.model, manifest_sha256: digest, records, summary };
+    await writeFile(opt.logJson, JSON.stringify(doc, null, 1) + '\n');
+  }
+}
+
+main(process.argv.slice(2)).catch((err) => {
+  if (err instanceof SpliteasyError || err?.code === 'ERR_PARSE_ARGS_UNKNOWN_OPTION' || err?.code === 'ERR_PARSE_ARGS_INVALID_OPTION_VALUE') {
+    console.error(`spliteasy-js train: error: ${err.message}`);
+    process.exit(2);
+  }
+  console.error(err);
+  process.exit(1);
+});
