@@ -33,3 +33,19 @@ def batches(
     for start in range(0, len(x), batch_size):
         idx = order[start : start + batch_size]
         yield x[idx], y[idx]
+
+
+def fit_to_input(x: np.ndarray, sample_shape: tuple[int, ...]) -> np.ndarray:
+    """Digits (N, 8, 8, 1) resized and tiled to a bundle's input (N, H, W, C).
+
+    Lets any image bundle (the application zoo at any input size) train on real data.
+    """
+    if x.shape[1:] == tuple(sample_shape):
+        return x
+    if len(sample_shape) != 3:
+        raise ValueError(f"digits cannot feed an input of shape {sample_shape}")
+    import tensorflow as tf
+
+    h, w, c = sample_shape
+    resized = tf.image.resize(x, (h, w)).numpy()
+    return np.ascontiguousarray(np.repeat(resized, c, axis=-1)[..., :c].astype(np.float32))

@@ -14,7 +14,7 @@ import importlib.util
 import os
 import sys
 
-SUBCOMMANDS = ["convert", "cuts", "serve", "train", "demo"]
+SUBCOMMANDS = ["demo", "convert", "cuts", "serve", "train"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,24 @@
+"""Pick a device runtime by name; each runtime's imports stay behind its name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shared_schema import Manifest
+
+from ._exceptions import DeviceError
+from .runtime import DeviceRuntime
+
+RUNTIMES = ("tf", "tflite")
+
+
+def make_runtime(name: str, bundle: Path, manifest: Manifest) -> DeviceRuntime:
+    if name == "tf":
+        from .tf_runtime import TFRuntime
+
+        return TFRuntime.from_bundle(bundle, manifest)
+    if name == "tflite":
+        from .tflite_runtime import TFLiteRuntime
+
+        return TFLiteRuntime.from_bundle(bundle, manifest)
+    raise DeviceError(f"unknown runtime {name!r}; choose from {', '.join(RUNTIMES)}")
