@@ -9,6 +9,7 @@ sit beside this one behind the same three methods.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -72,10 +73,8 @@ class HttpTransport:
 
     def delete(self, path: str) -> None:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        try:
+        with contextlib.suppress(httpx.TransportError):  # best effort: the server evicts idle sessions
             self._client.request("DELETE", path, headers=headers)
-        except httpx.TransportError:
-            pass
 
     def close(self) -> None:
         self._client.close()
