@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import numpy as np
 
@@ -56,7 +56,9 @@ from .errors import (
     UnknownSession,
     WrongSplitMode,
 )
-from .trainer import Trainer
+
+if TYPE_CHECKING:  # torch loads with the trainer, not with this module
+    from .trainer import Trainer
 
 Op = Literal["forward", "backward", "step"]
 _SID = re.compile(r"^[0-9a-f]{32}$")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+from typing import Any
 
 HELP = "serve slice B of a bundle: the PyTorch side of split learning over HTTP"
 
@@ -47,21 +47,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from server_torch.app import create_app
     from server_torch.serving import bind_socket, configure_threads, serve_forever, url_of
+    from shared_schema import SpliteasyError, load_manifest
 
     for name in ("max_sessions", "max_batch"):
         if getattr(args, name) < 1:
-            from shared_schema import SpliteasyError
-
             raise SpliteasyError(f"--{name.replace('_', '-')} must be at least 1")
-    app = create_app(
-        args.bundle,
-        max_sessions=args.max_sessions,
-        max_batch=args.max_batch,
-        lease_timeout=args.lease_timeout,
-    )
-    threads = configure_threads(args.threads)
+    # Cheap refusals first (a bad bundle, a taken port), then the slow part: loading B.
+    manifest = load_manifest(args.bundle, verify=True)
     sock = bind_socket(args.host, args.port)
-    url = url_of(sock)
+    try:
+        app = create_app(
+            args.bundle,
+            manifest=manifest,
+            max_sessions=args.max_sessions,
+            max_batch=args.max_batch,
+            lease_timeout=args.lease_timeout,
+        )
+        threads = configure_threads(args.threads)
+        url = url_of(sock)
+        _announce(app, url, threads)
+        serve_forever(app, sock, args.log_level)
+    finally:
+        sock.close()
+    return 0
+
+
+def _announce(app: Any, url: str, threads: int) -> None:
     m = app.state.manifest
     print(
         f"spliteasy serve: {m.model} ({m.split_mode} split, manifest {app.state.manifest_sha256[:12]}, "
@@ -70,9 +81,3 @@ def run(args: argparse.Namespace) -> int:
     if any(getattr(r, "path", None) == "/device" for r in app.routes):
         print(f"spliteasy serve: device page {url}/device/")
     print(f"spliteasy serve: listening on {url}", flush=True)
-    try:
-        serve_forever(app, sock, args.log_level)
-    finally:
-        sock.close()
-    print("spliteasy serve: stopped", file=sys.stderr)
-    return 0

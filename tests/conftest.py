@@ -1,0 +1,58 @@
+"""Generic fixtures: free ports and real servers on 127.0.0.1.
+
+- ``free_port``: a TCP port that was free a moment ago (prefer port 0 where you can).
+- ``serve_app(app)``: serve an ASGI app object with real uvicorn in a background thread;
+  returns a ``server_torch.serving.ServerThread`` (``.url`` like ``http://127.0.0.1:PORT``).
+  Stopped at teardown. Use it for apps built in the test (``create_app(module=..., manifest=...)``).
+- ``serve_bundle(bundle_dir, *extra_args)``: run ``spliteasy serve BUNDLE --port 0`` as a
+  child process, wait for ``/v1/health``; returns a ``ServerProcess`` (``.url``, ``.proc``,
+  ``.output``). Terminated at teardown.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def serve_app() -> Iterator[Callable[..., Any]]:
+    from server_torch.serving import ServerThread
+
+    started: list[ServerThread] = []
+
+    def start(app: Any, **kwargs: Any) -> ServerThread:
+        srv = ServerThread(app, **kwargs).start()
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in reversed(started):
+        srv.stop()
+
+
+@pytest.fixture
+def serve_bundle() -> Iterator[Callable[..., Any]]:
+    from server_torch.serving import ServerProcess
+
+    started: list[ServerProcess] = []
+
+    def start(bundle_dir: Path | str, *extra_args: str, timeout: float = 120.0) -> ServerProcess:
+        srv = ServerProcess(bundle_dir, extra_args)
+        started.append(srv)
+        return srv.start(timeout)
+
+    yield start
+    for srv in reversed(started):
+        srv.stop()
