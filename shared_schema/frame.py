@@ -86,7 +86,9 @@ def encode(frames: Iterable[Frame]) -> bytes:
         dtype_name = np.dtype(arr.dtype).name
         if dtype_name not in _DTYPE_CODES:
             raise FrameSpecMismatch(f"{f.name}: dtype {dtype_name} cannot be framed")
-        arr = np.ascontiguousarray(arr, dtype=_NP[dtype_name])
+        arr = np.asarray(arr, dtype=_NP[dtype_name])  # little-endian; keeps 0-d scalars 0-d
+        if not arr.flags.c_contiguous:
+            arr = arr.copy(order="C")
         name = f.name.encode()
         if len(name) > MAX_NAME:
             raise FrameSpecMismatch(f"tensor name longer than {MAX_NAME} bytes")
@@ -111,7 +113,7 @@ def encode(frames: Iterable[Frame]) -> bytes:
         )
         parts.append(name)
         parts.append(struct.pack(f"<{arr.ndim}I", *arr.shape))
-        parts.append(memoryview(arr).cast("B"))
+        parts.append(arr.reshape(-1).view(np.uint8))  # no copy; works for empty and 0-d
     return b"".join(parts)
 
 

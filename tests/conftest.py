@@ -56,3 +56,18 @@ def serve_bundle() -> Iterator[Callable[..., Any]]:
     yield start
     for srv in reversed(started):
         srv.stop()
+
+
+# -- bundles (shared by the converter, device and equivalence tests) -------------------
+
+
+@pytest.fixture(scope="session")
+def digits_bundle_dir(tmp_path_factory) -> Path:
+    """A double-split digits-cnn bundle (SGD with momentum), converted once per session.
+
+    Read-only for tests: copy it before tampering.
+    """
+    from split_helpers import SGD_CFG, digits_bundle
+
+    bundle, _ = digits_bundle(tmp_path_factory.mktemp("digits") / "bundle", "double", SGD_CFG)
+    return bundle
