@@ -10,6 +10,7 @@ import pytest
 from shared_schema import (
     BadMagic,
     Frame,
+    FrameError,
     FrameKind,
     FrameSizeMismatch,
     FrameSpecMismatch,
@@ -154,5 +155,5 @@ def test_random_bytes_never_crash_the_decoder():
         cut = int(rng.integers(0, len(body) + 1))
         try:
             decode(bytes(body[:cut]))
-        except (ValueError,):  # every FrameError is a ValueError
+        except FrameError:  # anything else (IndexError, numpy's ValueError...) fails the test
             pass
