@@ -23,7 +23,7 @@ from .._exceptions import ConverterError, UnsupportedLayer
 MODEL_JSON = "model.json"
 
 # Layer classes @tensorflow/tfjs-layers 4.22.0 deserialises (its SerializationMap).
-# tests/test_js_export.py keeps this list in step with the installed package.
+# tests/test_js_runtime.py keeps this list in step with the installed package.
 TFJS_LAYER_CLASSES = frozenset(
     [
         "Activation",
@@ -132,15 +132,64 @@ def export_tfjs(model: Any, out_dir: Path) -> None:
         )
     if out_dir.exists() and any(out_dir.iterdir()):
         raise TfjsExportError(f"{out_dir} is not empty; export into a fresh directory")
-    from tensorflowjs.converters import save_keras_model
+    import tempfile
+
+    from tensorflowjs.converters.keras_h5_conversion import (
+        h5_merged_saved_model_to_tfjs_format,
+        write_artifacts,
+    )
 
     try:
-        # No quantisation and one shard per 4 MiB: the weights must be the Keras ones, bit
-        # for bit, or TF.js would not start from the unsplit model's initial values.
-        save_keras_model(model, str(out_dir))
+        with tempfile.TemporaryDirectory() as tmp:
+            h5 = Path(tmp) / "slice.h5"
+            model.save(h5, include_optimizer=False)
+            topology, _ = h5_merged_saved_model_to_tfjs_format(str(h5))
     except (ValueError, TypeError, NotImplementedError, KeyError) as exc:
         raise TfjsExportError(f"tensorflowjs could not export slice {model.name}: {exc}") from exc
+    topology = _tfjs_regularizers(topology)
+    # The converter names each weight after Keras' variable name, which a slice rebuilt
+    # from config (as converters.slicing makes them) has lost its layer scope in
+    # ("kernel", not "a_conv/kernel"), and orders them by layer name. TF.js finds weights
+    # by "layer/variable", so they are written here from the layers themselves. No
+    # quantisation: TF.js must start from the unsplit model's values, bit for bit.
+    weights = [
+        {"name": f"{layer.name}/{_short(var)}", "data": var.numpy()}
+        for layer in _leaf_layers(model)
+        for var in layer.weights
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_artifacts(topology, [weights], str(out_dir))
     _check_written(out_dir)
+
+
+def _short(var: Any) -> str:
+    return var.name.split("/")[-1].split(":")[0]
+
+
+def _leaf_layers(model: Any) -> list[Any]:
+    out = []
+    for layer in model.layers:
+        if type(layer).__name__ in {"Functional", "Model", "Sequential"}:
+            out.extend(_leaf_layers(layer))
+        else:
+            out.append(layer)
+    return out
+
+
+def _tfjs_regularizers(node: Any) -> Any:
+    """Keras' ``L1``/``L2`` regularisers as the ``L1L2`` TF.js knows (same penalty)."""
+    if isinstance(node, list):
+        return [_tfjs_regularizers(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    if node.get("class_name") in ("L1", "L2") and isinstance(node.get("config"), dict):
+        cfg = node["config"]
+        return {
+            **node,
+            "class_name": "L1L2",
+            "config": {"l1": float(cfg.get("l1", 0.0)), "l2": float(cfg.get("l2", 0.0))},
+        }
+    return {k: _tfjs_regularizers(v) for k, v in node.items()}
 
 
 def _check_written(out_dir: Path) -> None:

@@ -5,9 +5,12 @@
  *
  *   node device_tf/js/train.mjs --bundle DIR --server URL --data FILE [--epochs E]
  *        [--batch-size B] [--steps N] [--seed S] [--aux-label] [--log-json FILE]
+ *        [--weights-out FILE]
  *
  * Without --bundle the slices are fetched from the server (as the browser page does).
- * The data file is a spliteasy frame message with x and y (src/data.mjs).
+ * The data file is a spliteasy frame message with x and y (src/data.mjs). --log-json writes
+ * every step's metrics; --weights-out the trained variables of A and C as JSON
+ * {"A": {"layer/var": {"shape": [...], "data": [...]}}, "C": ...}.
  * Exit status: 0 done, 2 a problem spliteasy names (bad bundle, data, server answer), 1 a bug.
  */
 
@@ -25,7 +28,7 @@ import { TfjsSlices } from './src/slices.mjs';
 import { HttpTransport } from './src/transport.mjs';
 
 const USAGE = `usage: node train.mjs --server URL --data FILE [--bundle DIR] [--epochs E] [--batch-size B]
-                      [--steps N] [--seed S] [--aux-label] [--log-json FILE] [--quiet]`;
+                      [--steps N] [--seed S] [--aux-label] [--log-json FILE] [--weights-out FILE] [--quiet]`;
 
 function options(argv) {
   const { values } = parseArgs({
@@ -40,6 +43,7 @@ function options(argv) {
       seed: { type: 'string' },
       'aux-label': { type: 'boolean', default: false },
       'log-json': { type: 'string' },
+      'weights-out': { type: 'string' },
       quiet: { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
     },
@@ -68,6 +72,7 @@ function options(argv) {
     seed: int('seed', 0),
     auxLabel: values['aux-label'],
     logJson: values['log-json'],
+    weightsOut: values['weights-out'],
     quiet: values.quiet,
   };
 }
@@ -137,6 +142,13 @@ async function main(argv) {
   if (opt.logJson) {
     const doc = { runtime: 'tfjs', backend: 'cpu', model: manifest.model, manifest_sha256: digest, records, summary };
     await writeFile(opt.logJson, JSON.stringify(doc, null, 1) + '\n');
+  }
+  if (opt.weightsOut) {
+    const out = {};
+    for (const [slice, ws] of Object.entries(rt.weights())) {
+      out[slice] = Object.fromEntries(Object.entries(ws).map(([k, w]) => [k, { shape: w.shape, data: Array.from(w.data) }]));
+    }
+    await writeFile(opt.weightsOut, JSON.stringify(out));
   }
 }
 

@@ -17,7 +17,7 @@
 import * as tf from '@tensorflow/tfjs';
 
 import { DeviceError } from './errors.mjs';
-import { reseed, unrepeatableLayers } from './layers.mjs';
+import { allLayers, reseed, unrepeatableLayers } from './layers.mjs';
 import { KerasOptimizer } from './optim.mjs';
 
 /**
@@ -67,6 +67,12 @@ export function sparseCrossEntropy(output, labels, numClasses, fromLogits) {
   });
 }
 
+/** `value` plus the model's weight penalties (kernel_regularizer etc.), if it has any. */
+function addPenalties(value, model) {
+  const penalties = model.calculateLosses();
+  return penalties.length ? tf.addN([value, ...penalties]) : value;
+}
+
 export class TfjsSlices {
   /**
    * @param manifest the validated manifest
@@ -107,8 +113,10 @@ export class TfjsSlices {
     try {
       if (vars.length) {
         reseed(this.a, this.stepSeed);
+        // sum(A(x) * gA) has gradient gA^T dA/dθ; A's weight penalties join it here, as
+        // they reach A's gradients in unsplit training (but no reported loss).
         const { value, grads } = tf.variableGrads(
-          () => tf.sum(tf.mul(this.a.apply(x, { training: true }), gA)),
+          () => addPenalties(tf.sum(tf.mul(this.a.apply(x, { training: true }), gA)), this.a),
           vars,
         );
         this.optA.apply(vars, grads);
@@ -123,7 +131,10 @@ export class TfjsSlices {
     }
   }
 
-  /** C forward, loss and update of C; returns {loss: number, gB: tf.Tensor}. */
+  /**
+   * C forward, loss and update of C; returns {loss: number, gB: tf.Tensor}. The loss
+   * includes C's weight penalties, as Keras reports it.
+   */
   cTrain(b, y) {
     if (!this.c) throw new DeviceError('a single split holds no slice C');
     const bVar = tf.variable(b, true);
@@ -131,7 +142,7 @@ export class TfjsSlices {
     const { num_classes: k, loss } = this.manifest;
     try {
       const { value, grads } = tf.variableGrads(
-        () => sparseCrossEntropy(this.c.apply(bVar, { training: true }), y, k, loss.from_logits),
+        () => addPenalties(sparseCrossEntropy(this.c.apply(bVar, { training: true }), y, k, loss.from_logits), this.c),
         [bVar, ...vars],
       );
       const gB = grads[bVar.name];
@@ -159,12 +170,19 @@ export class TfjsSlices {
     return sparseCrossEntropy(output, labels, this.manifest.num_classes, this.manifest.loss.from_logits);
   }
 
-  /** Current variables of each slice, {A: {"layer/var": Float32Array}, C: {...}}. */
+  /**
+   * Current variables of each slice, layer by layer (trainable and not), named and ordered
+   * like device_tf.keras_util.named_variables: {A: {"layer/var": {shape, data}}, C: {...}}.
+   */
   weights() {
     const out = {};
     for (const [name, model] of [['A', this.a], ['C', this.c]]) {
       if (!model) continue;
-      out[name] = Object.fromEntries(model.weights.map((w) => [w.originalName, w.read().dataSync().slice()]));
+      out[name] = Object.fromEntries(
+        allLayers(model)
+          .flatMap((layer) => layer.weights)
+          .map((w) => [w.originalName, { shape: w.shape, data: w.read().dataSync().slice() }]),
+      );
     }
     return out;
   }

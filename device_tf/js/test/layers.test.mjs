@@ -1,0 +1,46 @@
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+
+import * as tf from '@tensorflow/tfjs';
+
+import { initBackend } from '../src/backend.mjs';
+import { reseed } from '../src/layers.mjs';
+
+await initBackend();
+
+const roundTrip = async (model) => {
+  // Through serialisation, as a converted slice is loaded: BN becomes the Keras-exact class.
+  let saved;
+  await model.save(tf.io.withSaveHandler(async (art) => ((saved = art), { modelArtifactsInfo: {} })));
+  return tf.loadLayersModel(tf.io.fromMemory(saved));
+};
+
+test('BatchNormalization without scale or center trains (tfjs #2868)', async () => {
+  const input = tf.input({ shape: [4, 4, 3] });
+  const bn = tf.layers.batchNormalization({ scale: false, center: false, momentum: 0.5 }).apply(input);
+  const model = await roundTrip(tf.model({ inputs: input, outputs: bn }));
+  const x = tf.randomNormal([5, 4, 4, 3], 2, 3, 'float32', 1);
+  const dx = tf.grad((t) => tf.sum(tf.square(model.apply(t, { training: true }))))(x);
+  assert.ok(dx.dataSync().every(Number.isFinite));
+  // The moving variance takes the unbiased batch variance (Keras' fused kernel), once.
+  const [movingMean, movingVar] = model.getWeights();
+  const { mean, variance } = tf.moments(x, [0, 1, 2]);
+  const n = 5 * 4 * 4;
+  const expectMean = tf.mul(mean, 0.5);
+  const expectVar = tf.add(0.5, tf.mul(variance, 0.5 * (n / (n - 1))));
+  assert.ok(tf.max(tf.abs(tf.sub(movingMean, expectMean))).dataSync()[0] < 1e-5);
+  assert.ok(tf.max(tf.abs(tf.sub(movingVar, expectVar))).dataSync()[0] < 1e-5);
+});
+
+test('a dropout mask is redrawn identically after reseeding', async () => {
+  const input = tf.input({ shape: [64] });
+  const model = tf.model({ inputs: input, outputs: tf.layers.dropout({ rate: 0.5 }).apply(input) });
+  const x = tf.ones([4, 64]);
+  const draw = (seed) => {
+    reseed(model, seed);
+    return Array.from(model.apply(x, { training: true }).dataSync());
+  };
+  assert.deepEqual(draw(3), draw(3));
+  assert.notDeepEqual(draw(3), draw(4));
+  assert.ok(draw(3).some((v) => v === 0));
+});

@@ -1,0 +1,212 @@
+"""TF.js device slices train exactly like the same slices in unsplit tf_keras.
+
+``export_tfjs`` writes A and C as TF.js layers models; node trains A -> C through
+``TfjsSlices`` (``device_tf/js/tools/local_train.mjs``) with the server's slice replaced by
+the identity, so every difference is the TF.js runtime's own. The reference trains the
+unsplit composition in tf_keras with Keras' optimizer inside a ``tf.function`` (as ``fit``
+does) from the same initial weights on the same batches. The slices hold what TF.js gets
+wrong by itself -- BatchNormalization with ``scale=False`` (InceptionV3; tfjs #2868) and
+``center=False``, Keras' unbiased moving variance, L2 penalties, Keras' Adam epsilon --
+and losses, every variable and the inference output must agree within 1e-4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from js_fixtures import run_node, write_frames_dataset
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("tf_keras")
+
+from converters._exceptions import UnsupportedLayer  # noqa: E402
+from converters.export.tfjs import TFJS_LAYER_CLASSES, export_tfjs  # noqa: E402
+from device_tf.keras_util import named_variables  # noqa: E402
+
+RTOL = 1e-4
+BATCH, STEPS = 16, 5
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (d.images / 16.0).astype(np.float32)[..., None], d.target.astype(np.int32)
+
+
+def _models(softmax: bool, l2: bool, seed: int = 3):
+    keras.utils.set_random_seed(seed)
+    reg = keras.regularizers.L2(1e-3) if l2 else None
+    L = keras.layers
+    inp = L.Input((8, 8, 1), name="image")
+    # No conv bias in front of BN: its true gradient is zero, so what it gets is rounding
+    # noise, which Adam scales up to full-size steps that no two runtimes share.
+    h = L.Conv2D(6, 3, padding="same", use_bias=False, kernel_regularizer=reg, name="a_conv")(inp)
+    h = L.BatchNormalization(scale=False, name="a_bn")(h)  # as InceptionV3's
+    a_model = keras.Model(inp, L.ReLU(name="a_out")(h), name="A")
+
+    inp = L.Input((8, 8, 6), name="a_out_cut")
+    h = L.MaxPooling2D(name="c_pool")(inp)
+    h = L.Conv2D(8, 3, padding="same", use_bias=False, name="c_conv")(h)
+    h = L.BatchNormalization(momentum=0.9, name="c_bn")(h)
+    h = L.ReLU(name="c_relu")(h)
+    h = L.Flatten(name="c_flat")(h)
+    h = L.Dense(16, use_bias=False, name="c_fc", kernel_regularizer=reg)(h)
+    h = L.BatchNormalization(center=False, name="c_bn2")(h)  # 2-D: biased moving variance
+    out = L.Dense(10, activation="softmax" if softmax else None, name="c_logits")(h)
+    return a_model, keras.Model(inp, out, name="C")
+
+
+def _optimizer(cfg: dict):
+    cfg = dict(cfg)
+    name = cfg.pop("name")
+    return keras.optimizers.SGD(**cfg) if name == "sgd" else keras.optimizers.Adam(**cfg)
+
+
+def _reference(a_model, c_model, cfg: dict, from_logits: bool, batches) -> list[float]:
+    """Unsplit tf_keras training of A -> C, the way ``fit`` steps."""
+    opt = _optimizer(cfg)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
+    variables = a_model.trainable_weights + c_model.trainable_weights
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            out = c_model(a_model(x, training=True), training=True)
+            # The device reports C's loss with C's penalties; A's penalty reaches A's
+            # gradients but no reported number.
+            reported = loss_fn(y, out) + tf.add_n([tf.zeros([]), *c_model.losses])
+            total = reported + tf.add_n([tf.zeros([]), *a_model.losses])
+        opt.apply_gradients(zip(tape.gradient(total, variables), variables, strict=True))
+        return reported
+
+    return [float(step(x, y)) for x, y in batches]
+
+
+def _rel(got: np.ndarray, ref: np.ndarray) -> float:
+    """Largest error relative to the array's scale (floored at 1e-2)."""
+    return float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-2))
+
+
+CASES = {
+    "sgd-momentum-logits": ({"name": "sgd", "learning_rate": 0.1, "momentum": 0.9}, True, False),
+    "sgd-nesterov-softmax-l2": (
+        {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9, "nesterov": True},
+        False,
+        True,
+    ),
+    "adam-logits": ({"name": "adam", "learning_rate": 0.01, "epsilon": 1e-7}, True, False),
+    "plain-sgd-l2": ({"name": "sgd", "learning_rate": 0.2}, True, True),
+}
+
+
+@pytest.mark.js
+@pytest.mark.parametrize("case", list(CASES))
+def test_tfjs_slices_train_like_unsplit_keras(case: str, tmp_path: Path) -> None:
+    cfg, from_logits, l2 = CASES[case]
+    a_model, c_model = _models(softmax=not from_logits, l2=l2)
+    export_tfjs(a_model, tmp_path / "A")
+    export_tfjs(c_model, tmp_path / "C")
+    x, y = _digits()
+    write_frames_dataset(tmp_path / "train.frames", x[: BATCH * STEPS], y[: BATCH * STEPS])
+    x_test = x[1000:1064]
+    write_frames_dataset(tmp_path / "test.frames", x_test, y[1000:1064])
+    initial = {
+        f"{part}:{k}": v.numpy()
+        for part, m in (("A", a_model), ("C", c_model))
+        for k, v in named_variables(m).items()
+    }
+    run_cfg = {
+        "a": str(tmp_path / "A"),
+        "c": str(tmp_path / "C"),
+        "data": str(tmp_path / "train.frames"),
+        "infer": str(tmp_path / "test.frames"),
+        "batchSize": BATCH,
+        "steps": STEPS,
+        "optimizer": cfg,
+        "numClasses": 10,
+        "fromLogits": from_logits,
+        "out": str(tmp_path / "js.json"),
+    }
+    (tmp_path / "cfg.json").write_text(json.dumps(run_cfg))
+    run_node(["tools/local_train.mjs", str(tmp_path / "cfg.json")])
+    js = json.loads((tmp_path / "js.json").read_text())
+
+    # TF.js starts from the Keras weights, bit for bit, under the same names.
+    assert list(js["initial"]) == list(initial)
+    for name, ref in initial.items():
+        np.testing.assert_array_equal(np.asarray(js["initial"][name], np.float32), ref.ravel())
+
+    batches = [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, BATCH * STEPS, BATCH)]
+    ref_losses = _reference(a_model, c_model, cfg, from_logits, batches)
+    loss_errs = [abs(a - b) / abs(b) for a, b in zip(js["losses"], ref_losses, strict=True)]
+    errors = {}
+    for part, model in (("A", a_model), ("C", c_model)):
+        for name, var in named_variables(model).items():
+            ref = var.numpy()
+            got = np.asarray(js["weights"][f"{part}:{name}"], np.float32).reshape(ref.shape)
+            errors[f"{part}:{name}"] = _rel(got, ref)
+    worst = max(errors, key=errors.get)
+    ref_out = c_model(a_model(x_test, training=False), training=False).numpy()
+    infer_err = _rel(np.asarray(js["inference"], np.float32).reshape(ref_out.shape), ref_out)
+    print(
+        f"\ntfjs {case}: loss rel errs {[f'{e:.1e}' for e in loss_errs]}, worst weight "
+        f"{errors[worst]:.1e} ({worst}), inference {infer_err:.1e}"
+    )
+    assert max(loss_errs) <= RTOL, (js["losses"], ref_losses)
+    assert errors[worst] <= RTOL, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+    assert infer_err <= RTOL
+    assert js["losses"][-1] < js["losses"][0]
+    # Only weights and optimizer slots stay alive: no tensor leaks per step.
+    n_vars = len(initial)
+    slots = {"sgd": 0 if not cfg.get("momentum") else 1, "adam": 2}[cfg["name"]]
+    n_trainable = len(a_model.trainable_weights) + len(c_model.trainable_weights)
+    assert js["tensors"] == n_vars + slots * n_trainable
+
+
+def test_export_refuses_layers_tfjs_cannot_rebuild(tmp_path: Path) -> None:
+    L = keras.layers
+    inp = L.Input((8, 8, 1), name="image")
+    h = L.Conv2D(4, 3, name="conv")(inp)
+    h = L.Lambda(lambda t: t * 2.0, name="double_it")(h)
+    h = L.GaussianNoise(0.1, name="noise")(h)
+    model = keras.Model(inp, h, name="A")
+    with pytest.raises(UnsupportedLayer) as err:
+        export_tfjs(model, tmp_path / "A")
+    assert "double_it (Lambda)" in str(err.value)
+    assert "noise (GaussianNoise" in str(err.value)
+    assert not (tmp_path / "A").exists()
+
+
+def test_export_refuses_a_used_directory(tmp_path: Path) -> None:
+    from converters.export.tfjs import TfjsExportError
+
+    a_model, _ = _models(softmax=False, l2=False)
+    (tmp_path / "A").mkdir()
+    (tmp_path / "A" / "stray.txt").write_text("x")
+    with pytest.raises(TfjsExportError):
+        export_tfjs(a_model, tmp_path / "A")
+
+
+@pytest.mark.js
+def test_supported_layer_list_matches_installed_tfjs(tmp_path: Path) -> None:
+    script = tmp_path / "classes.mjs"
+    script.write_text(
+        "import * as tf from '@tensorflow/tfjs';\n"
+        "console.log(JSON.stringify(Object.keys(tf.serialization.SerializationMap.getMap().classNameMap)));\n"
+    )
+    # Run from device_tf/js so the package resolves; the script itself lives in tmp.
+    link = Path(__file__).resolve().parents[1] / "device_tf" / "js" / f".classes-{os.getpid()}.mjs"
+    link.write_text(script.read_text())
+    try:
+        registered = set(json.loads(run_node([link.name]).stdout.strip().splitlines()[-1]))
+    finally:
+        link.unlink()
+    missing = TFJS_LAYER_CLASSES - registered
+    assert not missing, f"listed as TF.js layers but not registered: {sorted(missing)}"
