@@ -27,7 +27,7 @@ from shared_schema import (
 )
 
 from . import __version__
-from ._exceptions import ConverterError
+from ._exceptions import ConverterError, InvalidCut
 from .export.onnx_torch import export_server_slice
 from .slicing import Slices, slice_model
 from .verify import verify_server_slice
@@ -103,6 +103,11 @@ def write_bundle(
         raise ConverterError(f"{out_dir} exists and is not empty (use --force to replace it)")
     started = time.perf_counter()
     slices: Slices = slice_model(model, list(cut_names))
+    if not slices.b.trainable_weights:
+        raise InvalidCut(
+            f"slice B ({', '.join(layer.name for layer in slices.b.layers[1:])}) holds no trainable "
+            "parameters: the server would train nothing; move the cuts apart"
+        )
     loss = LossSpec(from_logits=from_logits)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

@@ -1,0 +1,140 @@
+"""The command line as a user meets it: real subprocesses, real servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def spliteasy(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "spliteasy_cli.main", *args],
+        capture_output=True, text=True, timeout=timeout, env=ENV,
+    )  # fmt: skip
+
+
+def test_help_is_instant_and_lists_every_command():
+    out = spliteasy("--help", timeout=30)
+    assert out.returncode == 0
+    for command in ("demo", "convert", "serve", "train"):
+        assert command in out.stdout
+    # --help imports no framework (heavy imports live inside run())
+    probe = "import sys, spliteasy_cli.main as m; m.build_parser(); print(sorted(k for k in ('tensorflow', 'torch', 'onnx') if k in sys.modules))"
+    assert (
+        subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip()
+        == "[]"
+    )
+
+
+def test_convert_writes_a_verified_single_split_bundle(tmp_path):
+    out = tmp_path / "single"
+    result = spliteasy(
+        "convert",
+        "--model",
+        "digits-cnn",
+        "--cuts",
+        "a_out",
+        "--out",
+        str(out),
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.05",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "single split" in result.stdout and "B verified" in result.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["split_mode"] == "single" and manifest["label_holder"] == "server"
+    assert [s["name"] for s in manifest["slices"]] == ["A", "B"]
+    assert manifest["optimizer"] == {
+        "name": "sgd",
+        "learning_rate": 0.05,
+        "momentum": 0.9,
+        "nesterov": False,
+    }
+    report = json.loads((out / "report.json").read_text())["verification"]
+    assert report["forward_train_rel_err"] < 1e-4 and report["max_param_grad_rel_err"] < 1e-4
+    # refuses to overwrite without --force, and leaves the bundle intact
+    again = spliteasy("convert", "--cuts", "a_out", "--out", str(out))
+    assert again.returncode == 2 and "exists" in again.stderr and "--force" in again.stderr
+    assert (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--cuts", "nope", "b_out"], "no layer named"),
+        (["--cuts", "b_out", "a_out"], "out of order"),
+        (["--cuts", "image", "b_out"], "empty"),
+        (["--cuts", "a_out", "b_out", "c_logits"], "one cut"),
+        (["--cuts", "b_relu1", "b_pool"], "no trainable parameters"),
+        (["--model", "/no/such/model.keras", "--cuts", "x"], "unknown model"),
+        (["--cuts", "a_out", "--runtimes", "tf,coreml"], "unknown runtime"),
+    ],
+)
+def test_convert_errors_are_one_line_messages(tmp_path, args, message):
+    result = spliteasy("convert", "--out", str(tmp_path / "b"), *args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr.lower() and "Traceback" not in result.stderr
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
+
+
+def test_train_against_a_served_bundle(digits_bundle_dir, serve_bundle, tmp_path):
+    srv = serve_bundle(digits_bundle_dir)
+    log = tmp_path / "steps.jsonl"
+    result = spliteasy(
+        "train",
+        str(digits_bundle_dir),
+        "--server",
+        srv.url,
+        "--epochs",
+        "1",
+        "--log",
+        str(log),
+        "--no-progress",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "test accuracy" in result.stdout
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(rows) == 45  # ceil(1437 / 32)
+    for key in ("device_ms", "server_ms", "codec_ms", "wire_ms", "total_ms", "loss"):
+        assert all(key in r for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    accuracy = float(result.stdout.split("test accuracy")[1].split()[0])
+    assert accuracy > 0.5
+
+
+def test_train_refuses_a_server_with_another_bundle(digits_bundle_dir, serve_bundle, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(digits_bundle_dir, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["model"] = "something-else"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    srv = serve_bundle(digits_bundle_dir)
+    result = spliteasy("train", str(other), "--server", srv.url, "--epochs", "1", "--no-progress")
+    assert result.returncode == 2
+    assert "409" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_demo_learns_and_matches_unsplit(tmp_path):
+    result = spliteasy(
+        "demo", "--epochs", "5", "--out", str(tmp_path / "demo"), "--json", "--no-progress"
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    print(
+        f"\ndemo: split {summary['split_accuracy']:.4f}, unsplit {summary['unsplit_accuracy']:.4f}, "
+        f"{summary['steps']} steps, mean step {summary['mean_step_ms']}"
+    )
+    assert summary["split_accuracy"] >= 0.90
+    assert abs(summary["split_accuracy"] - summary["unsplit_accuracy"]) <= 0.02
+    assert Path(tmp_path / "demo" / "steps.jsonl").exists()
