@@ -134,6 +134,8 @@ class SplitService:
         self.idle_timeout = idle_timeout
         self._sessions: dict[str, Session] = {}
         self._lease: _Lease | None = None
+        self._queue: list[str] = []  # sessions waiting for their turn on B, in arrival order
+        self._handovers = 0  # leases granted and released: progress, for waiters' patience
         # One lock guards sessions, the lease and B; the condition lets a forward wait
         # for another device's turn without holding it.
         self._cond = threading.Condition(threading.Lock())
@@ -197,9 +199,10 @@ class SplitService:
         return s
 
     def _evict_idle(self, now: float) -> None:
-        holder = self._lease.session_id if self._lease else None
+        busy = {self._lease.session_id} if self._lease else set()
+        busy.update(self._queue)
         for sid, s in list(self._sessions.items()):
-            if sid != holder and now - s.last_seen > self.idle_timeout:
+            if sid not in busy and now - s.last_seen > self.idle_timeout:
                 del self._sessions[sid]
 
     # -- the lease on B ----------------------------------------------------------------
@@ -207,6 +210,7 @@ class SplitService:
     def _release(self, session_id: str) -> None:
         if self._lease and self._lease.session_id == session_id:
             self._lease = None
+            self._handovers += 1
             self.trainer.discard()
             self._cond.notify_all()
 
@@ -221,31 +225,53 @@ class SplitService:
             holder.store.pop("forward", None)
         self._lease = None
         self.trainer.discard()
+        self._cond.notify_all()  # whoever is first in line may go
 
     def _with_turn(
         self, session_id: str, token: str | None, attempt: Callable[[Session], T | None]
     ) -> T:
-        """Run ``attempt`` under the lock once no other session holds B.
+        """Run ``attempt`` under the lock once it is this session's turn on B.
 
         ``attempt`` re-validates the session state each time (it may have changed while
-        we waited) and returns None to say "needs B, which another session holds".
+        we waited) and returns None to say "needs B, which is not ours yet". Waiting
+        sessions queue in arrival order, so devices take B round-robin. We give up (503)
+        only if B changes hands for longer than a lease without anyone finishing.
         """
-        deadline = time.monotonic() + self.lease_timeout + 5.0
+        patience = self.lease_timeout + 5.0
         with self._cond:
-            while True:
-                s = self._authorize(session_id, token)
-                now = time.monotonic()
-                self._revoke_expired(s.id, now)
-                result = attempt(s)
-                if result is not None:
-                    return result
-                if now >= deadline:
-                    raise Busy("another device holds B; try again")
-                wait = min(deadline, self._lease.expires if self._lease else deadline) - now
-                self._cond.wait(timeout=max(wait, 0.01))
+            seen, deadline = self._handovers, time.monotonic() + patience
+            try:
+                while True:
+                    s = self._authorize(session_id, token)
+                    now = time.monotonic()
+                    self._revoke_expired(s.id, now)
+                    result = attempt(s)
+                    if result is not None:
+                        return result
+                    if s.id not in self._queue:
+                        self._queue.append(s.id)
+                    if self._handovers != seen:
+                        seen, deadline = self._handovers, now + patience
+                    if now >= deadline:
+                        raise Busy("B has been held by other devices for too long; try again")
+                    wait = deadline - now
+                    if self._lease is not None:
+                        wait = min(wait, self._lease.expires - now)
+                    self._cond.wait(timeout=max(wait, 0.01))
+            finally:
+                if session_id in self._queue:
+                    self._queue.remove(session_id)
+                    self._cond.notify_all()  # the next in line may go now
 
     def _free_for(self, s: Session) -> bool:
-        return self._lease is None or self._lease.session_id == s.id
+        """B is free for ``s``: nobody else holds it and nobody queued before ``s``."""
+        if self._lease is not None:
+            return self._lease.session_id == s.id
+        return not self._queue or self._queue[0] == s.id
+
+    def _grant(self, s: Session) -> None:
+        self._lease = _Lease(s.id, time.monotonic() + self.lease_timeout)
+        self._handovers += 1
 
     # -- message parsing (no lock, no B) -----------------------------------------------
 
@@ -319,7 +345,7 @@ class SplitService:
             reply = encode(
                 [Frame(FrameKind.ACTIVATION, spec.name, out, spec.layout, s.sid_bytes, step)]
             )
-            self._lease = _Lease(s.id, time.monotonic() + self.lease_timeout)
+            self._grant(s)
             s.expect, s.stale_step = "backward", None
             s.store["forward"] = _Stored(step, digest, reply)
             return Reply(reply, ms)
@@ -362,6 +388,7 @@ class SplitService:
             s.store["backward"] = _Stored(step, digest, reply)
             s.next_step, s.expect = step + 1, "forward"
             self._lease = None
+            self._handovers += 1
             self._cond.notify_all()
             return Reply(reply, ms)
 

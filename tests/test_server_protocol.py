@@ -33,7 +33,7 @@ from test_server_helpers import (
 )
 
 from server_torch.app import create_app
-from shared_schema import MEDIA_TYPE, FrameKind, encode, scalar
+from shared_schema import MEDIA_TYPE, FrameKind, decode, encode, scalar
 
 ACT, GRAD, TARGET, LAB = (
     FrameKind.ACTIVATION,
@@ -353,32 +353,48 @@ def test_aux_label_gives_the_same_update_as_the_gradient(serve_app):
 # -- several devices take turns on B ---------------------------------------------------------
 
 
-def test_second_device_waits_for_the_first_to_finish_its_step(double):
+def test_devices_take_turns_on_b_in_arrival_order(double):
     url, app, ref = double
-    d1, d2 = Device(url), Device(url)
-    a1, a2 = rand((2, 8, 8, 4), 1), rand((2, 8, 8, 4), 2)
-    g1 = rand((2, 4, 4, 8), 3, 0.5)
+    d1, d2, d3 = Device(url), Device(url), Device(url)
+    a1, a2, a3 = rand((2, 8, 8, 4), 1), rand((2, 8, 8, 4), 2), rand((2, 8, 8, 4), 3)
+    g = rand((2, 4, 4, 8), 4, 0.5)
     d1.ok("forward", d1.body(ACT, A_CUT, a1, 0))
-    got: dict = {}
-    t = threading.Thread(
-        target=lambda: got.update(r=d2.post("forward", d2.body(ACT, A_CUT, a2, 0)))
-    )
-    t.start()
-    t.join(0.3)
-    assert t.is_alive(), "a second device's forward must wait while the first holds B"
-    d1.ok("backward", d1.body(GRAD, B_CUT, g1, 0))
-    t.join(30)
-    assert got["r"].status_code == 200
-    # d2 was served by B after d1's update
+
+    def later(dev: Device, a: np.ndarray, step: int = 0) -> tuple[threading.Thread, dict]:
+        got: dict = {}
+        body = dev.body(ACT, A_CUT, a, step)
+        t = threading.Thread(target=lambda: got.update(r=dev.post("forward", body)), daemon=True)
+        t.start()
+        t.join(0.3)
+        assert t.is_alive(), "a forward must wait while another device holds B"
+        return t, got
+
+    t2, got2 = later(d2, a2)
+    t3, got3 = later(d3, a3)
+    d1.ok("backward", d1.body(GRAD, B_CUT, g, 0))
+    t2.join(30)
+    assert got2["r"].status_code == 200
+    t3.join(0.3)
+    assert t3.is_alive(), "d3 queued after d2, so it waits for d2's backward"
+    # d1 comes back for its next step: it queues behind d3
+    t1, got1 = later(d1, a1 + 1, step=1)
+    d2.ok("backward", d2.body(GRAD, B_CUT, g, 0))
+    t3.join(30)
+    assert got3["r"].status_code == 200 and t1.is_alive()
+    d3.ok("backward", d3.body(GRAD, B_CUT, g, 0))
+    t1.join(30)
+    assert got1["r"].status_code == 200
+    d1.ok("backward", d1.body(GRAD, B_CUT, g, 1))
+    assert httpx.get(f"{url}/v1/health").json()["steps"] == 4
+
+    # d2 was served by B after d1's update: compare with plain torch
     x = nhwc_to_torch(a1).requires_grad_(True)
-    ref(x).backward(nhwc_to_torch(g1))
+    ref(x).backward(nhwc_to_torch(g))
     with torch.no_grad():
         for p in ref.parameters():
             p -= 0.1 * p.grad
         expect = ref(nhwc_to_torch(a2)).permute(0, 2, 3, 1).numpy()
-    from shared_schema import decode
-
-    _close(decode(bytearray(got["r"].content))[0].array, expect)
+    _close(decode(bytearray(got2["r"].content))[0].array, expect)
 
 
 def test_a_vanished_device_loses_its_turn(serve_app):
