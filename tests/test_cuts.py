@@ -47,7 +47,7 @@ def test_cuts_of_every_zoo_network_are_consistent(name):
     assert len(found) > 5
     positions = [c.position for c in found]
     assert positions == sorted(set(positions))
-    assert model.layers[positions[0]].name == found[0].layer  # positions index model.layers
+    assert [model.layers[c.position].name for c in found] == [c.layer for c in found]
     total = model.count_params()
     flops = previous = None
     for c in found:
@@ -426,3 +426,22 @@ def test_cli_table_and_errors(capsys):
     assert "unknown model 'resnet51'" in err and "inceptionresnetv2" in err
     assert main(["cuts", "inceptionv3", "--input-size", "60"]) == 2
     assert "inceptionv3 needs an integer input size >= 75, got 60" in capsys.readouterr().err
+
+
+def test_cli_on_a_saved_model_warns_about_layers_it_cannot_carry(tmp_path, capsys):
+    from spliteasy_cli.main import main
+
+    k = keras()
+    L = k.layers
+    x = k.Input((6, 6, 2), name="x")
+    h = L.Conv2D(3, 3, name="conv")(x)
+    h = L.Dropout(0.3, name="drop")(L.Flatten(name="flat")(h))
+    path = tmp_path / "mine.h5"
+    k.Model(x, L.Dense(2, name="head")(h), name="mine").save(path)
+
+    assert main(["cuts", str(path), "--json"]) == 0
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert [c["layer"] for c in doc["cuts"]] == ["conv", "flat", "drop"]
+    assert "layer 'drop' (Dropout) cannot be carried" in doc["unsupported"]
+    assert "spliteasy cuts: warning: layer 'drop' (Dropout)" in captured.err
