@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from js_fixtures import JS_DIR, node, run_node, write_batches
+
 from split_helpers import ADAM_CFG, SGD_CFG, digits_bundle, fixed_batches, rel
 
 pytestmark = pytest.mark.js

@@ -132,8 +132,13 @@ def export_tfjs(model: Any, out_dir: Path) -> None:
         )
     if out_dir.exists() and any(out_dir.iterdir()):
         raise TfjsExportError(f"{out_dir} is not empty; export into a fresh directory")
+    import os
     import tempfile
 
+    # tensorflowjs imports tensorflow_decision_forests, whose import-time banner calls
+    # IPython (not installed) whenever sys.stdout is not a terminal or file (pytest's
+    # capture, notebooks); the variable skips the banner.
+    os.environ.setdefault("TFDF_DISABLE_WELCOME_MESSAGE", "1")
     from tensorflowjs.converters.keras_h5_conversion import (
         h5_merged_saved_model_to_tfjs_format,
         write_artifacts,

@@ -68,3 +68,13 @@ test('tree digest sorts paths part by part, as pathlib does', async () => {
   const swapped = new Map([...files].reverse());
   assert.equal(await treeDigest(files), await treeDigest(swapped));
 });
+
+test('the pure-JS SHA-256 (pages without WebCrypto) equals WebCrypto', async () => {
+  const { sha256 } = await import('../src/digest.mjs');
+  const hex = (b) => Array.from(b, (v) => v.toString(16).padStart(2, '0')).join('');
+  for (const n of [0, 1, 55, 56, 63, 64, 65, 1000, 100003]) {
+    const data = Uint8Array.from({ length: n }, (_, i) => (i * 31 + 7) & 255);
+    const ref = hex(new Uint8Array(await crypto.subtle.digest('SHA-256', data)));
+    assert.equal(hex(sha256(data)), ref, `length ${n}`);
+  }
+});

@@ -1,0 +1,166 @@
+"""The browser page trains the real split against the real server, like the Node device.
+
+``spliteasy serve`` mounts ``device_tf/js`` at ``/device``; the page at ``/device/web/``
+loads TF.js from the npm packages there, fetches the manifest and the TF.js slices from
+the server (``/v1/manifest``, ``/v1/bundle/...``), checks their hashes and trains A and C
+in the page against B in torch, over loopback. Headless Debian Chromium drives it
+(playwright-core, ``device_tf/js/tools/browser_run.mjs``). From the same initial weights
+on the same 5 batches its losses match the Node device and unsplit tf_keras within 1e-4,
+and B on the server ends where unsplit training leaves it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from js_fixtures import JS_DIR, node, run_node, write_batches
+
+from split_helpers import SGD_CFG, digits_bundle, fixed_batches, rel
+
+pytestmark = [pytest.mark.js, pytest.mark.browser]
+
+TOL = 1e-4
+STEPS, BATCH = 5, 32
+SCHEMA = Path(__file__).resolve().parents[1] / "shared_schema" / "manifest.schema.json"
+
+
+def chromium() -> str:
+    exe = os.environ.get("SPLITEASY_CHROMIUM") or shutil.which("chromium")
+    if not exe:
+        pytest.fail(
+            "Debian chromium is not installed: run `make browser` (apt-get install chromium)"
+        )
+    return exe
+
+
+def _has_route(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def sgd_bundle(tmp_path_factory):
+    """A double-split digits bundle with TF.js slices, and its untrained unsplit model."""
+    return digits_bundle(
+        tmp_path_factory.mktemp("browser") / "bundle", "double", SGD_CFG, ("tfjs",)
+    )
+
+
+@pytest.fixture
+def page_files():
+    """Files the page fetches from /device/data/ (gitignored), unique to this test run."""
+    data_dir = JS_DIR / "data"
+    data_dir.mkdir(exist_ok=True)
+    tag = f"test-{uuid.uuid4().hex[:12]}"
+    made: list[Path] = []
+
+    def path(suffix: str) -> Path:
+        made.append(data_dir / f"{tag}{suffix}")
+        return made[-1]
+
+    yield path
+    for p in made:
+        p.unlink(missing_ok=True)
+
+
+def test_browser_page_trains_like_node_and_unsplit(tmp_path, serve_app, page_files, sgd_bundle):
+    from device_tf.keras_util import named_variables
+    from device_tf.reference import clone_with_weights, train_unsplit
+    from server_torch.app import create_app
+    from server_torch.rebuild import keras_weights
+    from server_torch.spec import TorchSpec
+    from shared_schema import load_manifest
+
+    node()
+    browser = chromium()
+    bundle, reference = sgd_bundle
+    reference = clone_with_weights(reference)
+    manifest = load_manifest(bundle)
+    batches = fixed_batches(STEPS, BATCH)
+    data = write_batches(page_files(".frames"), batches)
+    ref_losses = train_unsplit(reference, batches, manifest.optimizer, manifest.loss)
+
+    # The Node device first, against its own fresh server.
+    srv = serve_app(create_app(bundle))
+    run_node(
+        ["train.mjs", "--bundle", str(bundle), "--server", srv.url, "--data", str(data)]
+        + [
+            "--batch-size",
+            str(BATCH),
+            "--steps",
+            str(STEPS),
+            "--log-json",
+            str(tmp_path / "node.json"),
+        ]
+    )
+    node_losses = [r["loss"] for r in json.loads((tmp_path / "node.json").read_text())["records"]]
+    srv.stop()
+
+    app = create_app(bundle)
+    srv = serve_app(app)
+    query = f"data=../data/{data.name}&batch={BATCH}&steps={STEPS}&auto=1"
+    if not _has_route(f"{srv.url}/v1/schema"):
+        # The server does not publish the schema: hand the page the repository's file.
+        schema = page_files(".schema.json")
+        shutil.copyfile(SCHEMA, schema)
+        query += f"&schema=../data/{schema.name}"
+    url = f"{srv.url}/device/web/?{query}"
+    proc = run_node(["tools/browser_run.mjs", url, "--chromium", browser, "--timeout", "240000"])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = out["result"]
+    assert result is not None and result["status"] == "done", json.dumps(out, indent=1)[:4000]
+    assert not out["errors"], out["errors"]
+
+    losses = result["losses"]
+    node_errs = [abs(a - b) / abs(b) for a, b in zip(losses, node_losses, strict=True)]
+    ref_errs = [abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True)]
+    print(f"\nbrowser losses {[f'{v:.6f}' for v in losses]}")
+    print(
+        f"  vs node: {[f'{e:.1e}' for e in node_errs]}; vs unsplit: {[f'{e:.1e}' for e in ref_errs]}"
+    )
+    assert len(losses) == STEPS
+    assert losses[-1] < losses[0]
+    assert max(node_errs) <= TOL, (losses, node_losses)
+    assert max(ref_errs) <= TOL, (losses, ref_losses)
+
+    # The page shows what it did.
+    dom = out["dom"]
+    assert (dom["step"], dom["total"], dom["rows"]) == (str(STEPS), str(STEPS), STEPS)
+    assert dom["loss"] == f"{losses[-1]:.4f}"
+    assert dom["status"].startswith(f"done: {STEPS} steps")
+    for r in result["records"]:
+        assert r["server_ms"] > 0 and r["bytes_up"] > 0 and r["total_ms"] >= r["device_ms"]
+
+    # B, trained by the page's messages, is where unsplit training leaves it.
+    expected = {k: v.numpy() for k, v in named_variables(reference).items()}
+    got = keras_weights(app.state.trainer.module, TorchSpec.load(bundle / "B"))
+    errors = {name: rel(got[name], expected[name]) for name in got}
+    assert max(errors.values()) <= TOL, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+    assert all(np.isfinite(v).all() for v in got.values())
+
+
+def test_browser_page_reports_missing_data(serve_app, page_files, sgd_bundle):
+    from server_torch.app import create_app
+
+    node()
+    browser = chromium()
+    srv = serve_app(create_app(sgd_bundle[0]))
+    schema = page_files(".schema.json")
+    shutil.copyfile(SCHEMA, schema)
+    url = f"{srv.url}/device/web/?data=../data/nothing-here.frames&schema=../data/{schema.name}&auto=1"
+    proc = run_node(["tools/browser_run.mjs", url, "--chromium", browser, "--timeout", "120000"])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["result"]["status"] == "error"
+    assert "cannot fetch the training data" in out["result"]["error"]
+    assert "HTTP 404" in out["dom"]["status"]
