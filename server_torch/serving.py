@@ -52,10 +52,17 @@ def url_of(sock: socket.socket) -> str:
 
 
 def configure_threads(num_threads: int | None = None) -> int:
-    """Torch intra-op threads: one per core by default (B runs one call at a time)."""
+    """Torch intra-op threads; by default half the cores.
+
+    B runs one call at a time, so intra-op threads are all torch needs. Half the cores
+    leaves the rest to whatever else runs on the machine (a demo's device runtime, other
+    servers): oversubscribed OpenMP threads spin and stall badly (measured on 2 busy
+    cores: a batch-256 step of digits-cnn's B took ~22 ms on 1 thread, 115-1100 ms on 2).
+    A dedicated server passes ``--threads``.
+    """
     import torch
 
-    n = num_threads or max(1, os.cpu_count() or 1)
+    n = num_threads or max(1, (os.cpu_count() or 1) // 2)
     torch.set_num_threads(n)
     return n
 

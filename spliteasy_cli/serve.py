@@ -24,7 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="uvicorn log level (default %(default)s; debug also logs each request)",
     )
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch intra-op threads (default: one per core)"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: half the cores, leaving room for a device on the same machine)",
     )
     parser.add_argument(
         "--max-sessions", type=int, default=64, help="open sessions at most (default %(default)s)"
