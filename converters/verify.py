@@ -1,14 +1,21 @@
 """Prove that torch B computes what Keras B computes: forward, every gradient, BN stats.
 
 One training-mode step on a random cut tensor with a random upstream gradient is run
-through both, and compared tensor by tensor. Relative error is ``||t - k|| / ||k||``;
-for a tensor whose reference is ~0 (a conv bias just before a BatchNorm has gradient
-exactly 0 in exact arithmetic) the denominator is floored at 1e-6 of the largest
-reference norm of its kind, so float noise is not reported as a 100% error.
+through torch B (float32, exactly as the server will run it) and through a float64 twin
+of Keras B (same graph, same weights): the reference is the exact mathematics of the
+Keras graph, not one framework's rounding. That matters: on deep nets with BatchNorm
+over tiny feature maps (ResNet50 at 32 px), Keras' own float32 gradients are ~2e-3 off
+exact while torch's are ~1e-5; the report gives Keras' float32 error beside ours.
+
+BatchNorm moving statistics are compared with Keras float32 (see below). Relative
+error is ``||t - k|| / ||k||``. A tensor whose exact gradient is zero (a conv
+bias just before a BatchNorm) is listed in ``zero_grads`` and measured against a floor
+of 1e-4 of the largest gradient norm instead: its float noise is not a disagreement.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -16,6 +23,8 @@ import numpy as np
 from shared_schema import TensorSpec
 
 from ._exceptions import VerificationError
+
+ZERO_GRAD_FLOOR = 1e-4
 
 
 def to_torch_layout(array: np.ndarray, layout: str) -> np.ndarray:
@@ -38,7 +47,9 @@ class VerificationReport:
     input_grad_rel_err: float
     param_grad_rel_err: dict[str, float] = field(default_factory=dict)
     moving_stat_rel_err: dict[str, float] = field(default_factory=dict)
-    near_zero_grads: list[str] = field(default_factory=list)
+    zero_grads: list[str] = field(default_factory=list)
+    reference: str = "keras-float64"
+    keras_float32_max_grad_rel_err: float | None = None
     batch: int = 0
 
     @property
@@ -52,6 +63,96 @@ class VerificationReport:
         return d
 
 
+@dataclass
+class _Step:
+    out: np.ndarray
+    infer: np.ndarray
+    input_grad: np.ndarray
+    grads: dict[str, np.ndarray]
+    after: dict[str, np.ndarray]
+
+
+def _float64_twin(b_model):
+    """The same Keras graph and weights computing in float64, or None if it cannot be built."""
+    import tf_keras as keras
+
+    config = copy.deepcopy(b_model.get_config())
+    for layer in config["layers"]:
+        layer["config"]["dtype"] = "float64"
+    try:
+        custom = {type(layer).__name__: type(layer) for layer in b_model.layers}
+        twin = keras.Model.from_config(config, custom_objects=custom)
+        twin.set_weights([w.astype(np.float64) for w in b_model.get_weights()])
+    except Exception:  # a custom layer that cannot compute in float64: fall back to float32
+        return None
+    return twin
+
+
+def _keras_step(model, a: np.ndarray, g: np.ndarray) -> _Step:
+    """One training-mode forward/backward; the model's variables are restored afterwards."""
+    import tensorflow as tf
+
+    from device_tf.keras_util import named_variables
+
+    variables = named_variables(model)
+    trainable_ids = {id(v) for v in model.trainable_weights}
+    names = [n for n, v in variables.items() if id(v) in trainable_ids]
+    snapshot = model.get_weights()
+    dtype = model.weights[0].dtype.as_numpy_dtype if model.weights else np.float32
+    a_t = tf.constant(a.astype(dtype))  # a constant, watched: a Variable breaks Add's in-place +=
+    with tf.GradientTape() as tape:
+        tape.watch(a_t)
+        out = model(a_t, training=True)
+    *grads, input_grad = tape.gradient(
+        out, [*(variables[n] for n in names), a_t], output_gradients=tf.constant(g.astype(dtype))
+    )
+    after = {n: v.numpy().astype(np.float64) for n, v in variables.items()}
+    model.set_weights(snapshot)
+    infer = model(a.astype(dtype), training=False).numpy()
+    return _Step(
+        out.numpy().astype(np.float64),
+        infer.astype(np.float64),
+        input_grad.numpy().astype(np.float64),
+        {n: gr.numpy().astype(np.float64) for n, gr in zip(names, grads, strict=True)},
+        after,
+    )
+
+
+def _torch_step(
+    module, spec, a: np.ndarray, g: np.ndarray, cut_in: TensorSpec, out_spec: TensorSpec
+) -> _Step:
+    import torch
+
+    from server_torch.rebuild import keras_weights
+
+    state = copy.deepcopy(module.state_dict())
+    module.train()
+    a_t = torch.from_numpy(to_torch_layout(a, cut_in.layout)).requires_grad_(True)
+    out_t = module(a_t)
+    out_t.backward(torch.from_numpy(to_torch_layout(g, out_spec.layout)))
+    named = dict(module.named_parameters())
+    grads = {}
+    for var in spec.variables:
+        if var.trainable:
+            grad = named[var.torch].grad
+            value = np.zeros(var.torch_shape, np.float32) if grad is None else grad.numpy()
+            grads[var.keras] = var.to_keras(value)
+    after = keras_weights(module, spec)
+    module.load_state_dict(state)
+    module.zero_grad(set_to_none=True)
+    module.eval()
+    with torch.no_grad():
+        infer = module(torch.from_numpy(to_torch_layout(a, cut_in.layout))).numpy()
+    module.train()
+    return _Step(
+        from_torch_layout(out_t.detach().numpy(), out_spec.layout),
+        from_torch_layout(infer, out_spec.layout),
+        from_torch_layout(a_t.grad.numpy(), cut_in.layout),
+        grads,
+        after,
+    )
+
+
 def verify_server_slice(
     b_model,
     module,
@@ -63,75 +164,38 @@ def verify_server_slice(
     batch: int = 4,
     seed: int = 0,
 ) -> VerificationReport:
-    import copy
-
-    import tensorflow as tf
-    import torch
-
-    from server_torch.rebuild import keras_weights
-
     rng = np.random.default_rng(seed)
     a = rng.normal(size=(batch, *cut_in.sample_shape)).astype(np.float32)
     g = rng.normal(size=(batch, *out_spec.sample_shape)).astype(np.float32)
 
-    from .slicing import named_variables
+    keras32 = _keras_step(b_model, a, g)
+    twin = _float64_twin(b_model)
+    ref = _keras_step(twin, a, g) if twin is not None else keras32
+    got = _torch_step(module, spec, a, g, cut_in, out_spec)
 
-    variables = named_variables(b_model)
-    trainable_ids = {id(v) for v in b_model.trainable_weights}
-    trainable_names = [n for n, v in variables.items() if id(v) in trainable_ids]
-    snapshot = [v.numpy() for v in b_model.weights]
-    a_var = tf.Variable(a)
-    with tf.GradientTape() as tape:
-        out_k = b_model(a_var, training=True)
-    watched = [variables[n] for n in trainable_names]
-    grads = tape.gradient(out_k, [*watched, a_var], output_gradients=tf.constant(g))
-    after_k = {n: v.numpy() for n, v in variables.items()}
-    for v, value in zip(b_model.weights, snapshot, strict=True):
-        v.assign(value)
-    infer_k = b_model(a, training=False).numpy()
-    k_grads = {n: gr.numpy() for n, gr in zip(trainable_names, grads[:-1], strict=True)}
-    k_input_grad = grads[-1].numpy()
-
-    state = copy.deepcopy(module.state_dict())
-    module.train()
-    a_t = torch.from_numpy(to_torch_layout(a, cut_in.layout)).requires_grad_(True)
-    out_t = module(a_t)
-    out_t.backward(torch.from_numpy(to_torch_layout(g, out_spec.layout)))
-    named = dict(module.named_parameters())
-    t_grads = {}
-    for var in spec.variables:
-        if var.trainable:
-            grad = named[var.torch].grad
-            t_grads[var.keras] = var.to_keras(
-                np.zeros(var.torch_shape, np.float32) if grad is None else grad.numpy()
-            )
-    after_t = keras_weights(module, spec)
-    module.load_state_dict(state)
-    module.zero_grad(set_to_none=True)
-    module.eval()
-    with torch.no_grad():
-        infer_t = module(torch.from_numpy(to_torch_layout(a, cut_in.layout))).numpy()
-    module.train()
-
-    grad_floor = 1e-6 * max((float(np.linalg.norm(x)) for x in k_grads.values()), default=0.0)
+    floor = ZERO_GRAD_FLOOR * max(
+        (float(np.linalg.norm(x)) for x in ref.grads.values()), default=0.0
+    )
     report = VerificationReport(
-        forward_train_rel_err=rel_err(
-            from_torch_layout(out_t.detach().numpy(), out_spec.layout), out_k.numpy()
-        ),
-        forward_infer_rel_err=rel_err(from_torch_layout(infer_t, out_spec.layout), infer_k),
-        input_grad_rel_err=rel_err(
-            from_torch_layout(a_t.grad.numpy(), cut_in.layout), k_input_grad
-        ),
+        forward_train_rel_err=rel_err(got.out, ref.out),
+        forward_infer_rel_err=rel_err(got.infer, ref.infer),
+        input_grad_rel_err=rel_err(got.input_grad, ref.input_grad),
+        reference="keras-float64" if twin is not None else "keras-float32",
         batch=batch,
     )
-    for name, ref in k_grads.items():
-        report.param_grad_rel_err[name] = rel_err(t_grads[name], ref, grad_floor)
-        if np.linalg.norm(ref) < grad_floor:
-            report.near_zero_grads.append(name)
-    trainable = set(k_grads)
-    for name, ref in after_k.items():
-        if name not in trainable:  # moving statistics after one training-mode forward
-            report.moving_stat_rel_err[name] = rel_err(after_t[name], ref)
+    for name, value in ref.grads.items():
+        report.param_grad_rel_err[name] = rel_err(got.grads[name], value, floor)
+        if np.linalg.norm(value) < floor:
+            report.zero_grads.append(name)
+    if twin is not None:
+        report.keras_float32_max_grad_rel_err = max(
+            (rel_err(keras32.grads[n], v, floor) for n, v in ref.grads.items()), default=0.0
+        )
+    # Moving statistics against Keras float32: TF has no float64 fused BatchNorm, so the
+    # float64 twin takes the non-fused path, whose variance rule (biased) is not B's.
+    for name, value in keras32.after.items():
+        if name not in keras32.grads:  # moving statistics after one training-mode forward
+            report.moving_stat_rel_err[name] = rel_err(got.after[name], value)
 
     checks = [
         ("forward (training mode)", report.forward_train_rel_err, forward_tol),
@@ -142,6 +206,10 @@ def verify_server_slice(
     ]
     bad = [(what, err, tol) for what, err, tol in checks if not err <= tol]
     if bad:
-        lines = "; ".join(f"{what}: relative error {err:.3g} > {tol:g}" for what, err, tol in bad)
-        raise VerificationError(f"torch B disagrees with Keras B: {lines}")
+        bad.sort(key=lambda item: -item[1] / item[2])
+        lines = "; ".join(
+            f"{what}: relative error {err:.3g} > {tol:g}" for what, err, tol in bad[:8]
+        )
+        more = f" (and {len(bad) - 8} more)" if len(bad) > 8 else ""
+        raise VerificationError(f"torch B disagrees with Keras B: {lines}{more}")
     return report
