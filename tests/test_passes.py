@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 import split_helpers  # noqa: F401
 
 torch = pytest.importorskip("torch")
