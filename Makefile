@@ -9,7 +9,7 @@ STAMP := $(VENV)/.spliteasy-installed
 JS := device_tf/js
 JS_STAMP := $(JS)/node_modules/.spliteasy-installed
 
-.PHONY: install demo test lint js browser schema clean
+.PHONY: install demo test bench lint js browser schema clean
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ demo: install
 
 test: install js browser
 	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python -m pytest benchmarks -q -p no:cacheprovider --benchmark-only --benchmark-json=runs/bench.json
 
 lint: install
 	$(BIN)/ruff check .
