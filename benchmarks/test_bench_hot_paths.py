@@ -40,12 +40,11 @@ def digits_trainer(tmp_path_factory):
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from split_helpers import SGD_CFG, digits_bundle
-
     from server_torch.rebuild import load_server_slice
     from server_torch.serving import configure_threads
     from server_torch.trainer import Trainer
     from shared_schema import load_manifest
+    from split_helpers import SGD_CFG, digits_bundle
 
     configure_threads()  # the server's own default (half the cores)
 
