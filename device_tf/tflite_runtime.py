@@ -172,11 +172,16 @@ class TFLiteRuntime(DeviceRuntime):
         """The bundle's ``tflite`` artefacts of A (and C in a double split)."""
         bundle = Path(bundle)
         manifest = manifest or load_manifest(bundle)
-        a_path = bundle / manifest.slice("A").artifact("tflite").path
-        c_path = None
-        if manifest.split_mode == "double":
-            c_path = bundle / manifest.slice("C").artifact("tflite").path
-        return cls(a_path, c_path, num_threads)
+        paths = []
+        for name in ["A", "C"] if manifest.split_mode == "double" else ["A"]:
+            arts = [a for a in manifest.slice(name).artifacts if a.format == "tflite"]
+            if not arts:
+                raise TFLiteRuntimeError(
+                    f"bundle {bundle} has no TFLite model for slice {name}: convert it with "
+                    "--runtimes including tflite"
+                )
+            paths.append(bundle / arts[0].path)
+        return cls(paths[0], paths[1] if len(paths) > 1 else None, num_threads)
 
     def _need_c(self) -> TFLiteSlice:
         if self.c is None:

@@ -10,6 +10,7 @@ every variable of A, B and C agree with unsplit tf_keras within 1e-4 relative.
 from __future__ import annotations
 
 import pytest
+
 from split_helpers import ADAM_CFG, SGD_CFG, digits_bundle, fixed_batches, rel
 
 TOL = 1e-4
@@ -66,3 +67,11 @@ def test_tflite_split_equals_unsplit(tmp_path, serve_app, split, opt_cfg):
     assert max(loss_errs) <= TOL, (losses, ref_losses)
     assert errors[worst] <= TOL, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
     assert losses[-1] < losses[0]
+
+
+def test_bundle_without_tflite_is_refused_with_a_message(tmp_path):
+    from device_tf.tflite_runtime import TFLiteRuntime, TFLiteRuntimeError
+
+    bundle, _ = digits_bundle(tmp_path / "bundle", "double", SGD_CFG, runtimes=("tf",))
+    with pytest.raises(TFLiteRuntimeError, match="no TFLite model for slice A.*tflite"):
+        TFLiteRuntime.from_bundle(bundle)
