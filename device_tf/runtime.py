@@ -49,6 +49,7 @@ class DeviceRuntime(ABC):
         """C(b) in inference mode: the model's output (logits or probabilities)."""
 
     @abstractmethod
-    def weights(self) -> dict[str, list[np.ndarray]]:
-        """Current variables of each held slice, {"A": [...], "C": [...]}, in Keras order
-        (``model.weights``: trainable and non-trainable), for checks and checkpoints."""
+    def weights(self) -> dict[str, dict[str, np.ndarray]]:
+        """Current variables of each held slice, ``{"A": {"layer/var": array}, "C": {...}}``
+        (trainable and non-trainable, named as ``keras_util.named_variables`` does), so
+        any runtime can be compared with unsplit Keras and with every other runtime."""
