@@ -48,3 +48,54 @@ def fixed_batches(n: int = 5, batch_size: int = 32, seed: int = 0):
 
 def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+def split_run(bundle: Path, runtime, batches, serve_app, aux_label: bool = False):
+    """Train ``batches`` with ``runtime`` against the real server (uvicorn on 127.0.0.1).
+
+    Returns (losses, every variable of A, B and C by ``layer/var`` name).
+    """
+    from device_tf.loop import SplitTrainer
+    from device_tf.transport import HttpTransport
+    from server_torch.app import create_app
+    from server_torch.rebuild import keras_weights
+    from server_torch.spec import TorchSpec
+    from shared_schema import load_manifest, manifest_digest
+
+    manifest = load_manifest(bundle)
+    app = create_app(bundle)
+    srv = serve_app(app)
+    transport = HttpTransport(srv.url)
+    try:
+        with SplitTrainer(
+            runtime, transport, manifest, manifest_digest(bundle), aux_label=aux_label
+        ) as trainer:
+            losses = [trainer.step(x, y).loss for x, y in batches]
+    finally:
+        transport.close()
+    weights: dict[str, np.ndarray] = {}
+    for held in runtime.weights().values():
+        weights.update(held)
+    weights.update(keras_weights(app.state.trainer.module, TorchSpec.load(bundle / "B")))
+    return losses, weights
+
+
+def assert_matches_unsplit(
+    label: str, losses, weights, reference, ref_losses, tol: float = 1e-4
+) -> float:
+    """Losses step by step and every variable within ``tol`` relative; returns the worst."""
+    from device_tf.keras_util import named_variables
+
+    loss_errs = [abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True)]
+    expected = {k: v.numpy() for k, v in named_variables(reference).items()}
+    assert set(weights) == set(expected), set(weights) ^ set(expected)
+    errors = {name: rel(weights[name], expected[name]) for name in expected}
+    worst = max(errors, key=errors.get)
+    print(
+        f"\n{label}: largest ||w_split - w_unsplit||/||w_unsplit|| = {errors[worst]:.2e} ({worst}); "
+        f"loss rel errors {[f'{e:.1e}' for e in loss_errs]}"
+    )
+    assert max(loss_errs) <= tol, (losses, ref_losses)
+    assert errors[worst] <= tol, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+    assert losses[-1] < losses[0], "training must move (the comparison is not vacuous)"
+    return errors[worst]

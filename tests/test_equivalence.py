@@ -10,7 +10,15 @@ step by step.
 from __future__ import annotations
 
 import pytest
-from split_helpers import ADAM_CFG, SGD_CFG, digits_bundle, fixed_batches, rel
+
+from split_helpers import (
+    ADAM_CFG,
+    SGD_CFG,
+    assert_matches_unsplit,
+    digits_bundle,
+    fixed_batches,
+    split_run,
+)
 
 TOL = 1e-4
 
@@ -21,46 +29,17 @@ TOL = 1e-4
 def test_split_equals_unsplit(tmp_path, serve_app, split, opt_cfg, aux_label):
     if aux_label and (split == "single" or opt_cfg is ADAM_CFG):
         pytest.skip("aux-label form is checked once, on the double split with SGD")
-    from device_tf.keras_util import named_variables
-    from device_tf.loop import SplitTrainer
     from device_tf.reference import train_unsplit
     from device_tf.tf_runtime import TFRuntime
-    from device_tf.transport import HttpTransport
-    from server_torch.app import create_app
-    from server_torch.rebuild import keras_weights
-    from server_torch.spec import TorchSpec
-    from shared_schema import load_manifest, manifest_digest
+    from shared_schema import load_manifest
 
     bundle, reference = digits_bundle(tmp_path / "bundle", split, opt_cfg)
     manifest = load_manifest(bundle)
     batches = fixed_batches()
     ref_losses = train_unsplit(reference, batches, manifest.optimizer, manifest.loss)
-
-    app = create_app(bundle)
-    srv = serve_app(app)
-    runtime = TFRuntime.from_bundle(bundle)
-    transport = HttpTransport(srv.url)
-    with SplitTrainer(
-        runtime, transport, manifest, manifest_digest(bundle), aux_label=aux_label
-    ) as trainer:
-        results = [trainer.step(x, y) for x, y in batches]
-    transport.close()
-
-    losses = [r.loss for r in results]
-    loss_errs = [abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True)]
-    expected = {k: v.numpy() for k, v in named_variables(reference).items()}
-    got = {}
-    for held in runtime.weights().values():
-        got.update(held)
-    got.update(keras_weights(app.state.trainer.module, TorchSpec.load(bundle / "B")))
-    assert set(got) == set(expected), set(got) ^ set(expected)
-    errors = {name: rel(got[name], expected[name]) for name in expected}
-    worst = max(errors, key=errors.get)
-    print(
-        f"\n{split}/{opt_cfg['name']}/aux={aux_label}: largest ||w_split - w_unsplit||/||w_unsplit|| "
-        f"= {errors[worst]:.2e} ({worst}); loss rel errors {[f'{e:.1e}' for e in loss_errs]}"
+    losses, weights = split_run(
+        bundle, TFRuntime.from_bundle(bundle), batches, serve_app, aux_label
     )
-    assert max(loss_errs) <= TOL, (losses, ref_losses)
-    assert errors[worst] <= TOL, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
-    # training really moved every trainable tensor (the comparison is not vacuous)
-    assert losses[-1] < losses[0]
+    assert_matches_unsplit(
+        f"{split}/{opt_cfg['name']}/aux={aux_label}", losses, weights, reference, ref_losses, TOL
+    )

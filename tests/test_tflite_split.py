@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import pytest
 
-from split_helpers import ADAM_CFG, SGD_CFG, digits_bundle, fixed_batches, rel
+from split_helpers import (
+    ADAM_CFG,
+    SGD_CFG,
+    assert_matches_unsplit,
+    digits_bundle,
+    fixed_batches,
+    split_run,
+)
 
 TOL = 1e-4
 
@@ -22,15 +29,9 @@ TOL = 1e-4
     ids=["double-sgd_momentum", "double-adam", "single-adam"],
 )
 def test_tflite_split_equals_unsplit(tmp_path, serve_app, split, opt_cfg):
-    from device_tf.keras_util import named_variables
-    from device_tf.loop import SplitTrainer
     from device_tf.reference import train_unsplit
     from device_tf.tflite_runtime import TFLiteRuntime
-    from device_tf.transport import HttpTransport
-    from server_torch.app import create_app
-    from server_torch.rebuild import keras_weights
-    from server_torch.spec import TorchSpec
-    from shared_schema import load_manifest, manifest_digest
+    from shared_schema import load_manifest
 
     bundle, reference = digits_bundle(tmp_path / "bundle", split, opt_cfg, runtimes=("tflite",))
     manifest = load_manifest(bundle)  # verifies every hash, the .tflite files included
@@ -43,30 +44,10 @@ def test_tflite_split_equals_unsplit(tmp_path, serve_app, split, opt_cfg):
     batches = fixed_batches()
     ref_losses = train_unsplit(reference, batches, manifest.optimizer, manifest.loss)
 
-    app = create_app(bundle)
-    srv = serve_app(app)
-    runtime = TFLiteRuntime.from_bundle(bundle)
-    transport = HttpTransport(srv.url)
-    with SplitTrainer(runtime, transport, manifest, manifest_digest(bundle)) as trainer:
-        losses = [trainer.step(x, y).loss for x, y in batches]
-    transport.close()
-
-    loss_errs = [abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True)]
-    expected = {k: v.numpy() for k, v in named_variables(reference).items()}
-    got = {}
-    for held in runtime.weights().values():
-        got.update(held)
-    got.update(keras_weights(app.state.trainer.module, TorchSpec.load(bundle / "B")))
-    assert set(got) == set(expected), set(got) ^ set(expected)
-    errors = {name: rel(got[name], expected[name]) for name in expected}
-    worst = max(errors, key=errors.get)
-    print(
-        f"\ntflite {split}/{opt_cfg['name']}: largest weight rel err {errors[worst]:.2e} "
-        f"({worst}); loss rel errors {[f'{e:.1e}' for e in loss_errs]}"
+    losses, weights = split_run(bundle, TFLiteRuntime.from_bundle(bundle), batches, serve_app)
+    assert_matches_unsplit(
+        f"tflite {split}/{opt_cfg['name']}", losses, weights, reference, ref_losses, TOL
     )
-    assert max(loss_errs) <= TOL, (losses, ref_losses)
-    assert errors[worst] <= TOL, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
-    assert losses[-1] < losses[0]
 
 
 def test_bundle_without_tflite_is_refused_with_a_message(tmp_path):
