@@ -138,3 +138,61 @@ def test_demo_learns_and_matches_unsplit(tmp_path):
     assert summary["split_accuracy"] >= 0.90
     assert abs(summary["split_accuracy"] - summary["unsplit_accuracy"]) <= 0.02
     assert Path(tmp_path / "demo" / "steps.jsonl").exists()
+
+
+def test_train_with_the_tflite_runtime(tmp_path, serve_bundle):
+    bundle = tmp_path / "tflite"
+    made = spliteasy(
+        "convert",
+        "--cuts",
+        "a_out",
+        "b_out",
+        "--runtimes",
+        "tf,tflite",
+        "--out",
+        str(bundle),
+        "--optimizer",
+        "sgd",
+    )
+    assert made.returncode == 0, made.stderr
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    formats = {
+        a["format"] for s in manifest["slices"] if s["side"] == "device" for a in s["artifacts"]
+    }
+    assert {"savedmodel", "keras_weights", "tflite"} <= formats
+    srv = serve_bundle(bundle)
+    log = tmp_path / "steps.jsonl"
+    result = spliteasy(
+        "train",
+        str(bundle),
+        "--server",
+        srv.url,
+        "--runtime",
+        "tflite",
+        "--epochs",
+        "1",
+        "--log",
+        str(log),
+        "--no-progress",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "runtime tflite" in result.stdout
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_train_tflite_on_a_bundle_without_tflite_is_a_clear_error(digits_bundle_dir, serve_bundle):
+    srv = serve_bundle(digits_bundle_dir)
+    result = spliteasy(
+        "train",
+        str(digits_bundle_dir),
+        "--server",
+        srv.url,
+        "--runtime",
+        "tflite",
+        "--epochs",
+        "1",
+        "--no-progress",
+    )
+    assert result.returncode == 2 and "tflite" in result.stderr.lower()
+    assert "Traceback" not in result.stderr
