@@ -210,3 +210,100 @@ def test_supported_layer_list_matches_installed_tfjs(tmp_path: Path) -> None:
         link.unlink()
     missing = TFJS_LAYER_CLASSES - registered
     assert not missing, f"listed as TF.js layers but not registered: {sorted(missing)}"
+
+
+@pytest.mark.js
+@pytest.mark.slow
+def test_inceptionv3_slices_with_scale_free_batchnorm_train_in_tfjs(tmp_path: Path) -> None:
+    """InceptionV3's BatchNormalization(scale=False) layers in A (stem) and C (mixed9 ..
+    logits) train in TF.js as in Keras: A's output and update from a given upstream
+    gradient, C's loss, dL/db and update, two SGD-momentum steps."""
+    from converters import zoo
+    from converters.slicing import slice_model
+    from shared_schema.frame import Frame, FrameKind, decode, encode
+
+    model, from_logits = zoo.build("inceptionv3", input_size=75, num_classes=10, seed=0)
+    slices = slice_model(model, ["activation_2", "mixed8"])
+    a_model, c_model = slices.a, slices.c
+    n_scale_free = sum(
+        1
+        for m in (a_model, c_model)
+        for layer in m.layers
+        if type(layer).__name__ == "BatchNormalization" and not layer.scale
+    )
+    assert n_scale_free >= 3 + 18  # 3 in the stem, 18 in mixed9 and mixed10
+    export_tfjs(a_model, tmp_path / "A")
+    export_tfjs(c_model, tmp_path / "C")
+
+    rng = np.random.default_rng(0)
+    n = 4
+    x = rng.random((n, 75, 75, 3), dtype=np.float32)
+    a_shape = (n, *a_model.output_shape[1:])
+    g_a = (rng.standard_normal(a_shape) * 1e-3).astype(np.float32)
+    b = rng.random((n, *c_model.input_shape[1:]), dtype=np.float32)
+    y = np.array([1, 4, 7, 9], dtype=np.int32)
+    frames = [
+        Frame(FrameKind.ACTIVATION, "x", x, "NHWC"),
+        Frame(FrameKind.GRADIENT, "g_a", g_a, "NHWC"),
+        Frame(FrameKind.ACTIVATION, "b", b, "NHWC"),
+        Frame(FrameKind.LABELS, "y", y, "N"),
+    ]
+    (tmp_path / "inputs.frames").write_bytes(encode(frames))
+    cfg = {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9}
+    steps = 2
+    run_cfg = {
+        "a": str(tmp_path / "A"),
+        "c": str(tmp_path / "C"),
+        "inputs": str(tmp_path / "inputs.frames"),
+        "steps": steps,
+        "optimizer": cfg,
+        "numClasses": 10,
+        "fromLogits": from_logits,
+        "out": str(tmp_path / "out.frames"),
+    }
+    (tmp_path / "cfg.json").write_text(json.dumps(run_cfg))
+    run_node(["tools/slice_step.mjs", str(tmp_path / "cfg.json")], timeout=600)
+    js = {f.name: f.array for f in decode((tmp_path / "out.frames").read_bytes())}
+
+    opt_a, opt_c = _optimizer(cfg), _optimizer(cfg)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
+    errors, a_errors = {}, {}
+    for s in range(steps):
+        with tf.GradientTape() as tape:
+            a = a_model(x, training=True)
+        grads = tape.gradient(a, a_model.trainable_weights, output_gradients=tf.constant(g_a))
+        opt_a.apply_gradients(zip(grads, a_model.trainable_weights, strict=True))
+        got_a = js[f"a.{s}"].reshape(a.shape)
+        if s == 0:
+            errors["a.0"] = _rel(got_a, a.numpy())
+        else:  # after an update of A: see the ReLU note below
+            a_errors[f"a.{s}"] = float(np.linalg.norm(got_a - a) / np.linalg.norm(a))
+
+        b_t = tf.constant(b)
+        with tf.GradientTape() as tape:
+            tape.watch(b_t)
+            loss = loss_fn(y, c_model(b_t, training=True))
+        g_b, *grads = tape.gradient(loss, [b_t, *c_model.trainable_weights])
+        opt_c.apply_gradients(zip(grads, c_model.trainable_weights, strict=True))
+        errors[f"loss.{s}"] = abs(float(js[f"loss.{s}"]) - float(loss)) / abs(float(loss))
+        errors[f"g_b.{s}"] = _rel(js[f"g_b.{s}"].reshape(g_b.shape), g_b.numpy())
+    for name, var in named_variables(c_model).items():
+        errors[f"C:{name}"] = _rel(js[f"C:{name}"].reshape(var.shape), var.numpy())
+    # A's stem holds three ReLUs over 160k+ pre-activations per sample: a value within
+    # float32 rounding of 0 falls on either side in the two runtimes, and its gradient entry
+    # then lands in one runtime's update and not the other's -- about 1/sqrt(4 x 35 x 35)
+    # of a channel's sum. That is ReLU's kink, not a runtime difference, so A's variables
+    # (and A's outputs after an update) are compared in norm: a few percent at most here,
+    # where a wrong BatchNormalization or pooling gradient is off by tens of percent. The
+    # exact check of BN(scale=False) in A is test_tfjs_slices_train_like_unsplit_keras.
+    for name, var in named_variables(a_model).items():
+        got, ref = js[f"A:{name}"].reshape(var.shape), var.numpy()
+        a_errors[f"A:{name}"] = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-2))
+    worst = max(errors, key=errors.get)
+    a_worst = max(a_errors, key=a_errors.get)
+    print(
+        f"\ninceptionv3 slices: worst {errors[worst]:.1e} ({worst}) of {len(errors)} checks; "
+        f"A's variables in norm {a_errors[a_worst]:.1e} ({a_worst})"
+    )
+    assert errors[worst] <= RTOL, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+    assert a_errors[a_worst] <= 5e-2, sorted(a_errors.items(), key=lambda kv: -kv[1])[:5]

@@ -10,6 +10,8 @@
  * The replacement below is registered under the Keras class name, so models loaded after
  * this module is imported deserialise their BN layers into it. Inference is untouched.
  *
+ * AveragePooling2D, padding "same": TF.js' gradient is wrong at the borders (below).
+ *
  * Dropout: A's backward recomputes A's forward (TF.js' gradient tape cannot stay open across
  * the server round trip), so the random mask must be drawn twice identically. reseed() gives
  * every Dropout layer a per-step seed before both passes.
@@ -59,6 +61,51 @@ class KerasBatchNormalization extends BaseBN {
     });
   }
 }
+
+/**
+ * AveragePooling2D with padding "same": TF.js' forward divides each window by the number of
+ * real (unpadded) inputs, as TensorFlow does, but its gradient divides by the full window
+ * size at the borders (tfjs-core 4.22 avgPoolGrad), so every gradient through the layer is
+ * wrong near the edges -- InceptionV3's branch pools (3x3, stride 1) included. Written here
+ * as zero padding + "valid" sum pooling / the count of real inputs per window, whose
+ * gradient TF.js gets right.
+ */
+const BaseAvgPool = tf.layers.averagePooling2d({ poolSize: 2 }).constructor;
+
+class KerasAveragePooling2D extends BaseAvgPool {
+  static className = 'AveragePooling2D';
+
+  poolingFunction(inputs, poolSize, strides, padding, dataFormat) {
+    if (padding !== 'same' || (dataFormat ?? 'channelsLast') !== 'channelsLast') {
+      return super.poolingFunction(inputs, poolSize, strides, padding, dataFormat);
+    }
+    return tf.tidy(() => {
+      const [, h, w] = inputs.shape;
+      const [kh, kw] = poolSize;
+      const [sh, sw] = strides ?? poolSize;
+      const pads = [
+        [0, 0],
+        samePad(h, kh, sh),
+        samePad(w, kw, sw),
+        [0, 0],
+      ];
+      const window = kh * kw;
+      const sums = tf.mul(tf.avgPool(tf.pad(inputs, pads), [kh, kw], [sh, sw], 'valid'), window);
+      const ones = tf.pad(tf.ones([1, h, w, 1]), pads);
+      const counts = tf.mul(tf.avgPool(ones, [kh, kw], [sh, sw], 'valid'), window);
+      return tf.div(sums, counts);
+    });
+  }
+}
+
+/** TensorFlow's "same" padding (before, after) of one spatial dimension. */
+function samePad(size, k, s) {
+  const out = Math.ceil(size / s);
+  const total = Math.max((out - 1) * s + k - size, 0);
+  return [Math.floor(total / 2), total - Math.floor(total / 2)];
+}
+
+tf.serialization.registerClass(KerasAveragePooling2D);
 
 function singleAxis(axes) {
   if (axes.length !== 1) throw new Error(`BatchNormalization over axes [${axes}] is not supported in TF.js`);

@@ -44,3 +44,17 @@ test('a dropout mask is redrawn identically after reseeding', async () => {
   assert.notDeepEqual(draw(3), draw(4));
   assert.ok(draw(3).some((v) => v === 0));
 });
+
+test('AveragePooling2D "same" has the gradient of its forward (TensorFlow\'s)', async () => {
+  const input = tf.input({ shape: [5, 5, 2] });
+  const pool = tf.layers.averagePooling2d({ poolSize: 3, strides: 2, padding: 'same' }).apply(input);
+  const model = await roundTrip(tf.model({ inputs: input, outputs: pool }));
+  const x = tf.tensor(Array.from({ length: 50 }, (_, i) => Math.sin(i * 1.3)), [1, 5, 5, 2]);
+  const weights = tf.range(1, 19).reshape([1, 3, 3, 2]);
+  const forward = model.apply(x);
+  assert.ok(tf.max(tf.abs(tf.sub(forward, tf.avgPool(x, 3, 2, 'same')))).dataSync()[0] < 1e-6);
+  const g = tf.grad((t) => tf.sum(tf.mul(model.apply(t), weights)))(x).dataSync();
+  // tf.nn.avg_pool2d(x, 3, 2, 'SAME') gradient of sum(pool * (1..18)), from TensorFlow 2.19:
+  const ref = [0.25, 0.5, 0.75, 1.167, 0.5, 0.667, 1.75, 2.167, 1.25, 1.5];
+  ref.forEach((v, i) => assert.ok(Math.abs(g[i] - v) < 1e-3, `grad[${i}] = ${g[i]}, TensorFlow ${v}`));
+});
