@@ -160,9 +160,16 @@ def test_tfjs_device_equals_unsplit(tmp_path, serve_app, adam_bundles, split, au
     data = write_batches(tmp_path / "train.frames", batches)
     ref_losses = train_unsplit(reference, batches, manifest.optimizer, manifest.loss)
 
+    from js_fixtures import write_frames_dataset
+
+    from device_tf.data import load_digits_split
+    from device_tf.reference import accuracy
+
+    _, _, x_te, y_te = load_digits_split()
+    test_data = write_frames_dataset(tmp_path / "test.frames", x_te, y_te)
     app = create_app(bundle)
     srv = serve_app(app)
-    extra = ["--aux-label"] if aux else []
+    extra = ["--eval-data", str(test_data)] + (["--aux-label"] if aux else [])
     res = _node_train(None if from_server else bundle, srv.url, data, tmp_path, *extra)
     losses = [r["loss"] for r in res["log"]["records"]]
     weights = {**res["weights"], **_server_weights(app, bundle)}
@@ -170,6 +177,10 @@ def test_tfjs_device_equals_unsplit(tmp_path, serve_app, adam_bundles, split, au
     print(f"\ntfjs {split}: loss rel errs {[f'{e:.1e}' for e in errs]}")
     _check_weights(weights, {k: v.numpy() for k, v in named_variables(reference).items()}, split)
     assert max(errs) <= TOL, (losses, ref_losses)
+    # Inference through the server's /infer (B in inference mode) classifies the held-out
+    # digits as the unsplit model does.
+    [evaluation] = res["log"]["summary"]["accuracy"]
+    assert abs(evaluation["accuracy"] - accuracy(reference, x_te, y_te)) <= 1 / len(y_te)
     for r in res["log"]["records"]:
         assert set(r) >= {
             "step",

@@ -5,12 +5,13 @@
  *
  *   node device_tf/js/train.mjs --bundle DIR --server URL --data FILE [--epochs E]
  *        [--batch-size B] [--steps N] [--seed S] [--aux-label] [--log-json FILE]
- *        [--weights-out FILE]
+ *        [--weights-out FILE] [--eval-data FILE]
  *
  * Without --bundle the slices are fetched from the server (as the browser page does).
  * The data file is a spliteasy frame message with x and y (src/data.mjs). --log-json writes
  * every step's metrics; --weights-out the trained variables of A and C as JSON
- * {"A": {"layer/var": {"shape": [...], "data": [...]}}, "C": ...}.
+ * {"A": {"layer/var": {"shape": [...], "data": [...]}}, "C": ...}. --eval-data (same format)
+ * reports accuracy after each epoch: A and C here, B on the server in inference mode.
  * Exit status: 0 done, 2 a problem spliteasy names (bad bundle, data, server answer), 1 a bug.
  */
 
@@ -22,13 +23,14 @@ import { loadDeviceModels, readManifest, readSchema } from './src/bundle_node.mj
 import { fetchDeviceModels, fetchManifest } from './src/bundle_http.mjs';
 import { countSteps, batches, parseData } from './src/data.mjs';
 import { DeviceError, SpliteasyError } from './src/errors.mjs';
-import { SplitTrainer, train } from './src/loop.mjs';
+import { SplitTrainer, accuracy, train } from './src/loop.mjs';
 import { shuffled } from './src/shuffle.mjs';
 import { TfjsSlices } from './src/slices.mjs';
 import { HttpTransport } from './src/transport.mjs';
 
 const USAGE = `usage: node train.mjs --server URL --data FILE [--bundle DIR] [--epochs E] [--batch-size B]
-                      [--steps N] [--seed S] [--aux-label] [--log-json FILE] [--weights-out FILE] [--quiet]`;
+                      [--steps N] [--seed S] [--aux-label] [--log-json FILE] [--weights-out FILE]
+                      [--eval-data FILE] [--quiet]`;
 
 function options(argv) {
   const { values } = parseArgs({
@@ -44,6 +46,7 @@ function options(argv) {
       'aux-label': { type: 'boolean', default: false },
       'log-json': { type: 'string' },
       'weights-out': { type: 'string' },
+      'eval-data': { type: 'string' },
       quiet: { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
     },
@@ -73,6 +76,7 @@ function options(argv) {
     auxLabel: values['aux-label'],
     logJson: values['log-json'],
     weightsOut: values['weights-out'],
+    evalData: values['eval-data'],
     quiet: values.quiet,
   };
 }
@@ -98,13 +102,8 @@ async function main(argv) {
     ({ manifest, digest } = await fetchManifest(transport, schema));
     models = await fetchDeviceModels(transport, manifest);
   }
-  let dataBytes;
-  try {
-    dataBytes = await readFile(opt.data);
-  } catch (err) {
-    throw new DeviceError(`cannot read data file ${opt.data}: ${err.code ?? err.message}`);
-  }
-  const data = parseData(new Uint8Array(dataBytes), manifest.input);
+  const data = parseData(await readData(opt.data), manifest.input);
+  const evalData = opt.evalData ? parseData(await readData(opt.evalData), manifest.input) : null;
   const rt = new TfjsSlices(manifest, models);
   const trainer = new SplitTrainer(rt, transport, manifest, digest, { auxLabel: opt.auxLabel });
   const plan = { batchSize: opt.batchSize, epochs: opt.epochs, steps: opt.steps };
@@ -117,9 +116,19 @@ async function main(argv) {
   await trainer.open();
   let records;
   let done = 0;
+  const evals = [];
+  const perEpoch = Math.ceil(data.count / opt.batchSize);
   try {
     records = await train(trainer, batches(data, plan), {
-      onStep: (r) => log(`step ${++done}/${total} epoch ${r.epoch + 1} ${fmt(r)}`),
+      onStep: async (r, batch) => {
+        log(`step ${++done}/${total} epoch ${r.epoch + 1} ${fmt(r)}`);
+        const epochEnd = batch.index === perEpoch - 1 || done === total;
+        if (evalData && epochEnd) {
+          const acc = await evaluate(trainer, evalData, opt.batchSize);
+          evals.push({ epoch: r.epoch + 1, step: done, accuracy: acc });
+          log(`epoch ${r.epoch + 1}: accuracy ${acc.toFixed(4)} on ${evalData.count} samples`);
+        }
+      },
     });
   } finally {
     await trainer.close();
@@ -134,6 +143,7 @@ async function main(argv) {
     mean_codec_ms: mean('codec_ms'),
     mean_wire_ms: mean('wire_ms'),
     mean_total_ms: mean('total_ms'),
+    accuracy: evals,
   };
   log(
     `done: ${summary.steps} steps, loss ${summary.first_loss?.toFixed(4)} -> ${summary.last_loss?.toFixed(4)}, ` +
@@ -150,6 +160,24 @@ async function main(argv) {
     }
     await writeFile(opt.weightsOut, JSON.stringify(out));
   }
+}
+
+async function readData(path) {
+  try {
+    return new Uint8Array(await readFile(path));
+  } catch (err) {
+    throw new DeviceError(`cannot read data file ${path}: ${err.code ?? err.message}`);
+  }
+}
+
+/** Accuracy of the split model on `data`, in batches through the server's /infer. */
+async function evaluate(trainer, data, batchSize) {
+  let hits = 0;
+  for (const b of batches(data, { batchSize: Math.max(batchSize, 256) })) {
+    const out = await trainer.predict(b.x, b.shape);
+    hits += accuracy(out, b.y) * b.y.length;
+  }
+  return hits / data.count;
 }
 
 main(process.argv.slice(2)).catch((err) => {
