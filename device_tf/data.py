@@ -49,3 +49,19 @@ def fit_to_input(x: np.ndarray, sample_shape: tuple[int, ...]) -> np.ndarray:
     h, w, c = sample_shape
     resized = tf.image.resize(x, (h, w)).numpy()
     return np.ascontiguousarray(np.repeat(resized, c, axis=-1)[..., :c].astype(np.float32))
+
+
+def frames_dataset(x: np.ndarray, y: np.ndarray, input_name: str = "image") -> bytes:
+    """A data set as one frames message: an ``x`` ACTIVATION frame (float32, NHWC or NC)
+    and a LABELS frame (int32). The TF.js device (Node and page) reads this format."""
+    from shared_schema import Frame, FrameKind, encode
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    y = np.ascontiguousarray(y, dtype=np.int32)
+    layout = {4: "NHWC", 2: "NC"}[x.ndim]
+    return encode(
+        [
+            Frame(FrameKind.ACTIVATION, input_name, x, layout),
+            Frame(FrameKind.LABELS, "labels", y, "N"),
+        ]
+    )

@@ -211,6 +211,30 @@ def create_app(
     def get_manifest() -> Response:
         return Response(raw_manifest, media_type="application/json")
 
+    @app.get("/v1/schema")
+    def get_schema() -> Response:
+        """The manifest's JSON Schema, so a device (the TF.js page) validates what it loads."""
+        from shared_schema.export_schema import render
+
+        return Response(render(), media_type="application/json")
+
+    demo_data: list[bytes] = []
+
+    @app.get("/v1/demo/digits.frames")
+    def demo_digits() -> Response:
+        """scikit-learn's digits training split, fitted to this bundle's input, as a frames
+        file: demo data for the browser device page. A real device trains on its own data;
+        nothing here is needed for training."""
+        if manifest.num_classes < 10 or len(manifest.input.shape) != 4:
+            raise NotFound("the digits demo data does not fit this bundle's input or classes")
+        if not demo_data:
+            from device_tf.data import fit_to_input, frames_dataset, load_digits_split
+
+            x, y, _, _ = load_digits_split()
+            x = fit_to_input(x, manifest.input.sample_shape)
+            demo_data.append(frames_dataset(x, y, manifest.input.name))
+        return Response(demo_data[0], media_type=MEDIA_TYPE)
+
     @app.get("/v1/bundle/{path:path}")
     def bundle_file(path: str) -> FileResponse:
         rel = PurePosixPath(path)

@@ -15,8 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared_schema.frame import Frame, FrameKind, encode
-
 JS_DIR = Path(__file__).resolve().parents[1] / "device_tf" / "js"
 
 
@@ -44,18 +42,10 @@ def run_node(args: Sequence[str], timeout: float = 300.0) -> subprocess.Complete
 
 def write_frames_dataset(path: Path, x: np.ndarray, y: np.ndarray, name: str = "image") -> Path:
     """x (float32, NHWC or NC) and y (int32 labels) as a JS device data file."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    y = np.ascontiguousarray(y, dtype=np.int32)
-    layout = {4: "NHWC", 2: "NC"}[x.ndim]
+    from device_tf.data import frames_dataset
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(
-        encode(
-            [
-                Frame(FrameKind.ACTIVATION, name, x, layout),
-                Frame(FrameKind.LABELS, "labels", y, "N"),
-            ]
-        )
-    )
+    path.write_bytes(frames_dataset(x, y, name))
     return path
 
 

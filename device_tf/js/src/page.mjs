@@ -3,7 +3,8 @@
  * served it, with the same modules as the Node CLI (slices, loop, codec, transport).
  *
  * Query parameters (all optional):
- *   data=URL    training data, a spliteasy frames file with x and y (default ../data/train.frames)
+ *   data=URL    training data, a spliteasy frames file with x and y (default: the server's
+ *               /v1/demo/digits.frames, scikit-learn's digits fitted to the bundle's input)
  *   schema=URL  the manifest JSON Schema (default /v1/schema)
  *   server=URL  the spliteasy server (default: this page's origin)
  *   batch=B epochs=E steps=N seed=S   as the CLI's --batch-size --epochs --steps --seed
@@ -28,7 +29,7 @@ const result = { status: 'idle', losses: [], records: [], error: null };
 window.spliteasyResult = result;
 
 const settings = {
-  data: params.get('data') ?? '../data/train.frames',
+  data: params.get('data') ?? `${params.get('server') ?? ''}/v1/demo/digits.frames`,
   schema: params.get('schema') ?? `${params.get('server') ?? ''}/v1/schema`,
   server: params.get('server') ?? '',
   batch: Number(params.get('batch') ?? 32),
