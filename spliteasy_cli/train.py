@@ -11,7 +11,12 @@ HELP = "Train the device slices of a bundle against a running spliteasy server."
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", type=Path, help="bundle directory written by 'spliteasy convert'")
     p.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8000")
-    p.add_argument("--runtime", choices=["tf", "tflite"], default="tf")
+    p.add_argument(
+        "--runtime",
+        choices=["tf", "tflite", "tfjs"],
+        default="tf",
+        help="device runtime: Python TF, the TFLite interpreter, or TF.js in Node (device_tf/js)",
+    )
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument(
@@ -38,15 +43,17 @@ def run(args: argparse.Namespace) -> int:
     from device_tf.fit import fit
     from device_tf.loop import SplitTrainer
     from device_tf.transport import HttpTransport
-    from shared_schema import load_manifest, manifest_digest
+    from shared_schema import SpliteasyError, load_manifest, manifest_digest
 
     manifest = load_manifest(args.bundle)
+    if manifest.num_classes < 10:
+        raise SpliteasyError("the digits data needs a model with at least 10 classes")
     x_tr, y_tr, x_te, y_te = load_digits_split(seed=args.seed)
     x_tr, x_te = (fit_to_input(x, manifest.input.sample_shape) for x in (x_tr, x_te))
-    if manifest.num_classes < 10:
-        raise SystemExit("spliteasy train: the digits data needs a model with at least 10 classes")
     log = args.log or Path("runs") / f"train-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
     log.parent.mkdir(parents=True, exist_ok=True)
+    if args.runtime == "tfjs":
+        return _run_tfjs(args, manifest, (x_tr, y_tr, x_te, y_te), log)
     runtime = make_runtime(args.runtime, args.bundle, manifest)
     transport = HttpTransport(args.server)
     try:
@@ -74,3 +81,60 @@ def run(args: argparse.Namespace) -> int:
     print(history.summary())
     print(f"per-step log: {log}")
     return 0
+
+
+def _run_tfjs(args: argparse.Namespace, manifest, data, log: Path) -> int:
+    """The TF.js device in Node: the same bundle, server, data and per-step log format."""
+    import json
+    import shutil
+    import subprocess
+    import tempfile
+
+    import device_tf
+    from device_tf.data import frames_dataset
+    from shared_schema import SpliteasyError
+
+    js = Path(device_tf.__file__).parent / "js"
+    node = shutil.which("node")
+    if node is None or not (js / "node_modules" / "@tensorflow" / "tfjs").is_dir():
+        raise SpliteasyError(
+            f"the tfjs runtime needs node and the npm packages of {js} (run `make js`)"
+        )
+    x_tr, y_tr, x_te, y_te = data
+    with tempfile.TemporaryDirectory(prefix="spliteasy-tfjs-") as tmp:
+        train, test = Path(tmp) / "train.frames", Path(tmp) / "test.frames"
+        js_log = Path(tmp) / "log.json"
+        train.write_bytes(frames_dataset(x_tr, y_tr, manifest.input.name))
+        test.write_bytes(frames_dataset(x_te, y_te, manifest.input.name))
+        cmd = [
+            node,
+            str(js / "train.mjs"),
+            "--bundle",
+            str(args.bundle),
+            "--server",
+            args.server,
+            "--data",
+            str(train),
+            "--eval-data",
+            str(test),
+            "--epochs",
+            str(args.epochs),
+            "--batch-size",
+            str(args.batch_size),
+            "--seed",
+            str(args.seed),
+            "--log-json",
+            str(js_log),
+        ]
+        if args.aux_label:
+            cmd.append("--aux-label")
+        if args.no_progress:
+            cmd.append("--quiet")
+        code = subprocess.call(cmd)
+        if code == 0:  # the same per-step JSON lines as the Python runtimes write
+            if not js_log.is_file():
+                raise SpliteasyError("the TF.js device finished without writing its step log")
+            records = json.loads(js_log.read_text())["records"]
+            log.write_text("".join(json.dumps(r) + "\n" for r in records))
+            print(f"per-step log: {log}")
+    return 2 if code == 2 else code

@@ -196,3 +196,32 @@ def test_train_tflite_on_a_bundle_without_tflite_is_a_clear_error(digits_bundle_
     )
     assert result.returncode == 2 and "tflite" in result.stderr.lower()
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.js
+def test_train_with_the_tfjs_runtime_in_node(tmp_path, serve_bundle):
+    bundle = tmp_path / "tfjs"
+    made = spliteasy(
+        "convert", "--cuts", "a_out", "b_out", "--runtimes", "tfjs", "--out", str(bundle)
+    )
+    assert made.returncode == 0, made.stderr
+    srv = serve_bundle(bundle)
+    log = tmp_path / "steps.jsonl"
+    result = spliteasy(
+        "train",
+        str(bundle),
+        "--server",
+        srv.url,
+        "--runtime",
+        "tfjs",
+        "--epochs",
+        "1",
+        "--log",
+        str(log),
+        "--no-progress",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [json.loads(line) for line in log.read_text().splitlines() if '"loss"' in line]
+    assert len(rows) >= 45 and rows[-1]["loss"] < rows[0]["loss"]
+    for key in ("device_ms", "server_ms", "codec_ms", "wire_ms"):
+        assert key in rows[0]
