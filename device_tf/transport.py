@@ -73,7 +73,8 @@ class HttpTransport:
 
     def delete(self, path: str) -> None:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        with contextlib.suppress(httpx.TransportError):  # best effort: the server evicts idle sessions
+        # best effort: the server evicts idle sessions anyway
+        with contextlib.suppress(httpx.TransportError):
             self._client.request("DELETE", path, headers=headers)
 
     def close(self) -> None:

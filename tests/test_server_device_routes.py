@@ -24,4 +24,4 @@ def test_schema_and_demo_data(digits_bundle_dir, serve_app):
     assert x.kind == FrameKind.ACTIVATION and x.name == manifest.input.name
     assert x.array.shape[1:] == manifest.input.sample_shape and y.kind == FrameKind.LABELS
     assert len(x.array) == len(y.array) == 1437 and set(np.unique(y.array)) == set(range(10))
-    assert 0.0 <= x.array.min() and x.array.max() <= 1.0
+    assert x.array.min() >= 0.0 and x.array.max() <= 1.0
