@@ -89,10 +89,17 @@ _UNSUPPORTED_WHY = {
     "CustomScaleLayer": "it is a Python-only layer of tf_keras' InceptionResNetV2; the zoo's "
     "'inceptionresnetv2' rewrites it as Rescaling + Add "
     "(converters.zoo.replace_custom_scale_layers does it for a saved model)",
-    "Dropout": "the server slice is exported as an inference graph, where dropout vanishes, "
-    "so B would not train like the Keras model",
     "Functional": "nested models are not flattened; build the network as one functional model",
     "Sequential": "nested models are not flattened; build the network as one functional model",
+}
+
+# Layers the device slices train (TF keeps A's tape open; TF.js reseeds per step; the
+# TFLite exporter refuses what it cannot repeat) but slice B cannot: B is exported as an
+# ONNX inference graph, where they vanish, so B would train a different function.
+DEVICE_ONLY_LAYERS: dict[str, str] = {
+    "Dropout": "B is exported as an inference graph, where dropout vanishes, so B would "
+    "not train like the Keras model; place the cuts so that it falls in A or C, which "
+    "train on the device",
 }
 
 
@@ -348,12 +355,25 @@ def validate_cuts(model: Any, cut_names: list[str]) -> list[CutPoint]:
     return [analysis.cut_point(p) for p in positions]
 
 
-def check_supported(model: Any) -> None:
-    """Raise ``UnsupportedLayer`` naming the first layer spliteasy's runtimes cannot carry."""
+def check_supported(model: Any, device: bool = False) -> None:
+    """Raise ``UnsupportedLayer`` naming the first layer spliteasy's runtimes cannot carry.
+
+    By default every layer must be able to train in slice B on the server; with
+    ``device=True`` the layers only the device can train (``DEVICE_ONLY_LAYERS``) pass.
+    ``slice_model`` checks the whole model with ``device=True`` and then B without it.
+    """
+    where = f"slice {model.name}: " if model.name in ("A", "B", "C") else ""
     for layer in model.layers:
         cls = type(layer)
         name = cls.__name__
         builtin = cls.__module__.startswith(("tf_keras.", "keras."))
+        if builtin and name in DEVICE_ONLY_LAYERS:
+            if device:
+                continue
+            raise UnsupportedLayer(
+                f"layer {layer.name!r} ({name}) cannot be carried in slice B (the server): "
+                f"{DEVICE_ONLY_LAYERS[name]}"
+            )
         if name not in SUPPORTED_LAYERS or not builtin:
             why = _UNSUPPORTED_WHY.get(name) or (
                 "it is a custom layer class"
@@ -361,15 +381,16 @@ def check_supported(model: Any) -> None:
                 else "no spliteasy runtime implements it"
             )
             raise UnsupportedLayer(
-                f"layer {layer.name!r} ({name}) cannot be carried: {why}. "
+                f"{where}layer {layer.name!r} ({name}) cannot be carried: {why}. "
                 f"Supported layers: {', '.join(sorted(SUPPORTED_LAYERS - {'InputLayer'}))}"
+                f" (and {', '.join(sorted(DEVICE_ONLY_LAYERS))} in A or C)"
             )
         activation = getattr(layer, "activation", None)
         if activation is not None:
             act = getattr(activation, "__name__", type(activation).__name__)
             if act not in SUPPORTED_ACTIVATIONS:
                 raise UnsupportedLayer(
-                    f"layer {layer.name!r} ({name}) uses activation {act!r}, which spliteasy "
+                    f"{where}layer {layer.name!r} ({name}) uses activation {act!r}, which spliteasy "
                     f"cannot carry; supported: {', '.join(sorted(SUPPORTED_ACTIVATIONS))}"
                 )
 

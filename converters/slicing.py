@@ -8,6 +8,7 @@ slice is named after the cut it starts at, which is also the tensor's name on th
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from device_tf.keras_util import named_variables  # noqa: F401  (re-exported)
 from shared_schema import TensorSpec
 
 from ._exceptions import InvalidCut, UnsupportedLayer
+from .cuts import check_supported
 
 LABELS = "labels"
 
@@ -89,6 +91,26 @@ def _submodel(keras, inputs, outputs, input_name: str, name: str):
     return clean
 
 
+@contextmanager
+def _graph_untouched(model):
+    """Undo what building the view models does to ``model``'s layers.
+
+    A functional model built on intermediate tensors (the view in ``_submodel``) clones
+    the call nodes it spans and appends the clones to the original layers, so after one
+    slicing every layer past the first cut looks called twice, and slicing the same
+    model again refused its cuts as shared layers.
+    """
+    saved = [
+        (layer, list(layer._inbound_nodes), list(layer._outbound_nodes)) for layer in model.layers
+    ]
+    try:
+        yield
+    finally:
+        for layer, inbound, outbound in saved:
+            layer._inbound_nodes[:] = inbound
+            layer._outbound_nodes[:] = outbound
+
+
 def _rename_layer(config: dict, old: str, new: str) -> None:
     def fix(obj):
         if isinstance(obj, list):
@@ -117,6 +139,9 @@ def slice_model(model, cut_names: list[str]) -> Slices:
         raise InvalidCut(f"give one cut (single split) or two (double split), got {len(cut_names)}")
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise UnsupportedLayer("only models with one input and one output can be split")
+    # Every layer must be carriable before anything is exported (one error naming it,
+    # not a converter's stack trace); B is checked again below, stricter.
+    check_supported(model, device=True)
     _check_cuts(model, cut_names)
     for cut in cut_names:
         layer = model.get_layer(cut)
@@ -132,11 +157,13 @@ def slice_model(model, cut_names: list[str]) -> Slices:
     output = TensorSpec(name="logits", shape=[None, int(out_shape[1])], layout="NC")
     labels = TensorSpec(name=LABELS, shape=[None], dtype="int32", layout="N")
 
-    a = _submodel(keras, model.inputs[0], cut_tensors[0], input_name, "A")
-    if len(cut_names) == 2:
-        b = _submodel(keras, cut_tensors[0], cut_tensors[1], cut_names[0], "B")
-        c = _submodel(keras, cut_tensors[1], model.outputs[0], cut_names[1], "C")
-    else:
-        b = _submodel(keras, cut_tensors[0], model.outputs[0], cut_names[0], "B")
-        c = None
+    with _graph_untouched(model):
+        a = _submodel(keras, model.inputs[0], cut_tensors[0], input_name, "A")
+        if len(cut_names) == 2:
+            b = _submodel(keras, cut_tensors[0], cut_tensors[1], cut_names[0], "B")
+            c = _submodel(keras, cut_tensors[1], model.outputs[0], cut_names[1], "C")
+        else:
+            b = _submodel(keras, cut_tensors[0], model.outputs[0], cut_names[0], "B")
+            c = None
+    check_supported(b)
     return Slices(a, b, c, input_spec, cuts, output, labels)
