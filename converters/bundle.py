@@ -41,12 +41,33 @@ def _artifact(root: Path, rel: str, fmt: str, runtime: str) -> Artifact:
     return Artifact(path=rel, format=fmt, runtime=runtime, sha256=digest, bytes=size)
 
 
+def _save_savedmodel(model, path: Path) -> None:
+    """A tf_keras SavedModel without per-layer traces, plus its serving signature.
+
+    Every layer spliteasy carries is a built-in class (``cuts.check_supported``), so
+    ``load_model`` revives each one from its config and the traced call functions are
+    never used; tracing them is most of a save (DenseNet201's A: 21 s, without: 4 s).
+    The serving signature is the one tf_keras writes by default, traced once.
+    """
+    import tensorflow as tf
+
+    spec = tf.TensorSpec(model.inputs[0].shape, model.inputs[0].dtype, name=model.input_names[0])
+    serve = tf.function(lambda x: {model.output_names[0]: model(x, training=False)})
+    model.save(
+        path,
+        save_format="tf",
+        include_optimizer=False,
+        save_traces=False,
+        signatures={"serving_default": serve.get_concrete_function(spec)},
+    )
+
+
 def _export_device_slice(
     model, name: str, root: Path, runtimes: Sequence[str], loss: LossSpec, optimizer
 ) -> list[Artifact]:
     d = root / name
     d.mkdir(parents=True)
-    model.save(d / "savedmodel", save_format="tf", include_optimizer=False)
+    _save_savedmodel(model, d / "savedmodel")
     model.save_weights(d / "weights.h5")
     arts = [
         _artifact(root, f"{name}/savedmodel", "savedmodel", "tf"),
