@@ -1,0 +1,86 @@
+"""Zoo networks and their bundles for the issue-3 tests, built and converted once.
+
+A conversion is the slow part of these tests (10-20 s on 2 cores), so each network is
+built once per process and each (network, cuts) bundle is written once, into a
+temporary directory removed at exit, and shared by every test module that asks for it
+(a session fixture imported into two modules would run twice). Bundles are read-only
+for tests: copy one before tampering with it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+SGD_CFG = {"name": "sgd", "learning_rate": 0.01, "momentum": 0.9}
+
+# Two cut pairs per network, at its smallest input size, chosen to cover different
+# parts: the stem and early stages (ZeroPadding, max pooling, projection shortcuts,
+# dense-block transitions) and the tail (global average pooling in B, 1x1 maps where
+# tf2onnx turns layout transposes into reshapes, ReLU6, depthwise convolutions).
+CUT_PAIRS: dict[str, list[tuple[str, str]]] = {
+    "resnet50": [("conv2_block3_out", "conv4_block6_out"), ("conv4_block6_out", "avg_pool")],
+    "resnet152": [("conv2_block3_out", "conv3_block8_out"), ("conv4_block30_out", "conv4_block36_out")],
+    "densenet121": [("pool2_pool", "pool3_pool"), ("conv4_block24_concat", "avg_pool")],
+    "densenet201": [("conv1/relu", "pool2_pool"), ("conv4_block40_concat", "pool4_pool")],
+    "inceptionv3": [("mixed2", "mixed5"), ("mixed7", "mixed9")],
+    "inceptionresnetv2": [("block35_9_ac", "block17_2_ac"), ("block8_9_ac", "conv_7b_ac")],
+    "mobilenetv2": [("block_4_add", "block_12_add"), ("block_12_add", "out_relu")],
+}  # fmt: skip
+
+_root: Path | None = None
+
+
+def _bundles_root() -> Path:
+    global _root
+    if _root is None:
+        _root = Path(tempfile.mkdtemp(prefix="spliteasy-zoo-"))
+        atexit.register(shutil.rmtree, _root, True)
+    return _root
+
+
+@functools.cache
+def built(name: str) -> tuple[Any, bool]:
+    """``(model, from_logits)`` of zoo network ``name`` at its smallest input size."""
+    from converters import zoo
+
+    return zoo.build(name, zoo.entry(name).min_size)
+
+
+@functools.cache
+def bundle(name: str, cuts: tuple[str, ...]) -> Path:
+    """The bundle ``spliteasy convert --model NAME --cuts ... --optimizer sgd`` writes."""
+    from converters.bundle import write_bundle
+    from shared_schema import SGDSpec
+
+    model, from_logits = built(name)
+    out = _bundles_root() / "-".join([name, *cuts]).replace("/", "_")
+    cfg = {k: v for k, v in SGD_CFG.items() if k != "name"}
+    write_bundle(
+        model,
+        list(cuts),
+        out,
+        model_name=name,
+        optimizer=SGDSpec(**cfg),
+        from_logits=from_logits,
+    )
+    return out
+
+
+def slice_layers(model: Any, cuts: tuple[str, ...]) -> list[Any]:
+    """The layers of the unsplit model that slice B holds: after the first cut, up to
+    and including the second (or the output), in call order."""
+    from converters.cuts import Analysis
+
+    analysis = Analysis(model)
+    first = analysis.by_name[cuts[0]]
+    last = analysis.by_name[cuts[1]] if len(cuts) == 2 else analysis.output
+    return [analysis.calls[p].layer for p in range(first + 1, last + 1)]
+
+
+def short_name(variable: Any) -> str:
+    return variable.name.split("/")[-1].split(":")[0]
