@@ -93,14 +93,47 @@ _UNSUPPORTED_WHY = {
     "Sequential": "nested models are not flattened; build the network as one functional model",
 }
 
-# Layers the device slices train (TF keeps A's tape open; TF.js reseeds per step; the
-# TFLite exporter refuses what it cannot repeat) but slice B cannot: B is exported as an
-# ONNX inference graph, where they vanish, so B would train a different function.
+# Layers (or uses of a layer) the device slices train but slice B cannot. B goes
+# through tf2onnx and onnx2torch as an ONNX inference graph; the device runs tf_keras
+# itself (TF keeps A's tape open; TF.js reseeds dropout per step; the TFLite exporter
+# refuses what it cannot repeat). Measured: each of these fails or would train a
+# different function in B, every other supported layer verifies to ~1e-15 in float64.
 DEVICE_ONLY_LAYERS: dict[str, str] = {
     "Dropout": "B is exported as an inference graph, where dropout vanishes, so B would "
-    "not train like the Keras model; place the cuts so that it falls in A or C, which "
-    "train on the device",
+    "not train like the Keras model",
+    "GlobalMaxPooling2D": "onnx2torch has no converter for ONNX GlobalMaxPool",
 }
+
+
+def server_refusal(layer: Any) -> str | None:
+    """Why a layer every device runtime carries cannot train in slice B, or None."""
+    name = type(layer).__name__
+    if name in DEVICE_ONLY_LAYERS:
+        return DEVICE_ONLY_LAYERS[name]
+    if name == "BatchNormalization":
+        try:
+            rank = len(layer.input_shape)
+        except (AttributeError, RuntimeError):  # shared: several input shapes
+            rank = 4
+        if rank != 4:
+            return (
+                f"over a rank-{rank} input tf2onnx exports it as inference arithmetic "
+                "(moving statistics folded into constants), so it would not normalise with "
+                "batch statistics in training (over NHWC feature maps it trains)"
+            )
+    if name == "ReLU" and float(getattr(layer, "threshold", 0.0) or 0.0) != 0.0:
+        return "a ReLU threshold becomes ONNX ThresholdedRelu, which onnx2torch cannot convert"
+    dilated = any(int(d) > 1 for d in getattr(layer, "dilation_rate", ()) or ())
+    if dilated and getattr(layer, "padding", None) == "same":
+        nodes = getattr(layer, "_inbound_nodes", [])
+        before = nodes[0].inbound_layers if len(nodes) == 1 else []
+        before = before if isinstance(before, list) else [before]
+        if any(type(b).__name__ == "ZeroPadding2D" for b in before):
+            return (
+                "tf2onnx folds the ZeroPadding2D before it into the dilated convolution and "
+                "loses its 'same' padding (the torch output comes out smaller)"
+            )
+    return None
 
 
 @dataclass(frozen=True)
@@ -359,7 +392,7 @@ def check_supported(model: Any, device: bool = False) -> None:
     """Raise ``UnsupportedLayer`` naming the first layer spliteasy's runtimes cannot carry.
 
     By default every layer must be able to train in slice B on the server; with
-    ``device=True`` the layers only the device can train (``DEVICE_ONLY_LAYERS``) pass.
+    ``device=True`` the layers only the device can train (``server_refusal``) pass.
     ``slice_model`` checks the whole model with ``device=True`` and then B without it.
     """
     where = f"slice {model.name}: " if model.name in ("A", "B", "C") else ""
@@ -367,12 +400,13 @@ def check_supported(model: Any, device: bool = False) -> None:
         cls = type(layer)
         name = cls.__name__
         builtin = cls.__module__.startswith(("tf_keras.", "keras."))
-        if builtin and name in DEVICE_ONLY_LAYERS:
+        refusal = server_refusal(layer) if builtin else None
+        if refusal is not None:
             if device:
                 continue
             raise UnsupportedLayer(
                 f"layer {layer.name!r} ({name}) cannot be carried in slice B (the server): "
-                f"{DEVICE_ONLY_LAYERS[name]}"
+                f"{refusal}; place the cuts so that it falls in A or C, which train on the device"
             )
         if name not in SUPPORTED_LAYERS or not builtin:
             why = _UNSUPPORTED_WHY.get(name) or (
@@ -383,7 +417,7 @@ def check_supported(model: Any, device: bool = False) -> None:
             raise UnsupportedLayer(
                 f"{where}layer {layer.name!r} ({name}) cannot be carried: {why}. "
                 f"Supported layers: {', '.join(sorted(SUPPORTED_LAYERS - {'InputLayer'}))}"
-                f" (and {', '.join(sorted(DEVICE_ONLY_LAYERS))} in A or C)"
+                f" ({', '.join(sorted(DEVICE_ONLY_LAYERS))} in A or C only)"
             )
         activation = getattr(layer, "activation", None)
         if activation is not None:

@@ -195,7 +195,17 @@ def verify_server_slice(
     keras32 = _keras_step(b_model, a, g)
     twin = _float64_twin(b_model)
     ref = _keras_step(twin, a, g) if twin is not None else keras32
-    got = _torch_step(module, spec, a, g, cut_in, out_spec)
+    try:
+        got = _torch_step(module, spec, a, g, cut_in, out_spec)
+    except Exception as exc:  # a converter bug surfaces here as a torch shape error
+        raise VerificationError(
+            f"torch B fails on a batch of {batch}: {type(exc).__name__}: {exc}"
+        ) from exc
+    if got.out.shape != ref.out.shape:
+        raise VerificationError(
+            f"torch B's output has shape {list(got.out.shape[1:])}, Keras B's "
+            f"{list(ref.out.shape[1:])}"
+        )
     exact = _torch_step_float64(module, spec, a, g, cut_in, out_spec) if twin is not None else None
     grads_from = exact if exact is not None else got
 

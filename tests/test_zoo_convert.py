@@ -218,6 +218,98 @@ def test_layers_the_toolchain_cannot_carry_are_named_before_conversion(tmp_path)
     assert not (tmp_path / "b").exists() and not list(tmp_path.iterdir())
 
 
+def every_supported_kind(keras):
+    """One network whose B holds every layer kind and activation ``check_supported`` lets
+    into slice B (``cuts.SUPPORTED_LAYERS``/``SUPPORTED_ACTIVATIONS``), in the variants
+    the zoo does not exercise: the claim that they train on the server, executed."""
+    L = keras.layers
+    keras.utils.set_random_seed(5)
+    x = L.Input((10, 10, 3), name="image")
+    h = L.ReLU(name="cut1")(L.Conv2D(6, 3, padding="same", name="a_conv")(x))
+    h = L.ZeroPadding2D(((1, 0), (0, 1)), name="pad")(h)
+    h = L.BatchNormalization(scale=False, center=False, name="bn_bare")(h)
+    h = L.Conv2D(8, 3, dilation_rate=2, padding="same", name="dilated")(h)
+    h = L.LeakyReLU(0.2, name="leaky")(h)
+    h = L.SeparableConv2D(8, 3, padding="same", activation="elu", name="sep")(h)
+    h = L.DepthwiseConv2D(3, depth_multiplier=2, padding="same", activation="selu", name="dw")(h)
+    h = L.AveragePooling2D(3, strides=1, padding="same", name="avg_same")(h)
+    h = L.MaxPooling2D(3, strides=2, padding="same", name="max_same")(h)
+    branches = [
+        L.Conv2D(16, 1, activation=act, name=f"to_{act}")(h)
+        for act in ("sigmoid", "tanh", "softplus", "softsign", "swish", "hard_sigmoid")
+    ]
+    h = L.Subtract(name="sub")(branches[:2])
+    h = L.Multiply(name="mul")([h, branches[2]])
+    h = L.Average(name="avg")([h, branches[3]])
+    h = L.Maximum(name="max")([h, branches[4]])
+    h = L.Add(name="add")([h, branches[0]])
+    h = L.Concatenate(name="cat")([h, branches[5]])
+    h = L.Rescaling(0.5, offset=0.1, name="rescale")(h)
+    h = L.Dense(6, activation="relu", name="dense_4d")(h)
+    h = L.ReLU(max_value=4.0, negative_slope=0.1, name="relu_capped")(h)
+    h = L.AveragePooling2D(2, name="avg_valid")(L.Softmax(name="softmax")(h))
+    h = L.Reshape((1, 9, 6), name="reshape")(h)
+    h = L.Flatten(name="flat")(L.GlobalAveragePooling2D(keepdims=True, name="gap")(h))
+    h = L.Activation("linear", name="cut2")(L.Dense(5, activation="softmax", name="d_soft")(h))
+    return keras.Model(x, L.Dense(3, name="head")(h), name="sink")
+
+
+def test_every_supported_layer_kind_trains_in_b(tmp_path):
+    import tf_keras as keras
+
+    from converters.bundle import write_bundle
+    from converters.cuts import SUPPORTED_LAYERS
+    from shared_schema import SGDSpec
+
+    model = every_supported_kind(keras)
+    cuts = ("cut1", "cut2")
+    b_kinds = {type(layer).__name__ for layer in slice_layers(model, cuts)}
+    missing = SUPPORTED_LAYERS - b_kinds - {"InputLayer", "GlobalMaxPooling2D"}
+    assert not missing, f"add {missing} to this network"
+    write_bundle(model, list(cuts), tmp_path / "b", model_name="sink",
+                 optimizer=SGDSpec(learning_rate=0.01))  # fmt: skip
+    check_bundle(tmp_path / "b", model, cuts)
+
+
+@pytest.mark.parametrize(
+    "layer,message",
+    [
+        ("GlobalMaxPooling2D", "onnx2torch has no converter for ONNX GlobalMaxPool"),
+        ("BatchNormalization", "over a rank-2 input tf2onnx exports it as inference arithmetic"),
+        ("ReLU", "a ReLU threshold becomes ONNX ThresholdedRelu"),
+        ("Dropout", "B is exported as an inference graph, where dropout vanishes"),
+        ("Conv2D", "tf2onnx folds the ZeroPadding2D before it into the dilated convolution"),
+    ],
+)
+def test_layers_only_the_device_can_train_are_refused_in_b(tmp_path, layer, message):
+    import tf_keras as keras
+
+    from converters.bundle import write_bundle
+    from shared_schema import SGDSpec
+
+    L = keras.layers
+    x = L.Input((6, 6, 2), name="x")
+    h = L.ReLU(name="cut1")(L.Conv2D(4, 3, name="c0")(x))
+    h = L.Conv2D(4, 1, name="c1")(h)
+    h = {
+        "GlobalMaxPooling2D": lambda t: L.GlobalMaxPooling2D(name="odd")(t),
+        "BatchNormalization": lambda t: L.BatchNormalization(name="odd")(L.Flatten()(t)),
+        "ReLU": lambda t: L.Flatten()(L.ReLU(threshold=0.5, name="odd")(t)),
+        "Dropout": lambda t: L.Dropout(0.5, name="odd")(L.Flatten()(t)),
+        "Conv2D": lambda t: L.Flatten()(
+            L.Conv2D(2, 3, dilation_rate=2, padding="same", name="odd")(L.ZeroPadding2D(1)(t))
+        ),
+    }[layer](h)
+    model = keras.Model(x, L.Dense(2, name="head")(h))
+    with pytest.raises(UnsupportedLayer) as err:
+        write_bundle(model, ["cut1"], tmp_path / "b", model_name="m",
+                     optimizer=SGDSpec(learning_rate=0.1))  # fmt: skip
+    assert f"layer 'odd' ({layer}) cannot be carried in slice B (the server): {message}" in str(
+        err.value
+    )
+    assert "place the cuts so that it falls in A or C" in str(err.value)
+
+
 @pytest.mark.slow
 def test_cli_names_an_unsupported_layer_in_one_line(tmp_path):
     import tf_keras as keras

@@ -16,6 +16,7 @@ would have cancelled are removed on the torch side by the ``fold_transposes`` pa
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +97,17 @@ def _tf2onnx(b_model, cut_in: TensorSpec, out_spec: TensorSpec):
     return model_proto
 
 
+def _no_converter(proto, exc: Exception) -> str:
+    """onnx2torch's error, with the Keras layers the unconvertible ONNX op came from."""
+    found = re.search(r"operation_type='([^']+)'", str(exc))
+    op = found.group(1) if found else None
+    layers = sorted(
+        {n.name.split("/")[1] for n in proto.graph.node if n.op_type == op and "/" in n.name}
+    )
+    where = f" (from layer {', '.join(layers)})" if layers else ""
+    return f"onnx2torch cannot convert ONNX op {op or '?'}{where} in slice B: {exc}"
+
+
 def export_server_slice(
     b_model, cut_in: TensorSpec, out_spec: TensorSpec, out_dir: Path, seed: int = 0
 ) -> ServerSliceExport:
@@ -137,7 +149,10 @@ def export_server_slice(
             v.assign(real[n])
 
     # Keras variable -> torch tensor, found on the raw onnx2torch graph of the probe.
-    raw = convert(probe_proto)
+    try:
+        raw = convert(probe_proto)
+    except NotImplementedError as exc:  # onnx2torch has no converter for an op
+        raise UnsupportedLayer(_no_converter(probe_proto, exc)) from exc
     tensors = {
         n: t.detach().numpy() for n, t in raw.state_dict().items() if t.dtype.is_floating_point
     }
