@@ -4,6 +4,10 @@
 cores, with a BatchNormalization inside the server slice so the demo exercises the
 hard part of cross-framework training (BN statistics), and with its natural cut points
 named ``a_out`` and ``b_out``.
+
+``digits-bn`` is the same idea with BatchNormalization in every slice (A, B and C, at
+the same cuts), so the device runtimes' own BN training and moving statistics are
+exercised end to end, not only the server's.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from pathlib import Path
 from ._exceptions import ConverterError
 
 BUILTIN = "digits-cnn"
+DIGITS_BN = "digits-bn"
 DIGITS_CUTS = ("a_out", "b_out")
 DIGITS_INPUT = (8, 8, 1)
 
@@ -38,6 +43,47 @@ def digits_cnn(num_classes: int = 10, seed: int = 0):
     return keras.Model(image, logits, name="digits_cnn")
 
 
+def digits_bn(num_classes: int = 10, seed: int = 0):
+    """``digits-cnn`` with BatchNormalization in A and C too. Cuts: ``a_out`` | ``b_out``.
+
+    No convolution before a BN has a bias: its exact gradient would be zero, and the
+    rounding noise it gets instead is not something two runtimes can agree on (README,
+    "Any runtime with Adam"). A's BN has momentum 0.8 so its moving statistics move
+    visibly in a few steps; C's BN sits over a 4-D tensor (Keras' fused rule, unbiased
+    moving variance), so the single split, whose B holds C's layers, converts too.
+    """
+    import tf_keras as keras
+
+    keras.utils.set_random_seed(seed)
+    L = keras.layers
+    image = L.Input(DIGITS_INPUT, name="image")
+    h = L.Conv2D(8, 3, padding="same", use_bias=False, name="a_conv")(image)
+    h = L.BatchNormalization(momentum=0.8, name="a_bn")(h)
+    h = L.ReLU(name="a_out")(h)
+    h = L.Conv2D(16, 3, padding="same", use_bias=False, name="b_conv1")(h)
+    h = L.BatchNormalization(momentum=0.9, name="b_bn1")(h)
+    h = L.ReLU(name="b_relu1")(h)
+    h = L.MaxPooling2D(2, name="b_pool")(h)
+    h = L.Conv2D(16, 3, padding="same", use_bias=False, name="b_conv2")(h)
+    h = L.BatchNormalization(momentum=0.9, name="b_bn2")(h)
+    h = L.ReLU(name="b_out")(h)
+    h = L.Conv2D(16, 3, padding="same", use_bias=False, name="c_conv")(h)
+    h = L.BatchNormalization(momentum=0.9, epsilon=1e-3, name="c_bn")(h)
+    h = L.ReLU(name="c_relu")(h)
+    h = L.Flatten(name="c_flatten")(h)
+    logits = L.Dense(num_classes, name="c_logits")(h)
+    return keras.Model(image, logits, name="digits_bn")
+
+
+# Built-in test models: name -> (builder, natural cuts).
+BUILTINS = {BUILTIN: (digits_cnn, DIGITS_CUTS), DIGITS_BN: (digits_bn, DIGITS_CUTS)}
+
+
+def builtin_cuts(name: str) -> tuple[str, ...]:
+    """The natural cut points of a built-in model (double split; the first alone: single)."""
+    return BUILTINS[name][1]
+
+
 def load_model(
     name_or_path: str, input_size: int | None = None, num_classes: int = 10, seed: int = 0
 ):
@@ -45,8 +91,8 @@ def load_model(
 
     Returns ``(model, from_logits)``.
     """
-    if name_or_path == BUILTIN:
-        return digits_cnn(num_classes, seed), True
+    if name_or_path in BUILTINS:
+        return BUILTINS[name_or_path][0](num_classes, seed), True
     try:
         from . import zoo
     except ImportError:  # zoo not shipped in this build
@@ -55,7 +101,7 @@ def load_model(
         return zoo.build(name_or_path, input_size=input_size, num_classes=num_classes, seed=seed)
     path = Path(name_or_path)
     if not path.exists():
-        known = [BUILTIN, *(zoo.names() if zoo is not None else [])]
+        known = [*BUILTINS, *(zoo.names() if zoo is not None else [])]
         raise ConverterError(
             f"unknown model {name_or_path!r}: not a file and not one of {', '.join(known)}"
         )

@@ -7,6 +7,9 @@
 - ``serve_bundle(bundle_dir, *extra_args)``: run ``spliteasy serve BUNDLE --port 0`` as a
   child process, wait for ``/v1/health``; returns a ``ServerProcess`` (``.url``, ``.proc``,
   ``.output``). Terminated at teardown.
+- ``digits_bundle_dir`` / ``digits_bundles``: converted bundles from the on-disk cache
+  (``tests/bundle_cache.py``: one conversion per configuration and converter source,
+  ``.cache/bundles/``, ``SPLITEASY_TEST_CACHE`` to move it or ``off``). Read-only.
 """
 
 from __future__ import annotations
@@ -62,12 +65,25 @@ def serve_bundle() -> Iterator[Callable[..., Any]]:
 
 
 @pytest.fixture(scope="session")
-def digits_bundle_dir(tmp_path_factory) -> Path:
-    """A double-split digits-cnn bundle (SGD with momentum), converted once per session.
+def digits_bundle_dir() -> Path:
+    """A double-split digits-cnn bundle (SGD with momentum, runtime tf only), converted
+    once per configuration and converter source (``bundle_cache``).
 
-    Read-only for tests: copy it before tampering.
+    Read-only for tests: copy it (``bundle_cache.copy_bundle``) before tampering.
     """
     from split_helpers import SGD_CFG, digits_bundle
 
-    bundle, _ = digits_bundle(tmp_path_factory.mktemp("digits") / "bundle", "double", SGD_CFG)
+    bundle, _ = digits_bundle(None, "double", SGD_CFG)
     return bundle
+
+
+@pytest.fixture(scope="session")
+def digits_bundles() -> Callable[..., tuple[Path, Any]]:
+    """``get(split, opt_cfg, runtimes=("tf",), model="digits-cnn")`` -> (read-only cached
+    bundle, a fresh untrained unsplit reference with the same initial weights)."""
+    from split_helpers import digits_bundle
+
+    def get(split: str, opt_cfg: dict, runtimes=("tf",), model: str = "digits-cnn"):
+        return digits_bundle(None, split, opt_cfg, runtimes, model)
+
+    return get

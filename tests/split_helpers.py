@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
+import bundle_cache
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 SGD_CFG = {"name": "sgd", "learning_rate": 0.01, "momentum": 0.9}
 ADAM_CFG = {"name": "adam", "learning_rate": 0.001}
+# The end-to-end tests share one bundle per (model, split, optimizer) with every device
+# runtime's artefacts, instead of one conversion per runtime.
+ALL_RUNTIMES = ("tf", "tfjs", "tflite")
 
 
 def optimizer_spec(cfg: dict):
@@ -19,24 +24,49 @@ def optimizer_spec(cfg: dict):
     return SGDSpec(**cfg) if cfg["name"] == "sgd" else AdamSpec(**cfg)
 
 
-def digits_bundle(out: Path, split: str, opt_cfg: dict, runtimes=("tf",)):
-    """(bundle_dir, unsplit reference model with the very same initial weights)."""
-    from converters.bundle import write_bundle
-    from converters.models import DIGITS_CUTS, digits_cnn
+def digits_model(model: str = "digits-cnn"):
+    """A built-in test model (``converters.models``), freshly built from its seed."""
+    from converters.models import load_model
+
+    built, _ = load_model(model)
+    return built
+
+
+def digits_cuts(split: str, model: str = "digits-cnn") -> list[str]:
+    from converters.models import builtin_cuts
+
+    cuts = list(builtin_cuts(model))
+    return cuts if split == "double" else cuts[:1]
+
+
+def digits_bundle(
+    out: Path | None,
+    split: str,
+    opt_cfg: dict,
+    runtimes: Sequence[str] = ("tf",),
+    model: str = "digits-cnn",
+):
+    """(bundle_dir, unsplit reference model with the very same initial weights).
+
+    The conversion comes from the on-disk cache (``bundle_cache``): one per
+    (model, split, optimizer, runtimes) and converter source. With ``out`` the bundle is
+    a private copy at ``out`` that the test may change; with ``out=None`` it is the
+    cached bundle itself, read-only.
+    """
     from device_tf.reference import clone_with_weights
 
-    model = digits_cnn()
-    reference = clone_with_weights(model)
-    cuts = list(DIGITS_CUTS) if split == "double" else [DIGITS_CUTS[0]]
-    write_bundle(
-        model,
-        cuts,
-        out,
-        model_name="digits-cnn",
+    keras_model = digits_model(model)
+    reference = clone_with_weights(keras_model)
+    cached = bundle_cache.converted(
+        keras_model,
+        digits_cuts(split, model),
+        model_name=model,
         optimizer=optimizer_spec(opt_cfg),
-        runtimes=runtimes,
+        runtimes=tuple(runtimes),
     )
-    return out, reference
+    if out is None:
+        return cached, reference
+    return bundle_cache.copy_bundle(cached, Path(out)), reference
 
 
 def fixed_batches(n: int = 5, batch_size: int = 32, seed: int = 0):

@@ -1,6 +1,7 @@
 """Cut-point discovery on the seven zoo networks, every invalid-cut error, and ``spliteasy cuts``.
 
-Each zoo network is built once per session (at its smallest input size) and shared.
+Each zoo network is built once per process (at its smallest input size, ``zoo_helpers.built``)
+and shared with the zoo conversion and equivalence tests.
 """
 
 from __future__ import annotations
@@ -15,15 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zoo_helpers
 
 from converters import cuts, zoo
 from converters._exceptions import ConverterError, InvalidCut, UnsupportedLayer
 
 
-@functools.cache
 def built(name: str):
-    model, _ = zoo.build(name, zoo.entry(name).min_size)
-    return model
+    """The network at its smallest input size, built once per process for every zoo test."""
+    return zoo_helpers.built(name)[0]
 
 
 @functools.cache

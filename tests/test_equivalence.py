@@ -13,6 +13,7 @@ import pytest
 
 from split_helpers import (
     ADAM_CFG,
+    ALL_RUNTIMES,
     SGD_CFG,
     assert_matches_unsplit,
     digits_bundle,
@@ -33,7 +34,7 @@ def test_split_equals_unsplit(tmp_path, serve_app, split, opt_cfg, aux_label):
     from device_tf.tf_runtime import TFRuntime
     from shared_schema import load_manifest
 
-    bundle, reference = digits_bundle(tmp_path / "bundle", split, opt_cfg)
+    bundle, reference = digits_bundle(None, split, opt_cfg, ALL_RUNTIMES)
     manifest = load_manifest(bundle)
     batches = fixed_batches()
     ref_losses = train_unsplit(reference, batches, manifest.optimizer, manifest.loss)

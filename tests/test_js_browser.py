@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from js_fixtures import JS_DIR, node, run_node, write_batches
 
-from split_helpers import SGD_CFG, digits_bundle, fixed_batches, rel
+from split_helpers import ALL_RUNTIMES, SGD_CFG, digits_bundle, fixed_batches, rel
 
 pytestmark = [pytest.mark.js, pytest.mark.browser]
 
@@ -50,11 +50,10 @@ def _has_route(url: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def sgd_bundle(tmp_path_factory):
-    """A double-split digits bundle with TF.js slices, and its untrained unsplit model."""
-    return digits_bundle(
-        tmp_path_factory.mktemp("browser") / "bundle", "double", SGD_CFG, ("tfjs",)
-    )
+def sgd_bundle():
+    """A double-split digits bundle with TF.js slices (read-only, from the cache), and its
+    untrained unsplit model."""
+    return digits_bundle(None, "double", SGD_CFG, ALL_RUNTIMES)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from js_fixtures import JS_DIR, node, run_node, write_batches
 
-from split_helpers import ADAM_CFG, SGD_CFG, digits_bundle, fixed_batches, rel
+from split_helpers import ADAM_CFG, ALL_RUNTIMES, SGD_CFG, digits_bundle, fixed_batches, rel
 
 pytestmark = pytest.mark.js
 
@@ -87,9 +87,7 @@ def test_tf_tflite_tfjs_devices_agree_with_each_other_and_unsplit(tmp_path, serv
     from shared_schema import load_manifest, manifest_digest
 
     node()  # fail early, before the conversion, if the JS harness is not installed
-    bundle, reference = digits_bundle(
-        tmp_path / "bundle", "double", SGD_CFG, runtimes=("tf", "tflite", "tfjs")
-    )
+    bundle, reference = digits_bundle(None, "double", SGD_CFG, ALL_RUNTIMES)
     manifest = load_manifest(bundle)  # verifies every hash, the TF.js directories included
     for name in ("A", "C"):
         art = manifest.slice(name).artifact("tfjs_layers")
@@ -133,12 +131,11 @@ def test_tf_tflite_tfjs_devices_agree_with_each_other_and_unsplit(tmp_path, serv
 
 
 @pytest.fixture(scope="module")
-def adam_bundles(tmp_path_factory):
-    """Double and single split digits bundles with TF.js slices, and their references."""
-    tmp = tmp_path_factory.mktemp("tfjs-bundles")
+def adam_bundles():
+    """Double and single split digits bundles with TF.js slices (read-only, from the
+    cache), and their references."""
     return {
-        split: digits_bundle(tmp / split, split, ADAM_CFG, runtimes=("tfjs",))
-        for split in ("double", "single")
+        split: digits_bundle(None, split, ADAM_CFG, ALL_RUNTIMES) for split in ("double", "single")
     }
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from split_helpers import (
     ADAM_CFG,
+    ALL_RUNTIMES,
     SGD_CFG,
     assert_matches_unsplit,
     digits_bundle,
@@ -33,7 +34,7 @@ def test_tflite_split_equals_unsplit(tmp_path, serve_app, split, opt_cfg):
     from device_tf.tflite_runtime import TFLiteRuntime
     from shared_schema import load_manifest
 
-    bundle, reference = digits_bundle(tmp_path / "bundle", split, opt_cfg, runtimes=("tflite",))
+    bundle, reference = digits_bundle(None, split, opt_cfg, runtimes=ALL_RUNTIMES)
     manifest = load_manifest(bundle)  # verifies every hash, the .tflite files included
     device_slices = ["A", "C"] if split == "double" else ["A"]
     for name in device_slices:
@@ -50,9 +51,9 @@ def test_tflite_split_equals_unsplit(tmp_path, serve_app, split, opt_cfg):
     )
 
 
-def test_bundle_without_tflite_is_refused_with_a_message(tmp_path):
+def test_bundle_without_tflite_is_refused_with_a_message(digits_bundle_dir):
     from device_tf.tflite_runtime import TFLiteRuntime, TFLiteRuntimeError
 
-    bundle, _ = digits_bundle(tmp_path / "bundle", "double", SGD_CFG, runtimes=("tf",))
+    bundle = digits_bundle_dir  # converted with runtime tf only
     with pytest.raises(TFLiteRuntimeError, match="no TFLite model for slice A.*tflite"):
         TFLiteRuntime.from_bundle(bundle)

@@ -1,20 +1,20 @@
 """Zoo networks and their bundles for the issue-3 tests, built and converted once.
 
-A conversion is the slow part of these tests (10-20 s on 2 cores), so each network is
-built once per process and each (network, cuts) bundle is written once, into a
-temporary directory removed at exit, and shared by every test module that asks for it
-(a session fixture imported into two modules would run twice). Bundles are read-only
-for tests: copy one before tampering with it.
+A conversion is the slow part of these tests (20-70 s on 2 cores), so each network is
+built once per process (``built``, shared by test_cuts, test_zoo_convert and
+test_zoo_equivalence) and each (network, cuts) bundle comes from the on-disk cache of
+``bundle_cache`` (converted once per configuration and converter source, reused across
+processes, xdist workers and runs). Bundles are read-only for tests: copy one
+(``bundle_cache.copy_bundle``) before tampering with it.
 """
 
 from __future__ import annotations
 
-import atexit
 import functools
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+import bundle_cache
 
 SGD_CFG = {"name": "sgd", "learning_rate": 0.01, "momentum": 0.9}
 
@@ -32,20 +32,13 @@ CUT_PAIRS: dict[str, list[tuple[str, str]]] = {
     "mobilenetv2": [("block_4_add", "block_12_add"), ("block_12_add", "out_relu")],
 }  # fmt: skip
 
-_root: Path | None = None
-
-
-def _bundles_root() -> Path:
-    global _root
-    if _root is None:
-        _root = Path(tempfile.mkdtemp(prefix="spliteasy-zoo-"))
-        atexit.register(shutil.rmtree, _root, True)
-    return _root
-
 
 @functools.cache
 def built(name: str) -> tuple[Any, bool]:
-    """``(model, from_logits)`` of zoo network ``name`` at its smallest input size."""
+    """``(model, from_logits)`` of zoo network ``name`` at its smallest input size.
+
+    Shared: never train it or change its weights (clone it: ``clone_with_weights``).
+    """
     from converters import zoo
 
     return zoo.build(name, zoo.entry(name).min_size)
@@ -54,21 +47,13 @@ def built(name: str) -> tuple[Any, bool]:
 @functools.cache
 def bundle(name: str, cuts: tuple[str, ...]) -> Path:
     """The bundle ``spliteasy convert --model NAME --cuts ... --optimizer sgd`` writes."""
-    from converters.bundle import write_bundle
     from shared_schema import SGDSpec
 
     model, from_logits = built(name)
-    out = _bundles_root() / "-".join([name, *cuts]).replace("/", "_")
     cfg = {k: v for k, v in SGD_CFG.items() if k != "name"}
-    write_bundle(
-        model,
-        list(cuts),
-        out,
-        model_name=name,
-        optimizer=SGDSpec(**cfg),
-        from_logits=from_logits,
+    return bundle_cache.converted(
+        model, cuts, model_name=name, optimizer=SGDSpec(**cfg), from_logits=from_logits
     )
-    return out
 
 
 def slice_layers(model: Any, cuts: tuple[str, ...]) -> list[Any]:
