@@ -32,6 +32,7 @@ Side = Literal["device", "server"]
 ArtifactFormat = Literal[
     "savedmodel",
     "keras_weights",
+    "keras_config",
     "onnx",
     "torch_safetensors",
     "torch_spec",
