@@ -34,6 +34,9 @@ from .verify import verify_server_slice
 
 RUNTIMES = ("tf", "tfjs", "tflite")
 REPORT_FILE = "report.json"
+# The unsplit model's tf_keras config (architecture only): ``spliteasy export`` rebuilds
+# the whole network from it and fills every variable from the trained A, B and C.
+UNSPLIT_CONFIG = "unsplit/model.json"
 
 
 def _artifact(root: Path, rel: str, fmt: str, runtime: str) -> Artifact:
@@ -84,6 +87,41 @@ def _export_device_slice(
         export_tflite(model, d / "model.tflite", role=name, loss=loss, optimizer=optimizer)
         arts.append(_artifact(root, f"{name}/model.tflite", "tflite", "tflite"))
     return arts
+
+
+def _write_unsplit_config(model, slices: Slices, root: Path) -> dict:
+    """Store the unsplit architecture, after checking the slices cover it exactly.
+
+    Export maps every variable of the unsplit model to the one slice that holds it (by
+    ``layer/variable`` name, which slicing keeps); a variable no slice holds, or one two
+    slices hold, would make the trained model unrecoverable, so it is refused here, at
+    conversion time, rather than at the end of a training run.
+    """
+    from device_tf.keras_util import named_variables
+
+    full = named_variables(model)
+    held: dict[str, str] = {}
+    for name, part in (("A", slices.a), ("B", slices.b), ("C", slices.c)):
+        for key in named_variables(part) if part is not None else {}:
+            if key in held:
+                raise ConverterError(f"variable {key} is held by slices {held[key]} and {name}")
+            held[key] = name
+    missing = sorted(set(full) - set(held))
+    extra = sorted(set(held) - set(full))
+    if missing or extra or len(full) != len(model.weights):
+        raise ConverterError(
+            "the slices do not hold exactly the model's variables "
+            f"(missing {missing[:5]}, unknown {extra[:5]}); the trained model could not be exported"
+        )
+    path = root / UNSPLIT_CONFIG
+    path.parent.mkdir(parents=True)
+    path.write_text(model.to_json(indent=1) + "\n")
+    return {
+        "config": UNSPLIT_CONFIG,
+        "layers": len(model.layers),
+        "variables": len(full),
+        "params": int(model.count_params()),
+    }
 
 
 def _slice_spec(name, side, model, inputs, outputs, arts) -> SliceSpec:
@@ -164,6 +202,7 @@ def write_bundle(
                     "C", "device", slices.c, [slices.cuts[1].name], [slices.output.name], c_arts
                 )
             )
+        unsplit = _write_unsplit_config(model, slices, tmp)
         torch_nodes: dict[str, int] = {}
         for node in exported.module.graph.nodes:
             if node.op == "call_module":
@@ -180,6 +219,7 @@ def write_bundle(
             "onnx_nodes": exported.onnx_nodes,
             "torch_modules": torch_nodes,
             "runtimes": list(runtimes),
+            "unsplit": unsplit,
             "seconds": round(time.perf_counter() - started, 2),
         }
         (tmp / REPORT_FILE).write_text(json.dumps(report_doc, indent=2) + "\n")
@@ -196,7 +236,10 @@ def write_bundle(
             loss=loss,
             optimizer=optimizer,
             num_classes=int(slices.output.shape[1]),
-            artifacts=[_artifact(tmp, REPORT_FILE, "report", "any")],
+            artifacts=[
+                _artifact(tmp, REPORT_FILE, "report", "any"),
+                _artifact(tmp, UNSPLIT_CONFIG, "keras_config", "tf"),
+            ],
         )
         (tmp / MANIFEST_FILE).write_text(manifest.to_json())
         if out_dir.exists():

@@ -104,28 +104,31 @@ class TfjsExportError(ConverterError):
     """The tensorflowjs converter failed on a slice that passed the layer check."""
 
 
-def unsupported_layers(model: Any) -> list[str]:
-    """``name (Class)`` of every layer, nested models included, TF.js cannot carry."""
+def unsupported_layers(model: Any, training: bool = True) -> list[str]:
+    """``name (Class)`` of every layer, nested models included, TF.js cannot carry
+    (``training=False``: for inference only, where noise layers are identities)."""
     bad: list[str] = []
     for layer in model.layers:
         cls = type(layer).__name__
         if hasattr(layer, "layers") and cls in {"Functional", "Model", "Sequential"}:
-            bad.extend(unsupported_layers(layer))
+            bad.extend(unsupported_layers(layer, training))
         elif cls not in TFJS_LAYER_CLASSES:
             bad.append(f"{layer.name} ({cls})")
-        elif cls in _UNREPEATABLE:
+        elif training and cls in _UNREPEATABLE:
             bad.append(f"{layer.name} ({cls}: its random draw cannot be repeated in backward)")
     return bad
 
 
-def export_tfjs(model: Any, out_dir: Path) -> None:
+def export_tfjs(model: Any, out_dir: Path, training: bool = True) -> None:
     """Write ``model`` (a tf_keras functional or sequential model) as a TF.js layers model
     into ``out_dir`` (created; must not hold a previous export).
 
-    Raises UnsupportedLayer naming every layer TF.js cannot rebuild or train.
+    Raises UnsupportedLayer naming every layer TF.js cannot rebuild or (``training``)
+    train; ``spliteasy export`` writes the trained model for inference with
+    ``training=False``.
     """
     out_dir = Path(out_dir)
-    bad = unsupported_layers(model)
+    bad = unsupported_layers(model, training)
     if bad:
         raise UnsupportedLayer(
             f"slice {model.name} cannot run in TF.js: unsupported layer(s) {', '.join(bad)}"
