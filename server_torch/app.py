@@ -133,6 +133,7 @@ def _frame_response(reply: Reply, t0: float) -> Response:
             "X-Spliteasy-Server-Ms": f"{reply.server_ms:.3f}",
             "X-Spliteasy-Handler-Ms": f"{(time.perf_counter() - t0) * 1e3:.3f}",
             "X-Spliteasy-Replayed": "1" if reply.replayed else "0",
+            "X-Spliteasy-Durable-Step": str(reply.durable_step),
         },
     )
 
@@ -148,13 +149,21 @@ def create_app(
     lease_timeout: float = 120.0,
     idle_timeout: float = 3600.0,
     device_dir: Path | Literal["auto"] | None = "auto",
+    state_dir: Path | str | None = None,
+    checkpoint_every: int = 50,
 ) -> FastAPI:
     """The server for one bundle.
 
     Without ``manifest`` the bundle's manifest is loaded and every artefact's hash
     verified; without ``module`` B is rebuilt from the bundle (``server_torch.rebuild``).
     Tests inject both and may pass ``bundle_dir=None``.
+
+    With ``state_dir`` the server keeps its state there (``server_torch.checkpoint``): it
+    resumes from the newest intact checkpoint, writes one every ``checkpoint_every``
+    steps (0: only at session creation and shutdown), and ``app.state.on_exit`` drains
+    and writes the last one (``serving`` calls it on SIGTERM/SIGINT or ``stop()``).
     """
+    from .checkpoint import Checkpointer
     from .trainer import Trainer
 
     bundle = Path(bundle_dir) if bundle_dir is not None else None
@@ -179,6 +188,16 @@ def create_app(
         lease_timeout=lease_timeout,
         idle_timeout=idle_timeout,
     )
+    checkpointer: Checkpointer | None = None
+    if state_dir is not None:
+        checkpointer = Checkpointer(service, state_dir, every=checkpoint_every)
+        checkpointer.open()
+        try:
+            checkpointer.resume()
+        except BaseException:
+            checkpointer.close()
+            raise
+        checkpointer.attach()
     limit = (
         max_body_bytes if max_body_bytes is not None else default_body_limit(manifest, max_batch)
     )
@@ -194,6 +213,9 @@ def create_app(
     app.state.manifest = manifest
     app.state.manifest_sha256 = digest
     app.state.max_body_bytes = limit
+    app.state.checkpointer = checkpointer
+    if checkpointer is not None:
+        app.state.on_exit = checkpointer.final
     install_handlers(app)
 
     @app.get("/v1/health")
@@ -205,6 +227,11 @@ def create_app(
             "manifest_sha256": digest,
             "sessions": service.session_count,
             "steps": service.trainer.steps,
+            **(
+                checkpointer.health()
+                if checkpointer is not None
+                else {"checkpoint": None, "resumed_from": None}
+            ),
         }
 
     @app.get("/v1/manifest")
@@ -248,8 +275,13 @@ def create_app(
 
     @app.post("/v1/sessions", status_code=201)
     def create_session(req: SessionRequest) -> JSONResponse:
-        s = service.create_session(req.manifest_sha256, req.aux_label)
-        return JSONResponse(s.public(manifest.split_mode), status_code=201)
+        s, token = service.create_session(req.manifest_sha256, req.aux_label)
+        return JSONResponse({**s.status(manifest.split_mode), "token": token}, status_code=201)
+
+    @app.get("/v1/sessions/{sid}")
+    def get_session(sid: str, authorization: Auth = None) -> dict:
+        """Where the session stands: next_step, expect, durable_step (needs its token)."""
+        return service.session_status(sid, _bearer(authorization))
 
     @app.delete("/v1/sessions/{sid}", status_code=204)
     def delete_session(sid: str, authorization: Auth = None) -> Response:

@@ -21,7 +21,8 @@ body ``{"error": code, "detail": message}`` the protocol promises. Another trans
     │   ├── NonFinite               NaN / Inf
     │   └── LabelOutOfRange
     ├── Busy                  503  another device held B for longer than we could wait
-    └── TooManySessions       503
+    ├── TooManySessions       503
+    └── ShuttingDown          503  draining for the final checkpoint (SIGTERM/SIGINT)
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ class ServerError(SpliteasyError):
     status: int = 500
     code: str = "server_error"
     headers: dict[str, str] | None = None
+
+    def __init__(self, detail: str = "", **extra: object) -> None:
+        super().__init__(detail)
+        self.extra = extra  # more JSON fields for the reply body (step_conflict's next_step, ...)
 
 
 class BadRequest(ServerError):
@@ -80,6 +85,8 @@ class ManifestMismatch(ServerError):
 
 
 class StepConflict(ServerError):
+    """The body carries ``next_step``, ``expect`` and ``durable_step`` when a session is known."""
+
     status, code = 409, "step_conflict"
 
 
@@ -117,6 +124,13 @@ class TooManySessions(ServerError):
     headers = {"Retry-After": "5"}
 
 
+class ShuttingDown(ServerError):
+    """The server is draining for its final checkpoint; the request changed nothing."""
+
+    status, code = 503, "shutting_down"
+    headers = {"Retry-After": "5"}
+
+
 # Frame codec errors: malformed bytes are the client's syntax error (400); a well-formed
 # frame that is not the tensor the manifest expects here is a semantic one (422).
 _FRAME_ERRORS: list[tuple[type[FrameError], int, str]] = [
@@ -139,10 +153,11 @@ _HTTP_CODES = {
 }
 
 
-def error_payload(exc: BaseException) -> tuple[int, dict[str, str], dict[str, str]]:
+def error_payload(exc: BaseException) -> tuple[int, dict[str, object], dict[str, str]]:
     """(status, JSON body, extra headers) for any exception; unknown ones are a 500."""
     if isinstance(exc, ServerError):
-        return exc.status, {"error": exc.code, "detail": str(exc)}, dict(exc.headers or {})
+        body = {"error": exc.code, "detail": str(exc), **getattr(exc, "extra", {})}
+        return exc.status, body, dict(exc.headers or {})
     if isinstance(exc, FrameError):
         for cls, status, code in _FRAME_ERRORS:
             if isinstance(exc, cls):

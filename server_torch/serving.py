@@ -67,13 +67,43 @@ def configure_threads(num_threads: int | None = None) -> int:
     return n
 
 
+def _on_exit(app: Any) -> Any:
+    """The app's shutdown hook (``create_app`` with a state dir: drain + final checkpoint)."""
+    state = getattr(app, "state", None)
+    return getattr(state, "on_exit", None) if state is not None else None
+
+
 def _uvicorn_server(app: Any, log_level: str) -> Any:
     import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn that runs the app's shutdown hook *before* it stops accepting: on the
+        first SIGTERM/SIGINT the hook drains (a device holding B may still send its
+        backward) and writes the final checkpoint, then the usual graceful exit follows.
+        A second signal exits at once, as uvicorn's does."""
+
+        _exiting = False
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            hook = _on_exit(app)
+            if hook is None or self._exiting:
+                super().handle_exit(sig, frame)
+                return
+            self._exiting = True
+            self._captured_signals.append(sig)  # re-raised after shutdown, as uvicorn does
+
+            def drain() -> None:
+                try:
+                    hook()
+                finally:
+                    self.should_exit = True
+
+            threading.Thread(target=drain, name="spliteasy final checkpoint", daemon=True).start()
 
     config = uvicorn.Config(
         app, log_level=log_level, lifespan="off", access_log=log_level == "debug"
     )
-    return uvicorn.Server(config)
+    return Server(config)
 
 
 def serve_forever(app: Any, sock: socket.socket, log_level: str = "info") -> None:
@@ -140,6 +170,9 @@ class ServerThread:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        hook = _on_exit(self.app)
+        if self._server is not None and hook is not None and not self._server.should_exit:
+            hook()  # the final checkpoint, as on SIGTERM
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:
@@ -159,7 +192,9 @@ _LISTENING = re.compile(r"listening on (http://\S+)")
 class ServerProcess:
     """``spliteasy serve BUNDLE`` as a child process on a free port of 127.0.0.1.
 
-    The child prints the URL it listens on; we read it and wait for /v1/health.
+    The child prints the URL it listens on; we read it and wait for /v1/health. Unless
+    ``extra_args`` name ``--state-dir`` (or ``--no-state``) the child keeps no state, so
+    separate runs never resume each other's.
     ::
 
         with ServerProcess(bundle_dir) as srv:
@@ -175,6 +210,9 @@ class ServerProcess:
         log_level: str = "warning",
     ):
         self.bundle_dir = Path(bundle_dir)
+        extra_args = list(extra_args)
+        if not {"--state-dir", "--no-state"} & {a.split("=")[0] for a in extra_args}:
+            extra_args.append("--no-state")
         self.args = [
             sys.executable, "-m", "spliteasy_cli.main", "serve", str(self.bundle_dir),
             "--host", host, "--port", "0", "--log-level", log_level, *extra_args,

@@ -15,6 +15,12 @@ Each public call takes the session id, the bearer token and the raw message body
 returns the raw reply body: HTTP (``app``) and any future transport share it. Everything
 a request carries is validated before B is touched, so a rejected request changes
 neither B nor the session.
+
+Who the sessions are lives in :class:`SessionTable` (ids, the sha256 of each token --
+the token itself is handed out once and never kept --, where each session stands);
+:class:`SplitService` adds the lease on B and the protocol calls. Persistence is not
+here: ``checkpoint`` registers :attr:`SplitService.on_quiescent`, which the service
+calls under its lock whenever B is between steps, and reads/restores the table.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from .errors import (
     Forbidden,
     ManifestMismatch,
     NonFinite,
+    ShuttingDown,
     StaleForward,
     StepConflict,
     TooManySessions,
@@ -72,39 +79,102 @@ class Reply:
     body: bytes
     server_ms: float  # time inside B (forward/backward/optimizer) for this call
     replayed: bool = False  # answered from the session's store; B not touched
+    durable_step: int = 0  # the session's next_step as held by the newest checkpoint
 
 
 @dataclass
-class _Stored:
+class Stored:
+    """One reply of the retry store and the hash of the request that produced it."""
+
     step: int
     request_sha256: str
     body: bytes
 
 
+def token_digest(token: str) -> str:
+    """What the server keeps of a bearer token: its sha256 (hex)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 @dataclass
 class Session:
     id: str
-    token: str
+    token_sha256: str  # never the token: it is handed out once, at creation
     aux_label: bool
     created: float
     last_seen: float
     next_step: int = 0
     expect: Literal["forward", "backward"] = "forward"  # double split: what step next_step needs
     stale_step: int | None = None  # a forward whose lease was revoked
-    store: dict[str, _Stored] = field(default_factory=dict)
+    store: dict[str, Stored] = field(default_factory=dict)
+    durable_step: int = 0  # next_step as held by the newest durable checkpoint (0: none)
 
     @property
     def sid_bytes(self) -> bytes:
         return bytes.fromhex(self.id)
 
-    def public(self, split_mode: str) -> dict:
+    def status(self, split_mode: str) -> dict:
+        """Where the session stands (``GET /v1/sessions/{sid}``, step_conflict bodies)."""
         return {
             "session_id": self.id,
-            "token": self.token,
             "next_step": self.next_step,
+            "expect": "step" if split_mode == "single" else self.expect,
+            "durable_step": self.durable_step,
             "split_mode": split_mode,
             "aux_label": self.aux_label,
         }
+
+
+class SessionTable:
+    """The sessions of one server, by id. Not thread-safe: the service's lock guards it."""
+
+    def __init__(self, max_sessions: int = 64, idle_timeout: float = 3600.0) -> None:
+        self.max_sessions = max_sessions
+        self.idle_timeout = idle_timeout
+        self.sessions: dict[str, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    def create(self, aux_label: bool, busy: set[str]) -> tuple[Session, str]:
+        """A new session and its bearer token (returned here once, kept only hashed)."""
+        now = time.monotonic()
+        if len(self.sessions) >= self.max_sessions:
+            self.evict_idle(now, busy)
+        if len(self.sessions) >= self.max_sessions:
+            raise TooManySessions(f"{self.max_sessions} sessions are open; delete one first")
+        token = secrets.token_urlsafe(32)
+        s = Session(
+            id=uuid.uuid4().hex,
+            token_sha256=token_digest(token),
+            aux_label=bool(aux_label),
+            created=now,
+            last_seen=now,
+        )
+        self.sessions[s.id] = s
+        return s, token
+
+    def lookup(self, session_id: str, token: str | None) -> Session:
+        s = self.sessions.get(session_id) if _SID.match(session_id) else None
+        if s is None:
+            raise UnknownSession(f"no session {session_id!r} (expired, deleted or never created)")
+        if not token:
+            raise Unauthorized("session endpoints need 'Authorization: Bearer <token>'")
+        if not secrets.compare_digest(token_digest(token), s.token_sha256):
+            raise Forbidden("wrong token for this session")
+        return s
+
+    def remove(self, session_id: str) -> None:
+        self.sessions.pop(session_id, None)
+
+    def evict_idle(self, now: float, busy: set[str]) -> None:
+        for sid, s in list(self.sessions.items()):
+            if sid not in busy and now - s.last_seen > self.idle_timeout:
+                del self.sessions[sid]
+
+    def replace_all(self, sessions: list[Session]) -> None:
+        """The table restored from a checkpoint."""
+        self.sessions = {s.id: s for s in sessions}
 
 
 @dataclass
@@ -129,50 +199,94 @@ class SplitService:
         self.trainer = trainer
         self.manifest = manifest
         self.manifest_sha256 = manifest_sha256
-        self.max_sessions = max_sessions
         self.lease_timeout = lease_timeout
-        self.idle_timeout = idle_timeout
-        self._sessions: dict[str, Session] = {}
+        self.table = SessionTable(max_sessions, idle_timeout)
         self._lease: _Lease | None = None
         self._queue: list[str] = []  # sessions waiting for their turn on B, in arrival order
         self._handovers = 0  # leases granted and released: progress, for waiters' patience
         # One lock guards sessions, the lease and B; the condition lets a forward wait
         # for another device's turn without holding it.
         self._cond = threading.Condition(threading.Lock())
+        # Called under the lock whenever B is between steps (no lease held) after a step or
+        # a session creation; ``checkpoint`` hangs the periodic checkpoint here.
+        self.on_quiescent: Callable[[Literal["step", "session"]], None] | None = None
+        self.draining = False  # shutting down: nothing new may change B or the table
 
     # -- sessions ----------------------------------------------------------------------
 
     @property
-    def session_count(self) -> int:
-        return len(self._sessions)
+    def lock(self) -> threading.Condition:
+        """The lock that guards the table, the lease and B (held to take a checkpoint)."""
+        return self._cond
 
-    def create_session(self, manifest_sha256: str, aux_label: bool = False) -> Session:
+    @property
+    def _sessions(self) -> dict[str, Session]:
+        return self.table.sessions
+
+    @property
+    def max_sessions(self) -> int:
+        return self.table.max_sessions
+
+    @property
+    def session_count(self) -> int:
+        return len(self.table)
+
+    @property
+    def quiescent(self) -> bool:
+        """B is between steps: no forward waits for its backward (call under the lock)."""
+        return self._lease is None
+
+    def create_session(self, manifest_sha256: str, aux_label: bool = False) -> tuple[Session, str]:
+        """A new session and its token; the token is not kept (only its sha256)."""
         if not secrets.compare_digest(manifest_sha256.lower(), self.manifest_sha256):
             raise ManifestMismatch(
                 f"the server holds bundle manifest {self.manifest_sha256}, "
                 f"the device {manifest_sha256}: both must load the same bundle"
             )
-        now = time.monotonic()
         with self._cond:
-            if len(self._sessions) >= self.max_sessions:
-                self._evict_idle(now)
-            if len(self._sessions) >= self.max_sessions:
-                raise TooManySessions(f"{self.max_sessions} sessions are open; delete one first")
-            s = Session(
-                id=uuid.uuid4().hex,
-                token=secrets.token_urlsafe(32),
-                aux_label=bool(aux_label),
-                created=now,
-                last_seen=now,
-            )
-            self._sessions[s.id] = s
-            return s
+            if self.draining:
+                raise ShuttingDown(
+                    "the server is shutting down; create the session after it restarts"
+                )
+            s, token = self.table.create(aux_label, self._busy())
+            self._quiescent_point("session")
+            return s, token
+
+    def session_status(self, session_id: str, token: str | None) -> dict:
+        """Where a session stands: next_step, expect, durable_step (no state changes)."""
+        with self._cond:
+            return self._authorize(session_id, token).status(self.manifest.split_mode)
 
     def delete_session(self, session_id: str, token: str | None) -> None:
         with self._cond:
             s = self._authorize(session_id, token)
             self._release(s.id)
-            del self._sessions[s.id]
+            self.table.remove(s.id)
+
+    def drain(self, timeout: float) -> bool:
+        """Refuse new work and wait up to ``timeout`` s for a held lease to be returned.
+
+        True when B is quiescent (a final checkpoint may be taken). Stored replies and
+        backwards of a forward already on B are still answered meanwhile.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self.draining = True
+            while self._lease is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(timeout=min(left, 0.2))
+            return True
+
+    def _busy(self) -> set[str]:
+        busy = {self._lease.session_id} if self._lease else set()
+        busy.update(self._queue)
+        return busy
+
+    def _quiescent_point(self, reason: Literal["step", "session"]) -> None:
+        if self.on_quiescent is not None and self._lease is None:
+            self.on_quiescent(reason)
 
     def check_access(self, session_id: str, token: str | None) -> None:
         """The authorisation check without the lock, for an event loop that must not wait
@@ -184,26 +298,12 @@ class SplitService:
             return self._authorize(session_id, token)
 
     def _authorize(self, session_id: str, token: str | None) -> Session:
-        s = self._lookup(session_id, token)
+        s = self.table.lookup(session_id, token)
         s.last_seen = time.monotonic()
         return s
 
     def _lookup(self, session_id: str, token: str | None) -> Session:
-        s = self._sessions.get(session_id) if _SID.match(session_id) else None
-        if s is None:
-            raise UnknownSession(f"no session {session_id!r} (expired, deleted or never created)")
-        if not token:
-            raise Unauthorized("session endpoints need 'Authorization: Bearer <token>'")
-        if not secrets.compare_digest(token.encode(), s.token.encode()):
-            raise Forbidden("wrong token for this session")
-        return s
-
-    def _evict_idle(self, now: float) -> None:
-        busy = {self._lease.session_id} if self._lease else set()
-        busy.update(self._queue)
-        for sid, s in list(self._sessions.items()):
-            if sid not in busy and now - s.last_seen > self.idle_timeout:
-                del self._sessions[sid]
+        return self.table.lookup(session_id, token)
 
     # -- the lease on B ----------------------------------------------------------------
 
@@ -304,14 +404,31 @@ class SplitService:
 
     # -- the store: retries are answered from it ----------------------------------------
 
-    @staticmethod
-    def _replay(s: Session, op: Op, step: int, digest: str) -> Reply | None:
+    def _replay(self, s: Session, op: Op, step: int, digest: str) -> Reply | None:
         stored = s.store.get(op)
         if stored is None or stored.step != step:
             return None
         if stored.request_sha256 != digest:
-            raise StepConflict(f"{op} step {step} was already done with a different request body")
-        return Reply(stored.body, 0.0, replayed=True)
+            raise self._conflict(
+                s, f"{op} step {step} was already done with a different request body"
+            )
+        return Reply(stored.body, 0.0, replayed=True, durable_step=s.durable_step)
+
+    def _conflict(self, s: Session, detail: str) -> StepConflict:
+        """409 step_conflict telling the device where the session stands."""
+        st = s.status(self.manifest.split_mode)
+        return StepConflict(
+            detail,
+            next_step=st["next_step"],
+            expect=st["expect"],
+            durable_step=st["durable_step"],
+        )
+
+    def _refuse_if_draining(self) -> None:
+        if self.draining:
+            raise ShuttingDown(
+                "the server is shutting down after its final checkpoint; retry after it restarts"
+            )
 
     # -- protocol calls ----------------------------------------------------------------
 
@@ -335,7 +452,8 @@ class SplitService:
             if replay is not None:
                 return replay
             if s.expect != "forward" or step != s.next_step:
-                raise StepConflict(_expected(s, "forward", step))
+                raise self._conflict(s, _expected(s, "forward", step))
+            self._refuse_if_draining()
             if not self._free_for(s):
                 return None
             t0 = time.perf_counter()
@@ -347,8 +465,8 @@ class SplitService:
             )
             self._grant(s)
             s.expect, s.stale_step = "backward", None
-            s.store["forward"] = _Stored(step, digest, reply)
-            return Reply(reply, ms)
+            s.store["forward"] = Stored(step, digest, reply)
+            return Reply(reply, ms, durable_step=s.durable_step)
 
         return self._with_turn(session_id, token, attempt)
 
@@ -371,7 +489,7 @@ class SplitService:
                     "was dropped when another device needed B; send that forward again"
                 )
             if s.expect != "backward" or step != s.next_step:
-                raise StepConflict(_expected(s, "backward", step))
+                raise self._conflict(s, _expected(s, "backward", step))
             lease = self._lease
             if lease is None or lease.session_id != s.id:  # pragma: no cover - invariant
                 raise StaleForward("this session does not hold B; send the forward again")
@@ -385,12 +503,13 @@ class SplitService:
             ms = (time.perf_counter() - t0) * 1e3
             spec = self.manifest.server_input
             reply = encode([Frame(kind, spec.name, g_a, spec.layout, s.sid_bytes, step)])
-            s.store["backward"] = _Stored(step, digest, reply)
+            s.store["backward"] = Stored(step, digest, reply)
             s.next_step, s.expect = step + 1, "forward"
             self._lease = None
             self._handovers += 1
             self._cond.notify_all()
-            return Reply(reply, ms)
+            self._quiescent_point("step")
+            return Reply(reply, ms, durable_step=s.durable_step)
 
     def step(self, session_id: str, token: str | None, body: bytes | bytearray) -> Reply:
         """Single split, one round trip: ACTIVATION cuts[0] + LABELS -> GRADIENT (TARGET) cuts[0] + loss."""
@@ -411,7 +530,8 @@ class SplitService:
             if replay is not None:
                 return replay
             if step != s.next_step:
-                raise StepConflict(_expected(s, "step", step))
+                raise self._conflict(s, _expected(s, "step", step))
+            self._refuse_if_draining()
             if not self._free_for(s):
                 return None
             t0 = time.perf_counter()
@@ -425,9 +545,10 @@ class SplitService:
                     scalar("loss", loss, s.sid_bytes, step),
                 ]
             )
-            s.store["step"] = _Stored(step, digest, reply)
+            s.store["step"] = Stored(step, digest, reply)
             s.next_step = step + 1
-            return Reply(reply, ms)
+            self._quiescent_point("step")
+            return Reply(reply, ms, durable_step=s.durable_step)
 
         return self._with_turn(session_id, token, attempt)
 
@@ -442,10 +563,12 @@ class SplitService:
             t0 = time.perf_counter()
             out = self.trainer.infer(frame.array)
             ms = (time.perf_counter() - t0) * 1e3
+            durable = s.durable_step
         spec = self.manifest.server_output
         return Reply(
             encode([Frame(FrameKind.ACTIVATION, spec.name, out, spec.layout, s.sid_bytes, step)]),
             ms,
+            durable_step=durable,
         )
 
 

@@ -195,6 +195,75 @@ class Trainer:
         """Forget the pending forward (its device went away or lost its turn)."""
         self._pending = None
 
+    # -- state (checkpoints; call between steps) ---------------------------------------
+
+    def _opt_params(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def module_state(self) -> dict[str, torch.Tensor]:
+        """B's parameters and buffers by torch name, detached copies (safe to write later)."""
+        return {k: v.detach().clone().contiguous() for k, v in self.module.state_dict().items()}
+
+    def load_module_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Put a :meth:`module_state` back, exactly: same names, shapes and dtypes, or an error."""
+        own = self.module.state_dict()
+        if set(own) != set(state):
+            missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+            raise ValueError(
+                f"B's state does not fit: missing {missing[:5]}, unexpected {extra[:5]}"
+            )
+        for k, v in own.items():
+            if v.shape != state[k].shape or v.dtype != state[k].dtype:
+                raise ValueError(
+                    f"B's {k}: {state[k].dtype} {list(state[k].shape)} in the state, "
+                    f"{v.dtype} {list(v.shape)} in B"
+                )
+        self.module.load_state_dict(state, strict=True)
+
+    def optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, int | float | bool]]:
+        """The optimizer's per-parameter state keyed ``"<param index>/<slot>"``: tensors
+        (momentum, Adam's m and v) apart from plain numbers (Adam's step count), so the
+        tensors go to safetensors and the numbers to JSON. Index = position among the
+        optimizer's parameters (the module's trainable parameters, in order)."""
+        tensors: dict[str, torch.Tensor] = {}
+        scalars: dict[str, int | float | bool] = {}
+        for i, p in enumerate(self._opt_params()):
+            for slot, v in self.optimizer.state.get(p, {}).items():
+                key = f"{i}/{slot}"
+                if torch.is_tensor(v):
+                    tensors[key] = v.detach().clone().contiguous()
+                elif isinstance(v, bool | int | float):
+                    scalars[key] = v
+                else:  # pragma: no cover - our optimizers keep tensors and numbers only
+                    raise TypeError(f"optimizer state {key} is a {type(v).__name__}")
+        return tensors, scalars
+
+    def load_optimizer_state(
+        self, tensors: dict[str, torch.Tensor], scalars: dict[str, int | float | bool]
+    ) -> None:
+        """Replace the optimizer's state by an :meth:`optimizer_state`, checking every slot."""
+        params = self._opt_params()
+        state: dict[torch.Tensor, dict] = {}
+        entries: list[tuple[int, int, str, str, object]] = []
+        for rank, items in ((0, scalars.items()), (1, sorted(tensors.items()))):
+            for key, v in items:
+                idx, _, slot = key.partition("/")
+                if not idx.isdigit() or int(idx) >= len(params) or not slot:
+                    raise ValueError(f"optimizer state {key!r} names no parameter of B")
+                entries.append((int(idx), rank, slot, key, v))
+        # parameter order, numbers before tensors: the order the optimizers create them in
+        for idx, _, slot, key, v in sorted(entries, key=lambda e: e[:3]):
+            p = params[idx]
+            if torch.is_tensor(v) and (v.shape != p.shape or v.dtype != p.dtype):
+                raise ValueError(
+                    f"optimizer state {key}: {v.dtype} {list(v.shape)}, parameter is "
+                    f"{p.dtype} {list(p.shape)}"
+                )
+            state.setdefault(p, {})[slot] = v
+        self.optimizer.state.clear()
+        for p, slots in state.items():
+            self.optimizer.state[p] = slots
+
     # -- inference ---------------------------------------------------------------------
 
     @torch.no_grad()
