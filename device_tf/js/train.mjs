@@ -5,13 +5,20 @@
  *
  *   node device_tf/js/train.mjs --bundle DIR --server URL --data FILE [--epochs E]
  *        [--batch-size B] [--steps N] [--seed S] [--aux-label] [--log-json FILE]
- *        [--weights-out FILE] [--eval-data FILE]
+ *        [--weights-out FILE] [--eval-data FILE] [--state-dir DIR] [--reconnect-timeout S]
  *
  * Without --bundle the slices are fetched from the server (as the browser page does).
  * The data file is a spliteasy frame message with x and y (src/data.mjs). --log-json writes
  * every step's metrics; --weights-out the trained variables of A and C as JSON
  * {"A": {"layer/var": {"shape": [...], "data": [...]}}, "C": ...}. --eval-data (same format)
  * reports accuracy after each epoch: A and C here, B on the server in inference mode.
+ *
+ * --state-dir DIR keeps the run (src/state_fs.mjs): after every step A, C, their optimizer
+ * state and the position in the data are saved atomically; the same command run again
+ * with the same DIR (after a crash, a SIGKILL, a reboot) continues the same session at the
+ * exact batch it stopped at. Whether or not it is given, the device follows the server
+ * through a restart from its checkpoint (rolls back to the step the server resumed at and
+ * replays), and waits for an unreachable server up to --reconnect-timeout seconds (300).
  * Exit status: 0 done, 2 a problem spliteasy names (bad bundle, data, server answer), 1 a bug.
  */
 
@@ -21,16 +28,19 @@ import { parseArgs } from 'node:util';
 import { initBackend } from './src/backend.mjs';
 import { loadDeviceModels, readManifest, readSchema } from './src/bundle_node.mjs';
 import { fetchDeviceModels, fetchManifest } from './src/bundle_http.mjs';
-import { countSteps, batches, parseData } from './src/data.mjs';
+import { batches, parseData, schedule } from './src/data.mjs';
+import { sha256Hex } from './src/digest.mjs';
 import { DeviceError, SpliteasyError } from './src/errors.mjs';
-import { SplitTrainer, accuracy, train } from './src/loop.mjs';
+import { SplitTrainer, accuracy, startRun, train } from './src/loop.mjs';
 import { shuffled } from './src/shuffle.mjs';
 import { TfjsSlices } from './src/slices.mjs';
-import { HttpTransport } from './src/transport.mjs';
+import { RunState } from './src/state.mjs';
+import { FileStateStore } from './src/state_fs.mjs';
+import { HttpTransport, describeWait } from './src/transport.mjs';
 
 const USAGE = `usage: node train.mjs --server URL --data FILE [--bundle DIR] [--epochs E] [--batch-size B]
                       [--steps N] [--seed S] [--aux-label] [--log-json FILE] [--weights-out FILE]
-                      [--eval-data FILE] [--quiet]`;
+                      [--eval-data FILE] [--state-dir DIR] [--reconnect-timeout S] [--quiet]`;
 
 function options(argv) {
   const { values } = parseArgs({
@@ -47,6 +57,8 @@ function options(argv) {
       'log-json': { type: 'string' },
       'weights-out': { type: 'string' },
       'eval-data': { type: 'string' },
+      'state-dir': { type: 'string' },
+      'reconnect-timeout': { type: 'string', default: '300' },
       quiet: { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
     },
@@ -77,6 +89,8 @@ function options(argv) {
     logJson: values['log-json'],
     weightsOut: values['weights-out'],
     evalData: values['eval-data'],
+    stateDir: values['state-dir'],
+    reconnectTimeout: int('reconnect-timeout', 0),
     quiet: values.quiet,
   };
 }
@@ -91,7 +105,9 @@ async function main(argv) {
   const log = opt.quiet ? () => {} : (s) => console.log(s);
   await initBackend();
   const schema = await readSchema();
-  const transport = new HttpTransport(opt.server);
+  // a wait for the server is always worth a line, --quiet or not
+  const onWait = (w) => console.error(`spliteasy-js: ${describeWait(w)}`);
+  const transport = new HttpTransport(opt.server, { reconnectTimeoutMs: opt.reconnectTimeout * 1000, onWait });
   let manifest;
   let digest;
   let models;
@@ -102,36 +118,67 @@ async function main(argv) {
     ({ manifest, digest } = await fetchManifest(transport, schema));
     models = await fetchDeviceModels(transport, manifest);
   }
-  const data = parseData(await readData(opt.data), manifest.input);
+  const dataBytes = await readData(opt.data);
+  const data = parseData(dataBytes, manifest.input);
   const evalData = opt.evalData ? parseData(await readData(opt.evalData), manifest.input) : null;
   const rt = new TfjsSlices(manifest, models);
   const trainer = new SplitTrainer(rt, transport, manifest, digest, { auxLabel: opt.auxLabel });
   const plan = { batchSize: opt.batchSize, epochs: opt.epochs, steps: opt.steps };
   if (opt.seed !== undefined) plan.order = (d, epoch) => shuffled(d, opt.seed, epoch);
-  const total = countSteps(data, plan);
+  const sched = schedule(data, plan);
+  const total = sched.total;
   log(
     `spliteasy TF.js device: ${manifest.model} (${manifest.split_mode} split), ${data.count} samples, ` +
       `${total} steps of ${opt.batchSize}, server ${opt.server}`,
   );
-  await trainer.open();
-  let records;
-  let done = 0;
+  const state = new RunState(opt.stateDir ? new FileStateStore(opt.stateDir) : null);
+  await state.store?.cleanTemp();
+  const meta = {
+    format_version: 1,
+    runtime: 'tfjs',
+    server: opt.server,
+    manifest_sha256: digest,
+    data_sha256: await sha256Hex(dataBytes),
+    aux_label: opt.auxLabel,
+    batch_size: opt.batchSize,
+    epochs: opt.epochs,
+    steps: Number.isFinite(opt.steps) ? opt.steps : null,
+    seed: opt.seed ?? null,
+    total_steps: total,
+  };
+  const onEvent = (e) => console.error(`spliteasy-js: ${e.message}`);
+  const start = await startRun(trainer, state, meta, sched, { onEvent });
+  if (start.resumed) {
+    log(
+      `resumed at step ${start.at}/${total} (session ${trainer.sessionId.slice(0, 8)}…, state ${opt.stateDir}` +
+        `${start.at !== start.from ? `, saved at step ${start.from}` : ''})`,
+    );
+  }
+  let records = [];
   const evals = [];
-  const perEpoch = Math.ceil(data.count / opt.batchSize);
+  const perEpoch = sched.perEpoch;
   try {
-    records = await train(trainer, batches(data, plan), {
-      onStep: async (r, batch) => {
-        log(`step ${++done}/${total} epoch ${r.epoch + 1} ${fmt(r)}`);
-        const epochEnd = batch.index === perEpoch - 1 || done === total;
-        if (evalData && epochEnd) {
-          const acc = await evaluate(trainer, evalData, opt.batchSize);
-          evals.push({ epoch: r.epoch + 1, step: done, accuracy: acc });
-          log(`epoch ${r.epoch + 1}: accuracy ${acc.toFixed(4)} on ${evalData.count} samples`);
-        }
-      },
-    });
+    if (!start.done) {
+      records = await train(trainer, sched, {
+        state,
+        onEvent,
+        onStep: async (r, batch) => {
+          const done = r.step + 1;
+          log(`step ${done}/${total} epoch ${r.epoch + 1} ${fmt(r)}`);
+          const epochEnd = batch.index === perEpoch - 1 || done === total;
+          if (evalData && epochEnd) {
+            const acc = await evaluate(trainer, evalData, opt.batchSize);
+            evals.push({ epoch: r.epoch + 1, step: done, accuracy: acc });
+            log(`epoch ${r.epoch + 1}: accuracy ${acc.toFixed(4)} on ${evalData.count} samples`);
+          }
+        },
+      });
+    } else {
+      log(`the state dir holds this run finished (${total} steps): nothing to train`);
+    }
   } finally {
-    await trainer.close();
+    // a finished run ends its session; a failed one keeps it, to be resumed from the state dir
+    if (trainer.nextStep >= total || !opt.stateDir) await trainer.close();
   }
   const mean = (k) => records.reduce((s, r) => s + r[k], 0) / Math.max(records.length, 1);
   const summary = {
@@ -144,6 +191,8 @@ async function main(argv) {
     mean_wire_ms: mean('wire_ms'),
     mean_total_ms: mean('total_ms'),
     accuracy: evals,
+    resumed_at: start.resumed ? start.at : null,
+    final_step: trainer.nextStep,
   };
   log(
     `done: ${summary.steps} steps, loss ${summary.first_loss?.toFixed(4)} -> ${summary.last_loss?.toFixed(4)}, ` +

@@ -69,3 +69,38 @@ export function* batches(data, { batchSize, epochs = 1, steps = Infinity, order 
 export function countSteps(data, { batchSize, epochs = 1, steps = Infinity }) {
   return Math.min(steps, epochs * Math.ceil(data.count / batchSize));
 }
+
+/**
+ * The batches of a run by global step: {total, perEpoch, at(step)} where at(step) is the
+ * batch `batches()` yields at that step ({epoch, index, step, x, y, shape}). Batches are a
+ * pure function of (order, epoch, position), so a resumed or rolled-back run takes exactly
+ * the batch the first run took at that step. The reordered data of one epoch is cached.
+ */
+export function schedule(data, { batchSize, epochs = 1, steps = Infinity, order = undefined }) {
+  if (!(batchSize >= 1)) throw new DeviceError(`batch size must be >= 1, got ${batchSize}`);
+  const per = data.sampleShape.reduce((a, b) => a * b, 1);
+  const perEpoch = Math.ceil(data.count / batchSize);
+  const total = countSteps(data, { batchSize, epochs, steps });
+  let cached = { epoch: -1, d: null };
+  return {
+    total,
+    perEpoch,
+    at(step) {
+      if (!(Number.isInteger(step) && step >= 0 && step < total)) throw new DeviceError(`no batch for step ${step} of ${total}`);
+      const epoch = Math.floor(step / perEpoch);
+      const index = step % perEpoch;
+      if (cached.epoch !== epoch) cached = { epoch, d: order ? order(data, epoch) : data };
+      const { d } = cached;
+      const start = index * batchSize;
+      const n = Math.min(batchSize, d.count - start);
+      return {
+        epoch,
+        index,
+        step,
+        x: d.x.subarray(start * per, (start + n) * per),
+        y: d.y.subarray(start, start + n),
+        shape: [n, ...d.sampleShape],
+      };
+    },
+  };
+}

@@ -22,10 +22,24 @@ export class FrameSpecMismatch extends FrameError {}
 
 /** The server answered with an error (4xx/5xx JSON {error, detail}) or not at all. */
 export class ProtocolError extends SpliteasyError {
-  constructor(message, { status = 0, code = 'network' } = {}) {
+  constructor(message, { status = 0, code = 'network', body = null } = {}) {
     super(message);
     this.status = status;
     this.code = code;
+    this.body = body;
+  }
+}
+
+/**
+ * 409 step_conflict with the server's position: the session there expects `nextStep`
+ * (after a server restart from a checkpoint, lower than the device's step).
+ */
+export class StepConflict extends ProtocolError {
+  constructor(message, { nextStep, durableStep = null, expect = null }) {
+    super(message, { status: 409, code: 'step_conflict' });
+    this.nextStep = nextStep;
+    this.durableStep = durableStep;
+    this.expect = expect;
   }
 }
 

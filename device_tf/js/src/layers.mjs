@@ -134,11 +134,15 @@ export function unrepeatableLayers(model) {
     .map((l) => `${l.name} (${l.getClassName()})`);
 }
 
-/** Give each Dropout layer of `model` a seed derived from `stepSeed`. */
-export function reseed(model, stepSeed) {
+/**
+ * Give each Dropout layer of `model` a seed derived from `stepSeed` (and `offset`, which
+ * keeps two models' seeds apart), so a step's masks are a function of the step alone: the
+ * recomputed forward draws them again, and a resumed run draws what the first run did.
+ */
+export function reseed(model, stepSeed, offset = 0) {
   allLayers(model)
     .filter((l) => DROPOUT.has(l.getClassName()))
     .forEach((l, i) => {
-      l.seed = (stepSeed * 7919 + i) % 2147483647;
+      l.seed = (stepSeed * 7919 + offset + i) % 2147483647;
     });
 }

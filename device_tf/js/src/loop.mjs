@@ -14,8 +14,9 @@
 
 import * as tf from '@tensorflow/tfjs';
 
-import { DeviceError } from './errors.mjs';
+import { DeviceError, ProtocolError, StepConflict } from './errors.mjs';
 import { FrameKind, check, decode, encode, frame, sessionBytes } from './frame.mjs';
+import { restoreSnapshot, takeSnapshot } from './state.mjs';
 
 const now = () => globalThis.performance.now();
 
@@ -26,7 +27,8 @@ function sameBytes(a, b) {
 export class SplitTrainer {
   /**
    * @param runtime a TfjsSlices
-   * @param transport an HttpTransport
+   * @param transport the session interface of transport.mjs (openSession, attach,
+   *   exchange, closeSession): the loop builds no URL and holds no token
    * @param manifest the validated manifest; manifestSha256 the hash of its file's bytes
    */
   constructor(runtime, transport, manifest, manifestSha256, { auxLabel = false } = {}) {
@@ -38,31 +40,50 @@ export class SplitTrainer {
     this.session = null;
     this.sessionId = '';
     this.nextStep = 0;
+    this.durableStep = null; // the last X-Spliteasy-Durable-Step heard
+    this.onDurable = null; // called with each durable step heard
   }
 
+  /** A new session; returns {sessionId, token, nextStep, durableStep}. */
   async open() {
-    const reply = await this.transport.postJson('/v1/sessions', {
-      manifest_sha256: this.manifestSha256,
-      aux_label: this.auxLabel,
-    });
-    this.sessionId = reply.session_id;
-    this.session = sessionBytes(reply.session_id);
-    this.transport.token = reply.token;
-    this.nextStep = Number(reply.next_step ?? 0);
+    const s = await this.transport.openSession({ manifestSha256: this.manifestSha256, auxLabel: this.auxLabel });
+    this.useSession(s.sessionId);
+    this.nextStep = s.nextStep;
+    this.heard(s.durableStep);
+    return s;
+  }
+
+  /** Continue a session this device opened before (a restarted device), at `nextStep`. */
+  attach({ sessionId, token }, nextStep) {
+    this.transport.attach({ sessionId, token });
+    this.useSession(sessionId);
+    this.nextStep = nextStep;
+  }
+
+  useSession(sessionId) {
+    this.sessionId = sessionId;
+    this.session = sessionBytes(sessionId);
+  }
+
+  heard(durableStep) {
+    if (durableStep === null || durableStep === undefined) return;
+    this.durableStep = durableStep;
+    this.onDurable?.(durableStep);
   }
 
   async close() {
     if (this.session) {
-      await this.transport.delete(`/v1/sessions/${this.sessionId}`);
+      await this.transport.closeSession();
       this.session = null;
     }
   }
 
-  async call(t, endpoint, frames) {
+  async call(t, op, frames) {
     let t0 = now();
     const body = encode(frames);
     t.codec_ms += now() - t0;
-    const reply = await this.transport.postFrames(`/v1/sessions/${this.sessionId}/${endpoint}`, body);
+    const reply = await this.transport.exchange(op, body);
+    this.heard(reply.durableStep);
     t0 = now();
     const out = decode(reply.body);
     t.codec_ms += now() - t0;
@@ -107,6 +128,8 @@ export class SplitTrainer {
     const start = now();
     const down = this.auxLabel ? FrameKind.TARGET : FrameKind.GRADIENT;
     const keep = [];
+    // Dropout seeds are a function of the step, so a replayed step draws the same masks.
+    if ('stepSeed' in this.rt) this.rt.stepSeed = step;
     try {
       const xT = tf.tensor(x, shape, 'float32');
       keep.push(xT);
@@ -190,16 +213,161 @@ export function accuracy(output, labels) {
 }
 
 /**
- * Train over `batchIter` (data.mjs batches), calling onStep(record, batch) after each step.
- * Returns the records.
+ * Train the steps of `sched` (data.mjs schedule) from trainer.nextStep on, calling
+ * onStep(record, batch) after each. With a RunState (state.mjs) every completed step is
+ * snapshotted (and persisted by its store), and the loop agrees with the server on where to
+ * resume: a 409 step_conflict naming an earlier step S (the server restarted from its
+ * checkpoint) rolls A, C and their optimizers back to the snapshot of step S and replays
+ * the batches from S in the same order; a server that lost the session altogether (404
+ * unknown_session) gets a new session, and the run starts again from step 0 and the bundle's
+ * weights. onEvent({type, message, ...}) tells the caller about either.
+ * Returns the records of the steps that count (a replayed step replaces its first record).
  */
-export async function train(trainer, batchIter, { onStep = () => {} } = {}) {
+export async function train(trainer, sched, { state = null, onStep = () => {}, onEvent = () => {}, shouldStop = () => false } = {}) {
   const records = [];
-  for (const batch of batchIter) {
-    const rec = await trainer.step(batch.x, batch.y, batch.shape);
+  if (state) trainer.onDurable = (d) => state.announce(d);
+  let conflicts = 0;
+  while (trainer.nextStep < sched.total) {
+    if (shouldStop()) break;
+    const batch = sched.at(trainer.nextStep);
+    let rec;
+    try {
+      rec = await trainer.step(batch.x, batch.y, batch.shape);
+    } catch (err) {
+      if (state && err instanceof StepConflict && err.nextStep <= trainer.nextStep && conflicts < 3) {
+        conflicts += 1;
+        const from = trainer.nextStep;
+        state.announce(err.durableStep);
+        await rollBack(trainer, state, sched, err.nextStep);
+        onEvent({
+          type: 'rollback',
+          from,
+          to: err.nextStep,
+          message: `server resumed this session at step ${err.nextStep} (its checkpoint): rolled back from step ${from}, replaying`,
+        });
+        while (records.length && records.at(-1).step >= err.nextStep) records.pop();
+        continue;
+      }
+      if (state && err instanceof ProtocolError && err.code === 'unknown_session' && conflicts < 3) {
+        conflicts += 1;
+        await newSession(trainer, state, sched);
+        records.length = 0;
+        onEvent({
+          type: 'new-session',
+          message: `server no longer knows this session: started session ${trainer.sessionId.slice(0, 8)} from step 0`,
+        });
+        continue;
+      }
+      throw err;
+    }
+    conflicts = 0;
     rec.epoch = batch.epoch;
+    if (state) await state.commit(await takeSnapshot(trainer.rt, progressAt(sched, rec.step + 1, rec)));
     records.push(rec);
     await onStep(rec, batch);
   }
   return records;
+}
+
+/** progress.json's fields for a snapshot after `step` completed steps. */
+export function progressAt(sched, step, rec = null) {
+  return {
+    step,
+    epoch: Math.floor(step / sched.perEpoch),
+    position: step % sched.perEpoch,
+    total_steps: sched.total,
+    done: step >= sched.total,
+    loss: rec ? rec.loss : null,
+  };
+}
+
+/** Restore the snapshot of step `s` and continue from there (the server is at s). */
+export async function rollBack(trainer, state, sched, s) {
+  const snap = state.snapshotAt(s);
+  if (!snap) {
+    throw new DeviceError(
+      `the server resumed session ${trainer.sessionId} at step ${s}, but this device holds snapshots of ` +
+        `steps [${state.held().join(', ')}] only; start a new run`,
+    );
+  }
+  restoreSnapshot(trainer.rt, snap);
+  trainer.nextStep = s;
+  await state.commit(snap);
+}
+
+/** A new session from step 0 (the server lost ours): the bundle's weights, a fresh start. */
+export async function newSession(trainer, state, sched) {
+  const s = await trainer.open();
+  restoreSnapshot(trainer.rt, state.initial);
+  trainer.nextStep = 0;
+  state.durable = null;
+  state.announce(s.durableStep);
+  await state.saveSession({ ...state.session, session_id: s.sessionId, token: s.token });
+  await state.commit(state.initial);
+}
+
+/** session.json fields that must match for a stored run to be resumed by this command. */
+const RUN_KEYS = ['manifest_sha256', 'data_sha256', 'aux_label', 'batch_size', 'epochs', 'steps', 'seed'];
+
+/**
+ * Start the run, or resume the one the state holds. `meta` is session.json's content
+ * without the session (runtime, server, manifest_sha256, data_sha256, aux_label, plan).
+ * Returns {resumed: false} for a new run, else {resumed: true, from, at, done}: the stored
+ * snapshot's step `from`, and the step `at` the run continues at (lower if the server was
+ * found at its earlier checkpoint).
+ */
+export async function startRun(trainer, state, meta, sched, { onEvent = () => {} } = {}) {
+  state.initial = await takeSnapshot(trainer.rt, progressAt(sched, 0));
+  const saved = await state.load();
+  if (!saved.session) {
+    const s = await trainer.open();
+    state.announce(s.durableStep);
+    await state.saveSession({ ...meta, session_id: s.sessionId, token: s.token, created: new Date().toISOString() });
+    await state.commit(state.initial);
+    return { resumed: false };
+  }
+  const diff = RUN_KEYS.filter((k) => JSON.stringify(saved.session[k] ?? null) !== JSON.stringify(meta[k] ?? null));
+  if (diff.length) {
+    const what = diff.map((k) => `${k} ${JSON.stringify(saved.session[k] ?? null)} -> ${JSON.stringify(meta[k] ?? null)}`);
+    throw new DeviceError(`the saved state belongs to another run (${what.join('; ')}); use a new state dir or remove it`);
+  }
+  state.session = saved.session;
+  // durable/ is written before latest/: after a crash between the two it is the newer one
+  const snap = [saved.latest, saved.durable].filter(Boolean).sort((a, b) => b.step - a.step)[0] ?? state.initial;
+  restoreSnapshot(trainer.rt, snap);
+  state.latest = snap;
+  state.durable = saved.durable;
+  trainer.attach({ sessionId: saved.session.session_id, token: saved.session.token }, snap.step);
+  if (snap.progress.done) return { resumed: true, from: snap.step, at: snap.step, done: true };
+  let info = null;
+  try {
+    info = await trainer.transport.sessionInfo();
+  } catch (err) {
+    if (err instanceof ProtocolError && err.code === 'unknown_session') {
+      await newSession(trainer, state, sched);
+      onEvent({ type: 'new-session', message: `the server no longer knows session ${saved.session.session_id.slice(0, 8)}: started a new one from step 0` });
+      return { resumed: true, from: snap.step, at: 0, done: false };
+    }
+    // an older server without GET /v1/sessions/{sid}: a 409 in the loop will tell
+    const oldServer = err instanceof ProtocolError && (err.status === 404 || err.status === 405);
+    if (!oldServer) throw err;
+  }
+  if (info) {
+    state.announce(info.durableStep);
+    if (info.nextStep < snap.step) {
+      await rollBack(trainer, state, sched, info.nextStep);
+      onEvent({
+        type: 'rollback',
+        from: snap.step,
+        to: info.nextStep,
+        message: `server holds this session at step ${info.nextStep} (its checkpoint): rolled back from step ${snap.step}`,
+      });
+    } else if (info.nextStep > snap.step + 1) {
+      throw new DeviceError(
+        `the server is at step ${info.nextStep} of session ${saved.session.session_id}, this device's state at ${snap.step}: ` +
+          'the state dir is older than the run; start a new run',
+      );
+    }
+  }
+  return { resumed: true, from: snap.step, at: trainer.nextStep, done: false };
 }

@@ -70,6 +70,60 @@ export class KerasOptimizer {
     v.assign(tf.sub(v, tf.div(tf.mul(slot.m, alpha), tf.add(tf.sqrt(slot.v), eps))));
   }
 
+  /** Slot names this optimizer keeps per variable. */
+  slotNames() {
+    if (this.spec.name === 'adam') return ['m', 'v'];
+    return this.spec.momentum ? ['velocity'] : [];
+  }
+
+  /**
+   * The optimizer's state for a snapshot: {iterations, slots: Map "<name>/<slot>" ->
+   * {shape, data}} for the variables `named` ([[name, tf.Variable], ...]) that have slots.
+   */
+  exportState(named) {
+    const slots = new Map();
+    for (const [name, v] of named) {
+      const slot = this.slots.get(v);
+      if (!slot) continue;
+      for (const [k, t] of Object.entries(slot)) slots.set(`${name}/${k}`, { shape: t.shape, data: t.dataSync().slice() });
+    }
+    return { iterations: this.iterations, slots };
+  }
+
+  /** Put back a state exportState() returned (slots not in it are dropped: a fresh start). */
+  importState(named, { iterations, slots }) {
+    this.dispose();
+    this.iterations = iterations;
+    const byName = new Map(named);
+    const grouped = new Map();
+    for (const [key, t] of slots) {
+      const cut = key.lastIndexOf('/');
+      const name = key.slice(0, cut);
+      const v = byName.get(name);
+      if (!v) throw new DeviceError(`optimizer state names an unknown variable ${name}`);
+      if (!this.slotNames().includes(key.slice(cut + 1))) {
+        throw new DeviceError(`optimizer state holds slot ${key}, not one of ${this.spec.name}'s`);
+      }
+      if (!grouped.has(v)) grouped.set(v, {});
+      grouped.get(v)[key.slice(cut + 1)] = t;
+    }
+    for (const [v, held] of grouped) {
+      const names = this.slotNames();
+      if (names.some((n) => !held[n])) throw new DeviceError(`optimizer state lacks a slot of ${v.name}`);
+      const slot = {};
+      for (const n of names) {
+        const { shape, data } = held[n];
+        if (shape.length !== v.shape.length || shape.some((d, i) => d !== v.shape[i])) {
+          throw new DeviceError(`optimizer slot ${n} has shape [${shape}], its variable [${v.shape}]`);
+        }
+        const init = tf.tensor(data, shape, v.dtype);
+        slot[n] = tf.variable(init, false);
+        init.dispose();
+      }
+      this.slots.set(v, slot);
+    }
+  }
+
   slot(v, names) {
     let slot = this.slots.get(v);
     if (!slot) {

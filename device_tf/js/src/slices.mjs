@@ -73,6 +73,9 @@ function addPenalties(value, model) {
   return penalties.length ? tf.addN([value, ...penalties]) : value;
 }
 
+/** Keeps C's Dropout seeds apart from A's for the same step. */
+const C_SEED_OFFSET = 1000003;
+
 export class TfjsSlices {
   /**
    * @param manifest the validated manifest
@@ -140,6 +143,7 @@ export class TfjsSlices {
     const bVar = tf.variable(b, true);
     const vars = this.c.trainableWeights.map((w) => w.read());
     const { num_classes: k, loss } = this.manifest;
+    reseed(this.c, this.stepSeed, C_SEED_OFFSET); // C's Dropout masks: a function of the step too
     try {
       const { value, grads } = tf.variableGrads(
         () => addPenalties(sparseCrossEntropy(this.c.apply(bVar, { training: true }), y, k, loss.from_logits), this.c),
@@ -154,6 +158,59 @@ export class TfjsSlices {
     } finally {
       bVar.dispose();
     }
+  }
+
+  /**
+   * Everything a snapshot must hold to continue exactly (state.mjs): the variables of each
+   * slice (as weights()), each slice's optimizer state (slots named "<slice>/<layer>/<var>/
+   * <slot>", the iteration count), and the Dropout seed counter.
+   */
+  exportState() {
+    const optimizers = {};
+    for (const [name, model, opt] of this.parts()) optimizers[name] = opt.exportState(this.trainables(model));
+    return { weights: this.weights(), optimizers, stepSeed: this.stepSeed };
+  }
+
+  /** Put back what exportState() returned (any earlier or later state of the same slices). */
+  importState({ weights, optimizers, stepSeed }) {
+    for (const [name, model, opt] of this.parts()) {
+      const held = weights[name];
+      if (!held) throw new DeviceError(`the state holds no variables of slice ${name}`);
+      const vars = allLayers(model).flatMap((layer) => layer.weights);
+      const missing = vars.filter((w) => !held[w.originalName]).map((w) => w.originalName);
+      const extra = Object.keys(held).filter((k) => !vars.some((w) => w.originalName === k));
+      if (missing.length || extra.length) {
+        throw new DeviceError(
+          `the state's slice ${name} is not this bundle's: missing [${missing.join(', ')}], unknown [${extra.join(', ')}]`,
+        );
+      }
+      for (const w of vars) {
+        const { shape, data } = held[w.originalName];
+        if (shape.length !== w.shape.length || shape.some((d, i) => d !== w.shape[i])) {
+          throw new DeviceError(`the state's ${name}/${w.originalName} has shape [${shape}], the slice [${w.shape}]`);
+        }
+        const t = tf.tensor(data, shape, w.dtype);
+        w.write(t);
+        t.dispose();
+      }
+      opt.importState(this.trainables(model), optimizers[name] ?? { iterations: 0, slots: new Map() });
+    }
+    this.stepSeed = stepSeed;
+    this.lastX?.dispose();
+    this.lastX = null;
+  }
+
+  /** [[slice name, model, optimizer], ...] for the slices held here. */
+  parts() {
+    return [
+      ['A', this.a, this.optA],
+      ['C', this.c, this.optC],
+    ].filter(([, model]) => model);
+  }
+
+  /** [[name, tf.Variable], ...] of a model's trainable variables, as the optimizer sees them. */
+  trainables(model) {
+    return model.trainableWeights.map((w) => [w.originalName, w.read()]);
   }
 
   aInfer(x) {

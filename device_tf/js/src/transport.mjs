@@ -1,30 +1,67 @@
 /**
- * Getting bytes to the server and back with fetch; knows nothing of steps or tensors.
+ * Getting bytes to the server and back; knows nothing of steps or tensors.
+ *
+ * The step loop (loop.mjs) sees only the session interface below -- open a session, attach
+ * to a stored one, ask where it stands, exchange one op's frames, close -- so it builds no
+ * URL and handles no token, and another transport (a WebSocket one, issue #11) can stand
+ * in for this one:
+ *
+ *   openSession({manifestSha256, auxLabel}) -> {sessionId, token, nextStep, durableStep}
+ *   attach({sessionId, token})               a session a restarted device recovered
+ *   sessionInfo()  -> {nextStep, durableStep, expect}   (GET /v1/sessions/{sid})
+ *   exchange(op, body) -> {body, serverMs, roundTripMs, durableStep, replayed}
+ *   closeSession()
  *
  * Node 20's fetch (undici) and browsers keep the HTTP/1.1 connection alive between calls,
  * so a run pays the TCP handshake once. A request that fails in transit is sent again,
- * identically, a bounded number of times: every frame carries (session, step) and the
- * server answers a repeated step from its store, so a retry is never applied twice.
+ * identically: every frame carries (session, step) and the server answers a repeated step
+ * from its store, so a retry is never applied twice. Session calls are *patient*: while
+ * the server is unreachable (restarting, say) they back off exponentially (0.1 s doubling
+ * to 5 s) for up to `reconnectTimeoutMs` (default 300 s), reporting each wait through
+ * `onWait`, before giving up. Other calls (the manifest, the slices) try a few times only.
  */
 
-import { ProtocolError } from './errors.mjs';
+import { ProtocolError, StepConflict } from './errors.mjs';
 import { MEDIA_TYPE } from './frame.mjs';
 
 const now = () => globalThis.performance.now();
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+export const DURABLE_STEP_HEADER = 'X-Spliteasy-Durable-Step';
+
+/** One line for a wait: what failed, for how long, what next. */
+export function describeWait({ url, why, waitedMs, delayMs, limitMs }) {
+  return (
+    `server ${url} unreachable (${why}); retrying in ${(delayMs / 1000).toFixed(1)} s ` +
+    `(waited ${Math.round(waitedMs / 1000)} s of ${Math.round(limitMs / 1000)} s)`
+  );
+}
+
+function intOrNull(v) {
+  if (v === null || v === undefined || v === '') return null;
+  const n = Number(v);
+  return Number.isInteger(n) ? n : null;
+}
+
 export class HttpTransport {
-  /** @param baseUrl e.g. "http://127.0.0.1:8000" ('' in a page: same origin) */
-  constructor(baseUrl, { retries = 3, timeoutMs = 60000 } = {}) {
+  /**
+   * @param baseUrl e.g. "http://127.0.0.1:8000" ('' in a page: same origin)
+   * @param onWait called with {url, why, waitedMs, delayMs, limitMs} before each patient wait
+   */
+  constructor(baseUrl, { retries = 3, timeoutMs = 60000, reconnectTimeoutMs = 300000, onWait = null } = {}) {
     this.baseUrl = baseUrl.replace(/\/+$/, '');
     this.retries = retries;
     this.timeoutMs = timeoutMs;
+    this.reconnectTimeoutMs = reconnectTimeoutMs;
+    this.onWait = onWait;
+    this.sessionId = '';
     this.token = null;
   }
 
-  async send(method, path, { body, headers = {} } = {}) {
+  async send(method, path, { body, headers = {}, patient = false } = {}) {
     let last;
-    for (let attempt = 0; attempt <= this.retries; attempt++) {
+    const start = now();
+    for (let attempt = 0; ; attempt++) {
       let response;
       try {
         response = await fetch(this.baseUrl + path, {
@@ -36,29 +73,23 @@ export class HttpTransport {
         });
       } catch (err) {
         last = err;
-        await sleep(Math.min(100 * 2 ** attempt, 2000));
+        const why = err?.cause?.code ?? err?.cause?.message ?? err?.message ?? 'no answer';
+        const waitedMs = now() - start;
+        const delayMs = Math.min(100 * 2 ** attempt, patient ? 5000 : 2000);
+        const more = patient ? waitedMs + delayMs <= this.reconnectTimeoutMs : attempt < this.retries;
+        if (!more) break;
+        if (patient && this.onWait && attempt >= 2) {
+          this.onWait({ url: this.baseUrl, why, waitedMs, delayMs, limitMs: this.reconnectTimeoutMs });
+        }
+        await sleep(delayMs);
         continue;
       }
-      if (response.status >= 400) {
-        const text = await response.text();
-        let code = 'error';
-        let detail = text.slice(0, 500);
-        try {
-          const j = JSON.parse(text);
-          code = j.error ?? code;
-          detail = j.detail ?? detail;
-        } catch {
-          // not JSON: keep the text
-        }
-        throw new ProtocolError(`server answered ${response.status} ${code}: ${detail}`, {
-          status: response.status,
-          code,
-        });
-      }
+      if (response.status >= 400) throw await rejection(response);
       return response;
     }
     const why = last?.cause?.message ?? last?.message ?? 'no answer';
-    throw new ProtocolError(`${this.baseUrl}${path}: no answer after ${this.retries + 1} tries: ${why}`);
+    const waited = patient ? ` over ${Math.round((now() - start) / 1000)} s` : '';
+    throw new ProtocolError(`${this.baseUrl}${path}: no answer${waited}: ${why}`);
   }
 
   auth() {
@@ -73,29 +104,103 @@ export class HttpTransport {
     return new Uint8Array(await (await this.send('GET', path)).arrayBuffer());
   }
 
-  async postJson(path, payload) {
+  async postJson(path, payload, { patient = false } = {}) {
     const r = await this.send('POST', path, {
       body: JSON.stringify(payload),
       headers: { 'Content-Type': 'application/json' },
+      patient,
     });
     return r.json();
   }
 
-  /** POST a frame message; returns {body: Uint8Array, serverMs, roundTripMs}. */
-  async postFrames(path, body) {
+  // -- the session interface --------------------------------------------------------
+
+  /** A new session for this manifest; the transport keeps its id and token. */
+  async openSession({ manifestSha256, auxLabel = false }) {
+    const reply = await this.postJson('/v1/sessions', { manifest_sha256: manifestSha256, aux_label: auxLabel });
+    this.sessionId = reply.session_id;
+    this.token = reply.token;
+    return {
+      sessionId: reply.session_id,
+      token: reply.token,
+      nextStep: Number(reply.next_step ?? 0),
+      durableStep: intOrNull(reply.durable_step) ?? 0,
+    };
+  }
+
+  /** Use a session this device opened before (recovered from its state after a restart). */
+  attach({ sessionId, token }) {
+    this.sessionId = sessionId;
+    this.token = token;
+  }
+
+  /** Where the server holds the session: {nextStep, durableStep, expect}; patient. */
+  async sessionInfo() {
+    const r = await this.send('GET', `/v1/sessions/${this.sessionId}`, { headers: this.auth(), patient: true });
+    const j = await r.json();
+    return { nextStep: Number(j.next_step), durableStep: intOrNull(j.durable_step) ?? 0, expect: j.expect ?? null };
+  }
+
+  /**
+   * POST one op's frame message (op: forward, backward, step, infer); patient.
+   * Returns {body: Uint8Array, serverMs, roundTripMs, durableStep: number|null, replayed}.
+   */
+  async exchange(op, body) {
     const t0 = now();
-    const r = await this.send('POST', path, { body, headers: { 'Content-Type': MEDIA_TYPE, ...this.auth() } });
+    const r = await this.send('POST', `/v1/sessions/${this.sessionId}/${op}`, {
+      body,
+      headers: { 'Content-Type': MEDIA_TYPE, ...this.auth() },
+      patient: true,
+    });
     const reply = new Uint8Array(await r.arrayBuffer());
     const roundTripMs = now() - t0;
     const serverMs = Number.parseFloat(r.headers.get('X-Spliteasy-Server-Ms') ?? '0') || 0;
-    return { body: reply, serverMs, roundTripMs };
+    return {
+      body: reply,
+      serverMs,
+      roundTripMs,
+      durableStep: intOrNull(r.headers.get(DURABLE_STEP_HEADER)),
+      replayed: r.headers.get('X-Spliteasy-Replayed') === '1',
+    };
   }
 
-  async delete(path) {
+  /** End the session on the server (best effort: the server evicts idle sessions anyway). */
+  async closeSession() {
+    if (!this.sessionId) return;
     try {
-      await fetch(this.baseUrl + path, { method: 'DELETE', headers: this.auth() });
+      await fetch(`${this.baseUrl}/v1/sessions/${this.sessionId}`, {
+        method: 'DELETE',
+        headers: this.auth(),
+        signal: AbortSignal.timeout(10000),
+      });
     } catch {
       // the session expires on its own
     }
+    this.sessionId = '';
+    this.token = null;
   }
+}
+
+/** The error for a 4xx/5xx reply: its JSON {error, detail, ...} named; 409 step_conflict typed. */
+async function rejection(response) {
+  const text = await response.text();
+  let code = 'error';
+  let detail = text.slice(0, 500);
+  let body = null;
+  try {
+    body = JSON.parse(text);
+    code = body.error ?? code;
+    detail = body.detail ?? detail;
+  } catch {
+    // not JSON: keep the text
+  }
+  const message = `server answered ${response.status} ${code}: ${detail}`;
+  if (response.status === 409 && code === 'step_conflict' && Number.isInteger(body?.next_step)) {
+    return new StepConflict(message, {
+      nextStep: body.next_step,
+      durableStep: intOrNull(body.durable_step),
+      expect: body.expect ?? null,
+    });
+  }
+  return new ProtocolError(message, { status: response.status, code, body });
 }
