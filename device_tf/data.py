@@ -29,10 +29,33 @@ def batches(
     x: np.ndarray, y: np.ndarray, batch_size: int, epoch: int = 0, seed: int = 0
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The batches of one epoch, shuffled by (seed, epoch). The last one may be short."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(x))
+    order = epoch_order(len(x), epoch, seed)
     for start in range(0, len(x), batch_size):
         idx = order[start : start + batch_size]
         yield x[idx], y[idx]
+
+
+def epoch_order(n: int, epoch: int, seed: int = 0) -> np.ndarray:
+    """The shuffled sample order of one epoch: a pure function of (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_at(
+    x: np.ndarray, y: np.ndarray, batch_size: int, epoch: int, position: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Batch ``position`` of ``epoch``: the one ``batches(...)`` yields at that position,
+    without producing the ones before it (a resumed run starts mid-epoch)."""
+    key = (len(x), epoch, seed)
+    if _order_cache.get("key") != key:
+        _order_cache.update(key=key, order=epoch_order(len(x), epoch, seed))
+    start = position * batch_size
+    if not 0 <= start < len(x):
+        raise IndexError(f"epoch {epoch} has no batch {position} of size {batch_size}")
+    idx = _order_cache["order"][start : start + batch_size]
+    return x[idx], y[idx]
+
+
+_order_cache: dict = {}
 
 
 def fit_to_input(x: np.ndarray, sample_shape: tuple[int, ...]) -> np.ndarray:

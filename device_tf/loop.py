@@ -12,6 +12,11 @@ Single split, one round trip: ``step(a, labels) -> (g_a, loss)``.
 Every step is timed by component: device compute (the runtime), server compute (the
 server's own ``X-Spliteasy-Server-Ms``), codec (encode + decode here), and wire (the
 rest of each round trip).
+
+The loop talks to the server only through a :class:`~device_tf.transport.Transport`
+(open or resume a session, exchange an operation's frames, close); URLs, the token and
+reconnection are the transport's. It tracks the server's durable step (the newest
+checkpoint's hold on this session) for :mod:`device_tf.state`.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from shared_schema import Frame, FrameKind, Manifest, check, decode, encode
 
 from ._exceptions import DeviceError
 from .runtime import DeviceRuntime
-from .transport import HttpTransport
+from .transport import SessionInfo, Transport
 
 
 @dataclass
@@ -44,9 +49,17 @@ class StepResult:
     step: int
     loss: float
     timings: StepTimings = field(default_factory=StepTimings)
+    durable_step: int | None = None  # the server's checkpointed step, from the last reply
+    replayed: bool = False  # the server answered from its retry store (already applied)
 
     def to_dict(self) -> dict:
-        return {"step": self.step, "loss": self.loss, **asdict(self.timings)}
+        return {
+            "step": self.step,
+            "loss": self.loss,
+            **asdict(self.timings),
+            "durable_step": self.durable_step,
+            "replayed": self.replayed,
+        }
 
 
 class _Clock:
@@ -72,7 +85,7 @@ class SplitTrainer:
     def __init__(
         self,
         runtime: DeviceRuntime,
-        transport: HttpTransport,
+        transport: Transport,
         manifest: Manifest,
         manifest_sha256: str,
         aux_label: bool = False,
@@ -85,33 +98,45 @@ class SplitTrainer:
         self.session: bytes | None = None
         self.session_id = ""
         self.next_step = 0
+        self.durable_step: int | None = None
+        self._replayed = False
 
     # -- session ---------------------------------------------------------------
-    def open(self) -> None:
-        reply = self.transport.post_json(
-            "/v1/sessions", {"manifest_sha256": self.manifest_sha256, "aux_label": self.aux_label}
-        )
-        self.session_id = reply["session_id"]
-        self.session = bytes.fromhex(self.session_id)
-        self.transport.token = reply["token"]
-        self.next_step = int(reply.get("next_step", 0))
+    def _use(self, info: SessionInfo) -> SessionInfo:
+        self.session_id = info.session_id
+        self.session = bytes.fromhex(info.session_id)
+        self.next_step = info.next_step
+        self.durable_step = info.durable_step
+        return info
+
+    def open(self) -> SessionInfo:
+        """A new session on the server."""
+        return self._use(self.transport.open_session(self.manifest_sha256, self.aux_label))
+
+    def resume(self, session_id: str, token: str) -> SessionInfo:
+        """Take up an existing session (a restarted device); ``next_step`` is the server's."""
+        return self._use(self.transport.resume_session(session_id, token))
 
     def close(self) -> None:
         if self.session is not None:
-            self.transport.delete(f"/v1/sessions/{self.session_id}")
+            self.transport.close_session()
             self.session = None
 
     def __enter__(self) -> SplitTrainer:
-        self.open()
+        """The session opens with the first step (or ``open``/``resume``, or
+        ``DeviceState.begin``), and closes on exit."""
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     # -- one exchange ----------------------------------------------------------
-    def _call(self, clock: _Clock, endpoint: str, frames: list[Frame]) -> list[Frame]:
+    def _call(self, clock: _Clock, op: str, frames: list[Frame]) -> list[Frame]:
         body = clock.codec(encode, frames)
-        reply = self.transport.post_frames(f"/v1/sessions/{self.session_id}/{endpoint}", body)
+        reply = self.transport.exchange(op, body)
+        if reply.durable_step is not None:
+            self.durable_step = reply.durable_step
+        self._replayed = self._replayed or reply.replayed
         out = clock.codec(decode, reply.body)
         clock.t.server_ms += reply.server_ms
         clock.t.wire_ms += max(reply.round_trip_ms - reply.server_ms, 0.0)
@@ -139,6 +164,7 @@ class SplitTrainer:
         if self.session is None:
             self.open()
         m, step, clock = self.manifest, self.next_step, _Clock()
+        self._replayed = False
         start = time.perf_counter()
         down = FrameKind.TARGET if self.aux_label else FrameKind.GRADIENT
         a = clock.device(self.rt.a_forward, x)
@@ -167,13 +193,16 @@ class SplitTrainer:
         clock.device(self.rt.a_backward, g_a)
         self.next_step = step + 1
         clock.t.total_ms = (time.perf_counter() - start) * 1000
-        return StepResult(step, float(loss), clock.t)
+        return StepResult(step, float(loss), clock.t, self.durable_step, self._replayed)
 
     # -- inference ---------------------------------------------------------------
     def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """The model's output for x: A and C here, B on the server in inference mode."""
+        if self.session is None:
+            self.open()
         m, outs = self.manifest, []
         clock = _Clock()
+        self._replayed = False
         for start in range(0, len(x), batch_size):
             a = self.rt.a_infer(x[start : start + batch_size])
             reply = self._call(

@@ -8,8 +8,25 @@ one codec. Arrays in and out are numpy, NHWC for images, float32; labels int32.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 
 import numpy as np
+
+
+@dataclass
+class RuntimeState:
+    """Everything a runtime needs to continue training exactly where it was.
+
+    ``slices``: every variable of the held slices, ``"A/<layer>/<var>"`` and
+    ``"C/<layer>/<var>"`` (the names of :meth:`DeviceRuntime.weights`).
+    ``optimizer``: the optimizer's slots, ``"<slice>/<layer>/<var>/<slot>"`` with slot
+    ``momentum`` (SGD) or ``m``/``v`` (Adam), and its step count ``"<slice>/iterations"``
+    (int64; Adam's bias correction depends on it). Python TF and TFLite use the same
+    names, so one runtime's state reads in the other.
+    """
+
+    slices: dict[str, np.ndarray] = field(default_factory=dict)
+    optimizer: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class DeviceRuntime(ABC):
@@ -53,3 +70,15 @@ class DeviceRuntime(ABC):
         """Current variables of each held slice, ``{"A": {"layer/var": array}, "C": {...}}``
         (trainable and non-trainable, named as ``keras_util.named_variables`` does), so
         any runtime can be compared with unsplit Keras and with every other runtime."""
+
+    def state(self) -> RuntimeState:
+        """A copy of the whole training state (variables, optimizer slots, step count)."""
+        raise NotImplementedError(f"the {self.name} runtime cannot save its training state")
+
+    def load_state(self, state: RuntimeState) -> None:
+        """Put back a state from :meth:`state` (of this bundle); forgets a pending step.
+
+        Must check every name and shape before changing anything, so a state that does
+        not fit leaves the runtime as it was.
+        """
+        raise NotImplementedError(f"the {self.name} runtime cannot load a training state")

@@ -8,8 +8,9 @@ import numpy as np
 
 from shared_schema import Manifest, load_manifest
 
+from ._exceptions import StateError
 from .keras_util import keras_loss, keras_optimizer, named_variables
-from .runtime import DeviceRuntime
+from .runtime import DeviceRuntime, RuntimeState
 
 
 class TFRuntime(DeviceRuntime):
@@ -17,6 +18,7 @@ class TFRuntime(DeviceRuntime):
 
     A and C get their own optimizer instances; each steps once per training step, so
     Adam's step count and every slot match one optimizer over the unsplit model.
+    ``state``/``load_state`` carry the variables, the optimizer slots and ``iterations``.
     """
 
     name = "tf"
@@ -82,3 +84,69 @@ class TFRuntime(DeviceRuntime):
         if self.c is not None:
             out["C"] = {k: v.numpy() for k, v in named_variables(self.c).items()}
         return out
+
+    # -- training state ------------------------------------------------------------------
+    def _held(self) -> list[tuple[str, object, object]]:
+        out = [("A", self.a, self.opt_a)]
+        if self.c is not None:
+            out.append(("C", self.c, self.opt_c))
+        return out
+
+    def _state_variables(self) -> tuple[dict[str, object], dict[str, object]]:
+        """(model variables, optimizer variables) by state name; builds the optimizers'
+        slots (zeros) if no step has run yet, so a state can be loaded before the first."""
+        slices: dict[str, object] = {}
+        optimizer: dict[str, object] = {}
+        sgd = self.manifest.optimizer.name == "sgd"
+        for role, model, opt in self._held():
+            named = named_variables(model)
+            slices.update({f"{role}/{k}": v for k, v in named.items()})
+            trainable = list(model.trainable_variables)
+            opt.build(trainable)  # a no-op once built
+            by_ref = {v.ref(): k for k, v in named.items()}
+            slots = [v for v in opt.variables if v is not opt.iterations]
+            per, rest = divmod(len(slots), max(len(trainable), 1))
+            if rest:
+                raise StateError(
+                    f"slice {role}: {len(slots)} optimizer slots for {len(trainable)} variables"
+                )
+            optimizer[f"{role}/iterations"] = opt.iterations
+            for i, var in enumerate(trainable):
+                for slot in slots[i * per : (i + 1) * per]:
+                    kind = slot.name.split("/")[0]  # tf_keras names slots "<m|v>/<variable>"
+                    if tuple(slot.shape) != tuple(var.shape):
+                        raise StateError(f"slice {role}: slot {slot.name} does not fit {var.name}")
+                    key = "momentum" if sgd else kind
+                    optimizer[f"{role}/{by_ref[var.ref()]}/{key}"] = slot
+        return slices, optimizer
+
+    def state(self) -> RuntimeState:
+        slices, optimizer = self._state_variables()
+        return RuntimeState(
+            {k: v.numpy() for k, v in slices.items()},
+            {k: v.numpy() for k, v in optimizer.items()},
+        )
+
+    def load_state(self, state: RuntimeState) -> None:
+        slices, optimizer = self._state_variables()
+        pairs = []
+        for what, have, given in (
+            ("variables", slices, state.slices),
+            ("optimizer state", optimizer, state.optimizer),
+        ):
+            if set(have) != set(given):
+                missing, extra = sorted(set(have) - set(given)), sorted(set(given) - set(have))
+                raise StateError(
+                    f"the saved {what} do not fit this bundle's slices "
+                    f"(missing {missing[:5]}, unexpected {extra[:5]})"
+                )
+            for name, var in have.items():
+                value = np.asarray(given[name])
+                if tuple(value.shape) != tuple(var.shape):
+                    raise StateError(
+                        f"saved {name} has shape {value.shape}, the slice's is {tuple(var.shape)}"
+                    )
+                pairs.append((var, value.astype(var.dtype.as_numpy_dtype)))
+        for var, value in pairs:  # everything checked: now assign
+            var.assign(value)
+        self._pending = None

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from device_tf._exceptions import DeviceError
-from device_tf.runtime import DeviceRuntime
+from device_tf.runtime import DeviceRuntime, RuntimeState
 from shared_schema import Manifest, load_manifest
 
 
@@ -145,6 +145,63 @@ class TFLiteSlice:
             raise TFLiteRuntimeError(f"slice {self.role}: no checkpoint at {path}")
         self.call("restore", checkpoint_path=str(path))
 
+    # The ``save`` signature writes a TF (V1 table) checkpoint with the names
+    # ``model/<layer>/<var>``, ``opt/<layer>/<var>/<slot>`` and ``opt/step``; the device
+    # state uses ``<slice>/<layer>/<var>[/<slot>]`` and ``<slice>/iterations`` instead.
+    def _to_state_name(self, name: str) -> tuple[str, str]:
+        if name == "opt/step":
+            return "optimizer", f"{self.role}/iterations"
+        group, _, rest = name.partition("/")
+        return ("slices" if group == "model" else "optimizer"), f"{self.role}/{rest}"
+
+    def _from_state_name(self, name: str, group: str) -> str:
+        rest = name.split("/", 1)[1]
+        if group == "optimizer":
+            return "opt/step" if rest == "iterations" else f"opt/{rest}"
+        return f"model/{rest}"
+
+    def state(self, scratch: Path) -> dict[str, dict[str, np.ndarray]]:
+        """Every variable, slot and the step count through the ``save`` signature."""
+        import tensorflow as tf
+
+        path = scratch / f"{self.role}.ckpt"
+        self.save(path)
+        reader = tf.train.load_checkpoint(str(path))
+        out: dict[str, dict[str, np.ndarray]] = {"slices": {}, "optimizer": {}}
+        for name in reader.get_variable_to_dtype_map():
+            group, key = self._to_state_name(name)
+            out[group][key] = np.array(reader.get_tensor(name))
+        return out
+
+    def checkpoint_of(self, slices: dict, optimizer: dict, scratch: Path) -> Path:
+        """Write this slice's part of a state as the checkpoint ``restore`` reads, after
+        checking every name and shape against the slice; returns its path."""
+        import tensorflow as tf
+
+        current = self.state(scratch)
+        names, data = [], []
+        for group, given in (("slices", slices), ("optimizer", optimizer)):
+            mine = {k: v for k, v in given.items() if k.split("/", 1)[0] == self.role}
+            have = current[group]
+            if set(mine) != set(have):
+                missing, extra = sorted(set(have) - set(mine)), sorted(set(mine) - set(have))
+                raise TFLiteRuntimeError(
+                    f"slice {self.role}: the saved state does not fit this slice "
+                    f"(missing {missing[:5]}, unexpected {extra[:5]})"
+                )
+            for key, value in mine.items():
+                value = np.asarray(value)
+                if value.shape != have[key].shape:
+                    raise TFLiteRuntimeError(
+                        f"slice {self.role}: saved {key} has shape {value.shape}, "
+                        f"the slice's is {have[key].shape}"
+                    )
+                names.append(self._from_state_name(key, group))
+                data.append(tf.constant(value.astype(have[key].dtype)))
+        path = scratch / f"{self.role}-load.ckpt"
+        tf.raw_ops.Save(filename=str(path), tensor_names=names, data=data)
+        return path
+
 
 class TFLiteRuntime(DeviceRuntime):
     """Slices A (and C in a double split) as TFLite training models.
@@ -229,6 +286,35 @@ class TFLiteRuntime(DeviceRuntime):
         if self.c is not None:
             out["C"] = self.c.weights()
         return out
+
+    def state(self) -> RuntimeState:
+        import tempfile
+
+        out = RuntimeState()
+        with tempfile.TemporaryDirectory(prefix="spliteasy-tflite-") as tmp:
+            for s in (self.a, self.c):
+                if s is not None:
+                    part = s.state(Path(tmp))
+                    out.slices.update(part["slices"])
+                    out.optimizer.update(part["optimizer"])
+        return out
+
+    def load_state(self, state: RuntimeState) -> None:
+        import tempfile
+
+        roles = {"A"} | ({"C"} if self.c is not None else set())
+        foreign = {k.split("/", 1)[0] for k in [*state.slices, *state.optimizer]} - roles
+        if foreign:
+            raise TFLiteRuntimeError(
+                f"the saved state has slices {sorted(foreign)} this runtime lacks"
+            )
+        held = [s for s in (self.a, self.c) if s is not None]
+        with tempfile.TemporaryDirectory(prefix="spliteasy-tflite-") as tmp:
+            # every slice's part is checked and written before any slice is restored
+            paths = [s.checkpoint_of(state.slices, state.optimizer, Path(tmp)) for s in held]
+            for s, path in zip(held, paths, strict=True):
+                s.restore(path)
+        self._pending_x = self._pending_a_shape = None
 
     def save(self, directory: Path | str) -> None:
         """Checkpoint every variable (incl. optimizer slots) to ``directory/{A,C}.ckpt``."""

@@ -33,6 +33,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log", type=Path, help="per-step JSONL log (default runs/train-<time>.jsonl)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        help="keep the device's training state here after every step (slices, optimizer, "
+        "progress, session token); running the same command again resumes at the exact batch",
+    )
+    p.add_argument(
+        "--reconnect-timeout",
+        type=float,
+        default=300.0,
+        help="while the server is unreachable, keep retrying with backoff this many seconds "
+        "before giving up (default %(default)s)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,12 +67,29 @@ def run(args: argparse.Namespace) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     if args.runtime == "tfjs":
         return _run_tfjs(args, manifest, (x_tr, y_tr, x_te, y_te), log)
+    if args.reconnect_timeout < 0:
+        raise SpliteasyError("--reconnect-timeout must be >= 0")
+    digest = manifest_digest(args.bundle)
     runtime = make_runtime(args.runtime, args.bundle, manifest)
-    transport = HttpTransport(args.server)
+    transport = HttpTransport(args.server, reconnect_timeout=args.reconnect_timeout)
+    state = None
+    if args.state_dir is not None:
+        from device_tf.state import DeviceState, RunSpec, data_digest
+
+        spec = RunSpec(
+            manifest_sha256=digest,
+            runtime=args.runtime,
+            aux_label=args.aux_label,
+            data_sha256=data_digest(x_tr, y_tr),
+            n_samples=len(x_tr),
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
+        state = DeviceState(args.state_dir, spec, runtime, server=args.server)
+        state.read_session()  # another bundle's or run's state dir: refused before any traffic
     try:
-        with SplitTrainer(
-            runtime, transport, manifest, manifest_digest(args.bundle), args.aux_label
-        ) as trainer:
+        with SplitTrainer(runtime, transport, manifest, digest, args.aux_label) as trainer:
             history = fit(
                 trainer,
                 x_tr,
@@ -71,15 +101,19 @@ def run(args: argparse.Namespace) -> int:
                 y_val=y_te,
                 log_path=log,
                 progress=not args.no_progress,
+                state=state,
             )
     finally:
         transport.close()
-    print(
-        f"test accuracy {history.epoch_accuracy[-1]:.4f} after {args.epochs} epochs "
-        f"({manifest.split_mode} split, runtime {args.runtime})"
-    )
+    if history.epoch_accuracy:
+        print(
+            f"test accuracy {history.epoch_accuracy[-1]:.4f} after {args.epochs} epochs "
+            f"({manifest.split_mode} split, runtime {args.runtime})"
+        )
     print(history.summary())
     print(f"per-step log: {log}")
+    if state is not None:
+        print(f"device state: {args.state_dir} (step {history.last_step})")
     return 0
 
 
