@@ -4,6 +4,8 @@ Each subcommand lives in its own module exposing ``HELP``, ``add_arguments(parse
 ``run(args) -> int``. Those modules import nothing heavy at the top, so ``spliteasy
 --help`` answers at once; TensorFlow and torch load only inside ``run``. Errors that
 spliteasy raises on purpose become a one-line message and exit status 2, never a trace.
+Library start-up noise (TensorFlow's CUDA/XLA pages, warnings) is removed once, here
+(``spliteasy_cli.quiet``), before any subcommand imports a framework.
 """
 
 from __future__ import annotations
@@ -11,10 +13,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import os
 import sys
 
-SUBCOMMANDS = ["demo", "convert", "cuts", "serve", "train"]
+SUBCOMMANDS = ["demo", "convert", "cuts", "serve", "train", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """Run one subcommand. ``argv=None`` is the real command line: only then is stderr
+    routed through the noise filter (in-process callers, e.g. tests, keep their own)."""
+    from .quiet import quiet_startup
+
     args = build_parser().parse_args(argv)
+    restore = quiet_startup(argv_from_command_line=argv is None)
     from shared_schema import SpliteasyError
 
     try:
@@ -46,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"spliteasy {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if restore is not None:
+            restore()
 
 
 if __name__ == "__main__":
