@@ -216,6 +216,49 @@ def _signature(service: SplitService) -> tuple:
     )
 
 
+@dataclass(frozen=True)
+class SavedState:
+    """The newest intact checkpoint of a state dir, read without a server (``export``)."""
+
+    step: int
+    time: str
+    path: Path
+    state: dict[str, Any]  # state.json
+    module_state: dict[str, Any]  # B's state_dict: torch name -> tensor
+    optimizer_state: dict[str, Any]  # "<param index>/<slot>" -> tensor
+
+
+def read_state_dir(root: Path | str, manifest_sha256: str | None = None) -> SavedState:
+    """The newest intact checkpoint under ``root`` (torn/corrupt ones skipped, warned).
+
+    With ``manifest_sha256`` a state dir of another bundle is a :class:`StateDirError`.
+    """
+    from safetensors.torch import load
+
+    root = Path(root)
+    bundle = root / BUNDLE_FILE
+    if not bundle.is_file():
+        raise StateDirError(f"{root} is not a server state dir (no {BUNDLE_FILE})")
+    held = json.loads(bundle.read_text()).get("manifest_sha256", "")
+    if manifest_sha256 is not None and held != manifest_sha256:
+        raise StateDirError(
+            f"state dir {root} belongs to another bundle (manifest {held[:12]}, "
+            f"this one is {manifest_sha256[:12]})"
+        )
+    entry = Series(root, PREFIX).newest()
+    if entry is None:
+        raise StateDirError(f"{root} holds no intact checkpoint")
+    state = json.loads(entry.files["state.json"])
+    return SavedState(
+        step=int(state["steps"]),
+        time=str(state["created"]),
+        path=entry.path,
+        state=state,
+        module_state=load(entry.files["b.safetensors"]),
+        optimizer_state=load(entry.files["optimizer.safetensors"]),
+    )
+
+
 # -- the state directory --------------------------------------------------------------
 
 
@@ -336,7 +379,7 @@ class Checkpointer:
             self._written = _signature(self.service)
         self.last = CheckpointInfo(int(state["steps"]), str(state["created"]), entry.path)
         self.resumed_from = self.last.step
-        log.info(
+        log.debug(  # the CLI prints its own line
             "resumed from checkpoint step %d written at %s (%d session(s))",
             self.last.step, self.last.time, len(state["sessions"]),
         )  # fmt: skip

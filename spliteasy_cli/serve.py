@@ -145,6 +145,14 @@ def _announce(app: Any, url: str, threads: int) -> None:
     else:
         every = f"every {ck.every} steps" if ck.every else "at session creation"
         print(f"spliteasy serve: state dir {ck.root} (checkpoint {every} and on shutdown)")
+        if ck.resumed_from is not None:
+            sessions = app.state.service.session_count
+            print(
+                f"spliteasy serve: resumed from checkpoint step {ck.last.step} written at "
+                f"{ck.last.time} ({sessions} session(s))"
+            )
+        else:
+            print("spliteasy serve: no checkpoint yet: starting from the bundle's B")
     if any(getattr(r, "path", None) == "/device" for r in app.routes):
         print(f"spliteasy serve: device page {url}/device/")
     print(f"spliteasy serve: listening on {url}", flush=True)
