@@ -14,12 +14,41 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+# -- the whole suite on every core -------------------------------------------------------
+
+WORKERS_ENV = "SPLITEASY_TEST_WORKERS"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """The whole suite (``pytest`` with no paths, ``make test``) runs on pytest-xdist
+    workers, one per core (``SPLITEASY_TEST_WORKERS`` to change, 0 for one process),
+    with ``--dist loadgroup``: the tests of one zoo network share a worker
+    (``xdist_group``), so each network is built once. A selection (``pytest FILE``,
+    ``-k``) stays in one process unless ``-n`` asks otherwise: running one test must not
+    start two TensorFlows. Runs before xdist's own ``pytest_cmdline_main``."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or not config.pluginmanager.hasplugin("xdist"):
+        return
+    if config.option.numprocesses is not None or config.getoption("usepdb", False):
+        return
+    if config.option.collectonly or config.args_source != pytest.Config.ArgsSource.TESTPATHS:
+        return
+    workers = int(os.environ.get(WORKERS_ENV, min(2, os.cpu_count() or 1)))
+    if workers > 1:
+        config.option.numprocesses = workers
+        if config.option.dist == "no":
+            config.option.dist = "loadgroup"
+
+
+# -- servers --------------------------------------------------------------------------
 
 
 @pytest.fixture

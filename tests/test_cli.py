@@ -1,4 +1,11 @@
-"""The command line as a user meets it: real subprocesses, real servers on 127.0.0.1."""
+"""The command line as a user meets it: real servers on 127.0.0.1.
+
+Each command runs at least once as a real subprocess (``--help``, ``convert``,
+``train``, ``demo``; ``serve`` through the ``serve_bundle`` fixture), which is what proves
+the entry point, exit status and output streams. The other cases call
+``spliteasy_cli.main.main`` in this process: the same parser, ``run`` and error
+translation, without starting another TensorFlow for each.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,20 @@ from pathlib import Path
 
 import pytest
 
+from split_helpers import ALL_RUNTIMES, SGD_CFG
+
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+SGD = SGD_CFG
+
+
+def in_process(capsys, *args: str) -> tuple[int, str, str]:
+    """``spliteasy ARGS`` through ``main`` in this process: (exit status, stdout, stderr)."""
+    from spliteasy_cli.main import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def spliteasy(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -33,7 +53,7 @@ def test_help_is_instant_and_lists_every_command():
     )
 
 
-def test_convert_writes_a_verified_single_split_bundle(tmp_path):
+def test_convert_writes_a_verified_single_split_bundle(tmp_path, capsys):
     out = tmp_path / "single"
     result = spliteasy(
         "convert",
@@ -62,8 +82,8 @@ def test_convert_writes_a_verified_single_split_bundle(tmp_path):
     report = json.loads((out / "report.json").read_text())["verification"]
     assert report["forward_train_rel_err"] < 1e-4 and report["max_param_grad_rel_err"] < 1e-4
     # refuses to overwrite without --force, and leaves the bundle intact
-    again = spliteasy("convert", "--cuts", "a_out", "--out", str(out))
-    assert again.returncode == 2 and "exists" in again.stderr and "--force" in again.stderr
+    code, _, err = in_process(capsys, "convert", "--cuts", "a_out", "--out", str(out))
+    assert code == 2 and "exists" in err and "--force" in err
     assert (out / "manifest.json").exists()
 
 
@@ -79,14 +99,19 @@ def test_convert_writes_a_verified_single_split_bundle(tmp_path):
         (["--cuts", "a_out", "--runtimes", "tf,coreml"], "unknown runtime"),
     ],
 )
-def test_convert_errors_are_one_line_messages(tmp_path, args, message):
-    result = spliteasy("convert", "--out", str(tmp_path / "b"), *args)
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr.lower() and "Traceback" not in result.stderr
+def test_convert_errors_are_one_line_messages(tmp_path, capsys, args, message):
+    code, _, err = in_process(capsys, "convert", "--out", str(tmp_path / "b"), *args)
+    assert code == 2, err
+    assert message in err.lower() and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
 
 
-def test_train_against_a_served_bundle(digits_bundle_dir, serve_bundle, tmp_path):
+def test_train_against_a_served_bundle(digits_bundle_dir, digits_bundles, serve_bundle, tmp_path):
+    from device_tf.data import batches, load_digits_split
+    from device_tf.reference import accuracy, train_unsplit
+    from shared_schema import load_manifest
+
     srv = serve_bundle(digits_bundle_dir)
     log = tmp_path / "steps.jsonl"
     result = spliteasy(
@@ -107,22 +132,35 @@ def test_train_against_a_served_bundle(digits_bundle_dir, serve_bundle, tmp_path
     for key in ("device_ms", "server_ms", "codec_ms", "wire_ms", "total_ms", "loss"):
         assert all(key in r for r in rows)
     assert rows[-1]["loss"] < rows[0]["loss"]
-    accuracy = float(result.stdout.split("test accuracy")[1].split()[0])
-    assert accuracy > 0.5
+    split_accuracy = float(result.stdout.split("test accuracy")[1].split()[0])
+    assert split_accuracy > 0.5
+    # The same model trained unsplit on the same batches (train's defaults: batch 32,
+    # seed 0, one epoch) classifies the held-out digits the same, to one digit.
+    _, reference = digits_bundles("double", {"name": "sgd", "learning_rate": 0.01, "momentum": 0.9})
+    manifest = load_manifest(digits_bundle_dir)
+    x_tr, y_tr, x_te, y_te = load_digits_split(seed=0)
+    train_unsplit(reference, list(batches(x_tr, y_tr, 32, 0, 0)), manifest.optimizer, manifest.loss)
+    unsplit_accuracy = accuracy(reference, x_te, y_te)
+    print(f"\ntrain CLI: split {split_accuracy:.4f}, unsplit {unsplit_accuracy:.4f}")
+    assert abs(split_accuracy - unsplit_accuracy) <= 1 / len(y_te) + 1e-9
 
 
-def test_train_refuses_a_server_with_another_bundle(digits_bundle_dir, serve_bundle, tmp_path):
+def test_train_refuses_a_server_with_another_bundle(digits_bundle_dir, serve_app, tmp_path, capsys):
     import shutil
+
+    from server_torch.app import create_app
 
     other = tmp_path / "other"
     shutil.copytree(digits_bundle_dir, other)
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["model"] = "something-else"
     (other / "manifest.json").write_text(json.dumps(manifest))
-    srv = serve_bundle(digits_bundle_dir)
-    result = spliteasy("train", str(other), "--server", srv.url, "--epochs", "1", "--no-progress")
-    assert result.returncode == 2
-    assert "409" in result.stderr and "Traceback" not in result.stderr
+    srv = serve_app(create_app(digits_bundle_dir))
+    code, _, err = in_process(
+        capsys, "train", str(other), "--server", srv.url, "--epochs", "1", "--no-progress"
+    )
+    assert code == 2
+    assert "409" in err and "Traceback" not in err
 
 
 def test_demo_learns_and_matches_unsplit(tmp_path):
@@ -136,91 +174,59 @@ def test_demo_learns_and_matches_unsplit(tmp_path):
         f"{summary['steps']} steps, mean step {summary['mean_step_ms']}"
     )
     assert summary["split_accuracy"] >= 0.90
-    assert abs(summary["split_accuracy"] - summary["unsplit_accuracy"]) <= 0.02
+    # README: split and unsplit accuracies are the same; allow one held-out digit (of 360)
+    # for a prediction tied at float32 rounding after 225 steps.
+    assert abs(summary["split_accuracy"] - summary["unsplit_accuracy"]) <= 1 / 360 + 1e-9
     assert Path(tmp_path / "demo" / "steps.jsonl").exists()
 
 
-def test_train_with_the_tflite_runtime(tmp_path, serve_bundle):
-    bundle = tmp_path / "tflite"
-    made = spliteasy(
-        "convert",
-        "--cuts",
-        "a_out",
-        "b_out",
-        "--runtimes",
-        "tf,tflite",
-        "--out",
-        str(bundle),
-        "--optimizer",
-        "sgd",
-    )
-    assert made.returncode == 0, made.stderr
+def test_train_with_the_tflite_runtime(tmp_path, serve_app, digits_bundles, capsys):
+    from server_torch.app import create_app
+
+    bundle, _ = digits_bundles("double", SGD, ALL_RUNTIMES)
     manifest = json.loads((bundle / "manifest.json").read_text())
     formats = {
         a["format"] for s in manifest["slices"] if s["side"] == "device" for a in s["artifacts"]
     }
     assert {"savedmodel", "keras_weights", "tflite"} <= formats
-    srv = serve_bundle(bundle)
+    srv = serve_app(create_app(bundle))
     log = tmp_path / "steps.jsonl"
-    result = spliteasy(
-        "train",
-        str(bundle),
-        "--server",
-        srv.url,
-        "--runtime",
-        "tflite",
-        "--epochs",
-        "1",
-        "--log",
-        str(log),
-        "--no-progress",
-    )
-    assert result.returncode == 0, result.stderr
-    assert "runtime tflite" in result.stdout
+    code, out, err = in_process(
+        capsys, "train", str(bundle), "--server", srv.url, "--runtime", "tflite",
+        "--epochs", "1", "--log", str(log), "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "runtime tflite" in out
     rows = [json.loads(line) for line in log.read_text().splitlines()]
-    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert len(rows) == 45 and rows[-1]["loss"] < rows[0]["loss"]
 
 
-def test_train_tflite_on_a_bundle_without_tflite_is_a_clear_error(digits_bundle_dir, serve_bundle):
-    srv = serve_bundle(digits_bundle_dir)
-    result = spliteasy(
-        "train",
-        str(digits_bundle_dir),
-        "--server",
-        srv.url,
-        "--runtime",
-        "tflite",
-        "--epochs",
-        "1",
-        "--no-progress",
-    )
-    assert result.returncode == 2 and "tflite" in result.stderr.lower()
-    assert "Traceback" not in result.stderr
+def test_train_tflite_on_a_bundle_without_tflite_is_a_clear_error(
+    digits_bundle_dir, serve_app, capsys
+):
+    from server_torch.app import create_app
+
+    srv = serve_app(create_app(digits_bundle_dir))
+    code, _, err = in_process(
+        capsys, "train", str(digits_bundle_dir), "--server", srv.url, "--runtime", "tflite",
+        "--epochs", "1", "--no-progress",
+    )  # fmt: skip
+    assert code == 2 and "tflite" in err.lower()
+    assert "Traceback" not in err
 
 
 @pytest.mark.js
-def test_train_with_the_tfjs_runtime_in_node(tmp_path, serve_bundle):
-    bundle = tmp_path / "tfjs"
-    made = spliteasy(
-        "convert", "--cuts", "a_out", "b_out", "--runtimes", "tfjs", "--out", str(bundle)
-    )
-    assert made.returncode == 0, made.stderr
-    srv = serve_bundle(bundle)
+def test_train_with_the_tfjs_runtime_in_node(tmp_path, serve_app, digits_bundles, capsys):
+    from server_torch.app import create_app
+
+    bundle, _ = digits_bundles("double", SGD, ALL_RUNTIMES)
+    srv = serve_app(create_app(bundle))
     log = tmp_path / "steps.jsonl"
-    result = spliteasy(
-        "train",
-        str(bundle),
-        "--server",
-        srv.url,
-        "--runtime",
-        "tfjs",
-        "--epochs",
-        "1",
-        "--log",
-        str(log),
-        "--no-progress",
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    code, out, err = in_process(
+        capsys, "train", str(bundle), "--server", srv.url, "--runtime", "tfjs",
+        "--epochs", "1", "--log", str(log), "--no-progress",
+    )  # fmt: skip
+    assert code == 0, out + err
     rows = [json.loads(line) for line in log.read_text().splitlines() if '"loss"' in line]
     assert len(rows) >= 45 and rows[-1]["loss"] < rows[0]["loss"]
     for key in ("device_ms", "server_ms", "codec_ms", "wire_ms"):

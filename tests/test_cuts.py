@@ -41,7 +41,7 @@ def keras():
 # -- every network --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", zoo.names())
+@pytest.mark.parametrize("name", zoo_helpers.params([(n,) for n in zoo.names()], zoo.names()))
 def test_cuts_of_every_zoo_network_are_consistent(name):
     model = built(name)
     found = cuts.find_cuts(model)
@@ -69,40 +69,50 @@ def test_cuts_of_every_zoo_network_are_consistent(name):
     assert [c.layer for c in pair] == [found[0].layer, found[-1].layer]
 
 
-def test_resnet_cuts_fall_only_between_residual_blocks():
-    for name, blocks in [("resnet50", (3, 4, 6, 3)), ("resnet152", (3, 8, 36, 3))]:
-        found = cut_names(name)
-        for stage, n in enumerate(blocks, start=2):
-            for b in range(1, n + 1):
-                assert f"conv{stage}_block{b}_out" in found
-                assert f"conv{stage}_block{b}_add" in found
-        assert "conv2_block1_1_conv" not in found
-        inside = [c for c in found if re.match(r"conv\d_block\d+_\d_", c)]
-        assert inside == []
-        assert found[-1] == "avg_pool"
+@pytest.mark.parametrize(
+    "name,blocks",
+    zoo_helpers.params([("resnet50", (3, 4, 6, 3)), ("resnet152", (3, 8, 36, 3))], ["50", "152"]),
+)
+def test_resnet_cuts_fall_only_between_residual_blocks(name, blocks):
+    found = cut_names(name)
+    for stage, n in enumerate(blocks, start=2):
+        for b in range(1, n + 1):
+            assert f"conv{stage}_block{b}_out" in found
+            assert f"conv{stage}_block{b}_add" in found
+    assert "conv2_block1_1_conv" not in found
+    inside = [c for c in found if re.match(r"conv\d_block\d+_\d_", c)]
+    assert inside == []
+    assert found[-1] == "avg_pool"
 
 
-def test_densenet_cuts_are_the_concatenations_and_transitions():
+@pytest.mark.parametrize(
+    "name,blocks",
+    zoo_helpers.params(
+        [("densenet121", (6, 12, 24, 16)), ("densenet201", (6, 12, 48, 32))], ["121", "201"]
+    ),
+)
+def test_densenet_cuts_are_the_concatenations_and_transitions(name, blocks):
     """Keras' DenseNet concatenates each bottleneck's output onto the running tensor, so
     the running concatenation carries everything: every ``*_concat`` is a cut, and
     nothing inside a bottleneck (``convN_blockM_{0,1,2}_*``) is."""
-    for name, blocks in [("densenet121", (6, 12, 24, 16)), ("densenet201", (6, 12, 48, 32))]:
-        found = cut_names(name)
-        concats = [c for c in found if c.endswith("_concat")]
-        assert len(concats) == sum(blocks)
-        assert [c for c in found if re.match(r"conv\d_block\d+_\d_", c)] == []
-        for t in (2, 3, 4):
-            for part in ("bn", "relu", "conv", "pool"):
-                assert f"pool{t}_{part}" in found
-        assert {"bn", "relu", "avg_pool"} <= set(found)
+    found = cut_names(name)
+    concats = [c for c in found if c.endswith("_concat")]
+    assert len(concats) == sum(blocks)
+    assert [c for c in found if re.match(r"conv\d_block\d+_\d_", c)] == []
+    for t in (2, 3, 4):
+        for part in ("bn", "relu", "conv", "pool"):
+            assert f"pool{t}_{part}" in found
+    assert {"bn", "relu", "avg_pool"} <= set(found)
 
 
+@zoo_helpers.on("inceptionv3")
 def test_inceptionv3_cuts_between_mixed_modules_only():
     found = list(cut_names("inceptionv3"))
     tail = found[found.index("mixed0") :]
     assert tail == [f"mixed{i}" for i in range(11)] + ["avg_pool"]
 
 
+@zoo_helpers.on("inceptionresnetv2")
 def test_inceptionresnetv2_has_no_custom_layer_and_cuts_between_blocks():
     model = built("inceptionresnetv2")
     assert not [layer for layer in model.layers if type(layer).__name__ == "CustomScaleLayer"]
@@ -119,6 +129,7 @@ def test_inceptionresnetv2_has_no_custom_layer_and_cuts_between_blocks():
     assert type(model.get_layer("block35_1_scale")).__name__ == "Rescaling"
 
 
+@zoo_helpers.on("mobilenetv2")
 def test_mobilenetv2_cuts_inside_plain_blocks_not_inside_residual_ones():
     found = cut_names("mobilenetv2")
     assert "block_1_depthwise_relu" in found  # block 1 has no shortcut
@@ -194,6 +205,7 @@ def invalid(model, names: list[str]) -> str:
     return str(err.value)
 
 
+@zoo_helpers.on("resnet50")
 def test_unknown_layer_suggests_close_names():
     msg = invalid(built("resnet50"), ["conv2_block1_outt"])
     assert "model 'resnet50' has no layer named 'conv2_block1_outt'" in msg
@@ -202,6 +214,7 @@ def test_unknown_layer_suggests_close_names():
     assert "no layer named 'xyzzy'" in msg and "spliteasy cuts MODEL" in msg
 
 
+@zoo_helpers.on("resnet50")
 def test_layer_inside_a_residual_block_names_the_bypass_and_nearest_cuts():
     msg = invalid(built("resnet50"), ["conv2_block1_1_conv"])
     assert "'conv2_block1_1_conv' is not a single-tensor cut point" in msg
@@ -212,12 +225,14 @@ def test_layer_inside_a_residual_block_names_the_bypass_and_nearest_cuts():
     assert "nearest valid cuts: 'pool1_pool' (before), 'conv2_block1_add' (after)" in msg
 
 
+@zoo_helpers.on("densenet121")
 def test_layer_inside_a_dense_block_is_refused():
     msg = invalid(built("densenet121"), ["conv2_block2_1_conv"])
     assert "the path conv2_block1_concat -> conv2_block2_concat bypasses it" in msg
     assert "'conv2_block1_concat' (before), 'conv2_block2_concat' (after)" in msg
 
 
+@zoo_helpers.on("resnet50")
 def test_cuts_out_of_order():
     msg = invalid(built("resnet50"), ["conv3_block1_out", "conv2_block1_out"])
     assert msg.startswith(
@@ -226,6 +241,7 @@ def test_cuts_out_of_order():
     assert "give them as conv2_block1_out,conv3_block1_out" in msg
 
 
+@zoo_helpers.on("resnet50")
 def test_cuts_that_leave_a_slice_empty():
     model = built("resnet50")
     assert "slice B between the cuts would be empty" in invalid(model, ["conv2_block1_out"] * 2)
@@ -239,6 +255,7 @@ def test_cuts_that_leave_a_slice_empty():
     assert "so slice C would be empty" in msg
 
 
+@zoo_helpers.on("resnet50")
 def test_wrong_number_of_cuts():
     assert "give one cut (single split) or two (double split), got 0" in invalid(
         built("resnet50"), []
@@ -374,6 +391,7 @@ def test_unsupported_layers_are_named():
 # -- the CLI ----------------------------------------------------------------------------
 
 
+@zoo_helpers.on("resnet50")
 def test_cli_json_matches_find_cuts():
     exe = Path(sys.executable).with_name("spliteasy")
     out = subprocess.run(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from zoo_helpers import CUT_PAIRS, SGD_CFG, built, bundle, short_name, slice_layers
+from zoo_helpers import CUT_PAIRS, SGD_CFG, built, bundle, on, params, short_name, slice_layers
 
 from converters._exceptions import InvalidCut, UnsupportedLayer
 
@@ -92,7 +92,7 @@ def table_row(name: str, cuts: tuple[str, ...], report: dict) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,cuts", CASES, ids=[f"{n}-{'|'.join(c)}" for n, c in CASES])
+@pytest.mark.parametrize("name,cuts", params(CASES, [f"{n}-{'|'.join(c)}" for n, c in CASES]))
 def test_zoo_network_converts_with_a_trainable_verified_b(name, cuts):
     model, _ = built(name)
     report = check_bundle(bundle(name, cuts), model, cuts)
@@ -100,6 +100,7 @@ def test_zoo_network_converts_with_a_trainable_verified_b(name, cuts):
     print(f"\n{table_row(name, cuts, report)}")
 
 
+@on("mobilenetv2")
 def test_single_split_puts_the_head_on_the_server(tmp_path):
     """One cut: B is the rest of the network including global pooling and the head."""
     from converters.bundle import write_bundle
@@ -347,6 +348,7 @@ def test_cli_names_an_unsupported_layer_in_one_line(tmp_path):
     ],
     ids=["bypassed", "order", "same", "input", "output", "typo", "three", "nothing-to-train"],
 )  # fmt: skip
+@on("resnet50")
 def test_every_invalid_cut_gets_its_error_from_convert(tmp_path, cuts, message):
     from converters.bundle import write_bundle
     from shared_schema import SGDSpec

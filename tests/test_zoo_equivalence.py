@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from zoo_helpers import CUT_PAIRS, SGD_CFG, built, bundle
+from zoo_helpers import CUT_PAIRS, SGD_CFG, built, bundle, params
 
 from split_helpers import split_run
 
@@ -132,7 +132,7 @@ class Float64ServerB:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,cuts", CASES, ids=IDS)
+@pytest.mark.parametrize("name,cuts", params(CASES, IDS))
 def test_split_training_equals_unsplit_in_float64(name, cuts):
     import tf_keras as keras
 
@@ -196,7 +196,7 @@ def test_split_training_equals_unsplit_in_float64(name, cuts):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,cuts", CASES, ids=IDS)
+@pytest.mark.parametrize("name,cuts", params(CASES, IDS))
 def test_split_training_over_http_is_within_float32_noise(serve_app, name, cuts):
     from device_tf.reference import clone_with_weights
     from device_tf.tf_runtime import TFRuntime

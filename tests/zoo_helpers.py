@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import bundle_cache
+import pytest
 
 SGD_CFG = {"name": "sgd", "learning_rate": 0.01, "momentum": 0.9}
 
@@ -31,6 +32,18 @@ CUT_PAIRS: dict[str, list[tuple[str, str]]] = {
     "inceptionresnetv2": [("block35_9_ac", "block17_2_ac"), ("block8_9_ac", "conv_7b_ac")],
     "mobilenetv2": [("block_4_add", "block_12_add"), ("block_12_add", "out_relu")],
 }  # fmt: skip
+
+
+def on(name: str) -> pytest.MarkDecorator:
+    """Run on the pytest-xdist worker that holds zoo network ``name`` (``--dist
+    loadgroup``): every test of one network shares one build of it."""
+    return pytest.mark.xdist_group(name)
+
+
+def params(cases: list[tuple], ids: list[str] | None = None) -> list[Any]:
+    """``cases`` (first item: the network's name) as parameters grouped by network."""
+    ids = ids or [None] * len(cases)
+    return [pytest.param(*c, marks=on(c[0]), id=i) for c, i in zip(cases, ids, strict=True)]
 
 
 @functools.cache
