@@ -439,6 +439,9 @@ class Checkpointer:
                 )  # fmt: skip
                 return None
             with self.service.lock:
+                if self.last is not None and _signature(self.service) == self._written:
+                    log.info("final checkpoint: nothing changed since step %d", self.last.step)
+                    return self.last
                 return self._write_locked()
         finally:
             self.close()
