@@ -160,14 +160,9 @@ def fit(
 def _recover(trainer: SplitTrainer, state: DeviceState, exc: ServerRejected, step: int) -> int:
     """The step to go on from after the server refused ``step``; re-raises what is fatal."""
     if isinstance(exc, StepConflict) and exc.next_step is not None:
-        target = exc.next_step
-        if target > step:
+        if exc.next_step > step:
             raise exc
-        state.notify(
-            f"spliteasy: the server is back at step {target} of this session (restarted from "
-            f"its checkpoint); rolling back from step {step} and replaying"
-        )
-        return state.rollback(trainer, target)
+        return state.rollback(trainer, exc.next_step)
     if exc.code == "stale_forward":  # our forward's hold on B lapsed: redo this step
         return state.rollback(trainer, step)
     if exc.code == "unknown_session":

@@ -173,14 +173,14 @@ class DeviceState:
         self,
         directory: Path | str,
         spec: RunSpec,
-        runtime: DeviceRuntime,
+        runtime: DeviceRuntime | None = None,
         *,
         server: str = "",
         notify: Callable[[str], None] = _stderr_line,
     ) -> None:
         self.dir = Path(directory)
         self.spec = spec
-        self.runtime = runtime
+        self.runtime = runtime  # may be set later, before ``begin``
         self.server = server
         self.notify = notify
         self.latest: Snapshot | None = None
@@ -309,6 +309,8 @@ class DeviceState:
 
     def begin(self, trainer: SplitTrainer) -> int:
         """Open a new session or take up the saved one; returns the step to run next."""
+        if self.runtime is None:
+            raise StateError("DeviceState.begin needs the runtime whose state it keeps")
         saved = self.read_session()
         self.latest = self._read("latest") if saved else None
         self.durable = self._read("durable") if saved else None
@@ -317,6 +319,9 @@ class DeviceState:
         if self.latest.step > self.spec.total_steps:
             raise StateError(f"{self.dir} is at step {self.latest.step} of a shorter run")
         step = self.restore(self.latest)
+        if step == self.spec.total_steps:  # finished (its session may be gone): no traffic
+            self.notify(f"spliteasy: the run in {self.dir} finished all {step} steps already")
+            return step
         self.announced = self.durable.step if self.durable else -1
         try:
             info = trainer.resume(saved["session_id"], saved["token"])
@@ -363,6 +368,12 @@ class DeviceState:
                 f"the server resumed this session at step {step}, but this device keeps "
                 f"snapshots of steps {have} only: the two cannot continue the same run "
                 "exactly; start a new run with another --state-dir"
+            )
+        current = self.latest.step if self.latest is not None else step
+        if step != current:
+            self.notify(
+                f"spliteasy: the server holds step {step} of this session (restarted from "
+                f"its checkpoint); rolling back from step {current} and replaying"
             )
         self.restore(snap)
         if self.latest is None or self.latest.step != step:

@@ -134,8 +134,11 @@ class HttpTransport(Transport):
             except httpx.TransportError as exc:
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             else:
-                if response.status_code == 503 and _error_code(response) == "busy":
-                    last = "503 busy"  # B is another device's for now: wait like for a restart
+                code = _error_code(response) if response.status_code == 503 else ""
+                if code in ("busy", "shutting_down"):
+                    # B is another device's for now, or the server is saving its final
+                    # checkpoint before it stops: wait as for a restart
+                    last = f"503 {code}"
                 else:
                     if first_failure is not None:
                         self.notify(

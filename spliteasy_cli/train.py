@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     from device_tf.transport import HttpTransport
     from shared_schema import SpliteasyError, load_manifest, manifest_digest
 
+    if args.reconnect_timeout < 0:
+        raise SpliteasyError("--reconnect-timeout must be >= 0")
     manifest = load_manifest(args.bundle)
     if manifest.num_classes < 10:
         raise SpliteasyError("the digits data needs a model with at least 10 classes")
@@ -67,11 +69,7 @@ def run(args: argparse.Namespace) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     if args.runtime == "tfjs":
         return _run_tfjs(args, manifest, (x_tr, y_tr, x_te, y_te), log)
-    if args.reconnect_timeout < 0:
-        raise SpliteasyError("--reconnect-timeout must be >= 0")
     digest = manifest_digest(args.bundle)
-    runtime = make_runtime(args.runtime, args.bundle, manifest)
-    transport = HttpTransport(args.server, reconnect_timeout=args.reconnect_timeout)
     state = None
     if args.state_dir is not None:
         from device_tf.state import DeviceState, RunSpec, data_digest
@@ -86,24 +84,34 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             seed=args.seed,
         )
-        state = DeviceState(args.state_dir, spec, runtime, server=args.server)
-        state.read_session()  # another bundle's or run's state dir: refused before any traffic
+        state = DeviceState(args.state_dir, spec, server=args.server)
+        state.read_session()  # another bundle's or run's state dir: refused before any work
+    runtime = make_runtime(args.runtime, args.bundle, manifest)
+    if state is not None:
+        state.runtime = runtime
+    transport = HttpTransport(args.server, reconnect_timeout=args.reconnect_timeout)
+    trainer = SplitTrainer(runtime, transport, manifest, digest, args.aux_label)
+    finished = False
     try:
-        with SplitTrainer(runtime, transport, manifest, digest, args.aux_label) as trainer:
-            history = fit(
-                trainer,
-                x_tr,
-                y_tr,
-                epochs=args.epochs,
-                batch_size=args.batch_size,
-                seed=args.seed,
-                x_val=x_te,
-                y_val=y_te,
-                log_path=log,
-                progress=not args.no_progress,
-                state=state,
-            )
+        history = fit(
+            trainer,
+            x_tr,
+            y_tr,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            x_val=x_te,
+            y_val=y_te,
+            log_path=log,
+            progress=not args.no_progress,
+            state=state,
+        )
+        finished = True
     finally:
+        # A finished run ends its session; a run that failed keeps it when it has a state
+        # dir, so the same command can take it up again.
+        if finished or state is None:
+            trainer.close()
         transport.close()
     if history.epoch_accuracy:
         print(
@@ -162,6 +170,9 @@ def _run_tfjs(args: argparse.Namespace, manifest, data, log: Path) -> int:
         ]
         if args.aux_label:
             cmd.append("--aux-label")
+        if args.state_dir is not None:
+            cmd += ["--state-dir", str(args.state_dir)]
+        cmd += ["--reconnect-timeout", str(args.reconnect_timeout)]
         if args.no_progress:
             cmd.append("--quiet")
         code = subprocess.call(cmd)

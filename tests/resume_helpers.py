@@ -1,0 +1,215 @@
+"""Real ``spliteasy serve`` and ``spliteasy train`` processes for the crash-recovery tests.
+
+A run is one device and one server on 127.0.0.1, both with a state dir. The tests kill
+either or both with SIGKILL at a chosen step, restart them on the same state dirs (the
+server on the same port), let the device finish, and compare the final A, B and C with
+an uninterrupted run of the same configuration:
+
+- A and C (and their optimizer state): the device's ``latest/`` snapshot;
+- B (and its optimizer state): the server's newest checkpoint, written on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from server_torch.serving import ServerProcess
+
+REPO = Path(__file__).resolve().parents[1]
+# digits' 1437 training images: batch 48 -> 30 steps per epoch; batch 29 -> 50 per epoch
+STEPS_30 = ("--epochs", "1", "--batch-size", "48")
+STEPS_100 = ("--epochs", "2", "--batch-size", "29")
+
+
+@dataclass
+class Server:
+    """``spliteasy serve`` on a state dir, restartable on the same port after a kill."""
+
+    bundle: Path
+    state_dir: Path
+    extra: tuple[str, ...] = ("--checkpoint-every", "5")
+    port: int = 0
+    proc: ServerProcess | None = None
+    starts: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Server:
+        args = ["--state-dir", str(self.state_dir), *self.extra]
+        if self.port:
+            args += ["--port", str(self.port)]  # the last --port wins over ServerProcess' 0
+        self.proc = ServerProcess(self.bundle, args).start(timeout=180)
+        self.port = int(self.proc.url.rsplit(":", 1)[1])
+        self.starts += 1
+        return self
+
+    def kill(self) -> None:
+        assert self.proc is not None and self.proc.proc is not None
+        self.proc.proc.send_signal(signal.SIGKILL)
+        self.proc.proc.wait(30)
+
+    def health(self) -> dict:
+        import httpx
+
+        return httpx.get(f"{self.url}/v1/health", timeout=10).json()
+
+    def stop(self) -> None:
+        """SIGTERM: the server writes its final checkpoint and exits."""
+        if self.proc is not None:
+            self.proc.stop(timeout=60)
+
+    def output(self) -> str:
+        return "".join(self.proc.output) if self.proc else ""
+
+
+@dataclass
+class Device:
+    """``spliteasy train`` as a child process with a state dir and a JSONL step log."""
+
+    bundle: Path
+    work: Path
+    steps: tuple[str, ...] = STEPS_30
+    runtime: str = "tf"
+    proc: subprocess.Popen | None = None
+    starts: int = 0
+    outputs: list[Path] = field(default_factory=list)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.work / "device-state"
+
+    @property
+    def log(self) -> Path:
+        return self.work / "steps.jsonl"
+
+    def start(self, url: str) -> Device:
+        self.starts += 1
+        out = self.work / f"device-{self.starts}.out"
+        self.outputs.append(out)
+        cmd = [
+            sys.executable, "-m", "spliteasy_cli.main", "train", str(self.bundle),
+            "--server", url, "--runtime", self.runtime, *self.steps,
+            "--state-dir", str(self.state_dir), "--log", str(self.log), "--no-progress",
+            "--reconnect-timeout", "240",
+        ]  # fmt: skip
+        with open(out, "wb") as fh:
+            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=self.work)
+        return self
+
+    def steps_logged(self) -> int:
+        try:
+            return self.log.read_bytes().count(b"\n")
+        except FileNotFoundError:
+            return 0
+
+    def wait_for_step(self, n: int, timeout: float = 300.0) -> None:
+        """Until the log shows ``n`` more completed steps (counting from this start)."""
+        deadline = time.monotonic() + timeout
+        while self.steps_logged() < n:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"device exited ({self.proc.returncode}):\n{self.output()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"device did not reach step {n}:\n{self.output()}")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def finish(self, timeout: float = 600.0) -> None:
+        assert self.proc is not None
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"device did not finish:\n{self.output()}") from None
+        assert code == 0, f"device exited with {code}:\n{self.output()}"
+
+    def output(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in self.outputs if p.exists())
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()
+
+
+def device_state(state_dir: Path) -> dict[str, np.ndarray]:
+    """A's and C's variables and optimizer state from ``latest/`` (keys ``dev/...``)."""
+    from safetensors.numpy import load
+
+    from shared_schema.durable import read_dir
+
+    files = read_dir(state_dir / "latest")
+    progress = json.loads(files["progress.json"])
+    out = {f"dev/{k}": v for k, v in load(files["slices.safetensors"]).items()}
+    out.update({f"dev-opt/{k}": v for k, v in load(files["optimizer.safetensors"]).items()})
+    out["dev/step"] = np.array(progress["step"])
+    return out
+
+
+def server_state(state_dir: Path) -> dict[str, np.ndarray]:
+    """B's parameters and buffers, its optimizer slots and scalars from the newest checkpoint."""
+    from server_torch.checkpoint import read_state_dir
+
+    saved = read_state_dir(state_dir)
+    out = {f"B/{k}": v.detach().cpu().numpy() for k, v in saved.module_state.items()}
+    out.update({f"B-opt/{k}": v.detach().cpu().numpy() for k, v in saved.optimizer_state.items()})
+    out["B/steps"] = np.array(saved.step)
+    scalars = (saved.state.get("optimizer") or {}).get("scalars") or {}
+    for k, v in scalars.items():  # Adam's step count
+        if isinstance(v, int | float):
+            out[f"B-opt/{k}"] = np.array(v)
+    return out
+
+
+def final_state(server: Server, device: Device) -> dict[str, np.ndarray]:
+    server.stop()
+    return {**device_state(device.state_dir), **server_state(server.state_dir)}
+
+
+def compare(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> float:
+    """Largest relative difference over every tensor; the names must be the same."""
+    assert set(got) == set(want), sorted(set(got) ^ set(want))
+    worst, where = 0.0, ""
+    for k, w in want.items():
+        g = got[k]
+        assert g.shape == w.shape, (k, g.shape, w.shape)
+        if w.dtype.kind in "iub":
+            assert np.array_equal(g, w), (k, g, w)
+            continue
+        err = float(np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-12))
+        if err > worst:
+            worst, where = err, k
+    print(f"largest relative difference {worst:.2e} ({where or 'all equal'})")
+    return worst
+
+
+def uninterrupted(bundle: Path, work: Path, steps=STEPS_30, runtime: str = "tf") -> dict:
+    """The reference: the same configuration run without any fault."""
+    work.mkdir(parents=True, exist_ok=True)
+    server = Server(bundle, work / "server-state").start()
+    device = Device(bundle, work, steps, runtime)
+    try:
+        device.start(server.url).finish()
+        assert server.health()["steps"] == _expected_steps(steps)
+        return final_state(server, device)
+    finally:
+        device.stop()
+        server.stop()
+
+
+def _expected_steps(steps: tuple[str, ...]) -> int:
+    epochs, batch = int(steps[1]), int(steps[3])
+    return epochs * -(-1437 // batch)
