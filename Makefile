@@ -49,4 +49,4 @@ schema: install
 	$(BIN)/python -m shared_schema.export_schema
 
 clean:
-	rm -rf $(VENV) $(JS)/node_modules .pytest_cache
+	rm -rf $(VENV) $(JS)/node_modules .pytest_cache .cache

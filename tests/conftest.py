@@ -75,12 +75,18 @@ def serve_app() -> Iterator[Callable[..., Any]]:
 
 
 @pytest.fixture
-def serve_bundle() -> Iterator[Callable[..., Any]]:
+def serve_bundle(tmp_path_factory) -> Iterator[Callable[..., Any]]:
+    """Without ``--state-dir`` in ``extra_args`` the child gets a fresh one: its default
+    (``runs/serve-<manifest hash>/`` in the working directory) is shared by every server
+    of the same (cached) bundle, and a server would resume another test's checkpoint."""
     from server_torch.serving import ServerProcess
 
     started: list[ServerProcess] = []
 
     def start(bundle_dir: Path | str, *extra_args: str, timeout: float = 120.0) -> ServerProcess:
+        if not any(a.split("=")[0] == "--state-dir" for a in extra_args):
+            state = tmp_path_factory.mktemp("serve-state")
+            extra_args = (*extra_args, "--state-dir", str(state))
         srv = ServerProcess(bundle_dir, extra_args)
         started.append(srv)
         return srv.start(timeout)

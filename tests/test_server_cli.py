@@ -37,20 +37,10 @@ def test_refuses_a_missing_or_tampered_bundle(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def digits_bundle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundles") / "digits-double"
-    cmd = [
-        sys.executable,
-        "-m",
-        "spliteasy_cli.main",
-        "convert",
-        "--out",
-        str(out),
-        "--optimizer",
-        "sgd",
-    ]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
-    return out
+def digits_bundle(digits_bundle_dir):
+    """What ``spliteasy convert --optimizer sgd`` writes (double split), from the cache;
+    the convert command's own subprocess is test_cli's."""
+    return digits_bundle_dir
 
 
 @pytest.mark.slow
