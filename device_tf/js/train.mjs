@@ -32,7 +32,7 @@ import { batches, parseData, schedule } from './src/data.mjs';
 import { sha256Hex } from './src/digest.mjs';
 import { DeviceError, SpliteasyError } from './src/errors.mjs';
 import { SplitTrainer, accuracy, startRun, train } from './src/loop.mjs';
-import { shuffled } from './src/shuffle.mjs';
+import { SHUFFLE_RULE, shuffled } from './src/shuffle.mjs';
 import { TfjsSlices } from './src/slices.mjs';
 import { RunState } from './src/state.mjs';
 import { FileStateStore } from './src/state_fs.mjs';
@@ -133,21 +133,20 @@ async function main(argv) {
   );
   const state = new RunState(opt.stateDir ? new FileStateStore(opt.stateDir) : null);
   await state.store?.cleanTemp();
-  const meta = {
-    format_version: 1,
-    runtime: 'tfjs',
-    server: opt.server,
+  const run = {
     manifest_sha256: digest,
-    data_sha256: await sha256Hex(dataBytes),
+    runtime: 'tfjs',
     aux_label: opt.auxLabel,
-    batch_size: opt.batchSize,
+    data_sha256: await sha256Hex(dataBytes),
+    n_samples: data.count,
     epochs: opt.epochs,
+    batch_size: opt.batchSize,
     steps: Number.isFinite(opt.steps) ? opt.steps : null,
     seed: opt.seed ?? null,
-    total_steps: total,
+    shuffle: opt.seed === undefined ? 'file order' : SHUFFLE_RULE,
   };
   const onEvent = (e) => console.error(`spliteasy-js: ${e.message}`);
-  const start = await startRun(trainer, state, meta, sched, { onEvent });
+  const start = await startRun(trainer, state, { server: opt.server, run }, sched, { onEvent });
   if (start.resumed) {
     log(
       `resumed at step ${start.at}/${total} (session ${trainer.sessionId.slice(0, 8)}…, state ${opt.stateDir}` +

@@ -262,20 +262,27 @@ export async function train(trainer, sched, { state = null, onStep = () => {}, o
     }
     conflicts = 0;
     rec.epoch = batch.epoch;
-    if (state) await state.commit(await takeSnapshot(trainer.rt, progressAt(sched, rec.step + 1, rec)));
+    if (state) await state.commit(await takeSnapshot(trainer.rt, progressAt(sched, rec.step + 1, rec, state.run)));
     records.push(rec);
     await onStep(rec, batch);
   }
   return records;
 }
 
-/** progress.json's fields for a snapshot after `step` completed steps. */
-export function progressAt(sched, step, rec = null) {
+/**
+ * progress.json's fields for a snapshot after `step` completed steps (those of the Python
+ * runtimes, device_tf/state.py, plus `done` and the step's loss). `run` is session.json's
+ * "run" (the manifest hash, the shuffle).
+ */
+export function progressAt(sched, step, rec = null, run = null) {
   return {
     step,
     epoch: Math.floor(step / sched.perEpoch),
     position: step % sched.perEpoch,
+    steps_per_epoch: sched.perEpoch,
     total_steps: sched.total,
+    shuffle: run ? { seed: run.seed, n_samples: run.n_samples, rule: run.shuffle } : null,
+    manifest_sha256: run?.manifest_sha256 ?? null,
     done: step >= sched.total,
     loss: rec ? rec.loss : null,
   };
@@ -306,32 +313,37 @@ export async function newSession(trainer, state, sched) {
   await state.commit(state.initial);
 }
 
-/** session.json fields that must match for a stored run to be resumed by this command. */
-const RUN_KEYS = ['manifest_sha256', 'data_sha256', 'aux_label', 'batch_size', 'epochs', 'steps', 'seed'];
-
 /**
- * Start the run, or resume the one the state holds. `meta` is session.json's content
- * without the session (runtime, server, manifest_sha256, data_sha256, aux_label, plan).
- * Returns {resumed: false} for a new run, else {resumed: true, from, at, done}: the stored
+ * Start the run, or resume the one the state holds. `server` is where this run trains, `run`
+ * what must not change for a stored run to be resumed (session.json's "run": manifest and
+ * data hashes, runtime, aux_label, batch size, epochs, step cap, shuffle seed).
+ * session.json is {format_version, server, session_id, token, run, created}, as the Python
+ * runtimes write it. Returns {resumed: false} for a new run, else {resumed: true, from, at, done}: the stored
  * snapshot's step `from`, and the step `at` the run continues at (lower if the server was
  * found at its earlier checkpoint).
  */
-export async function startRun(trainer, state, meta, sched, { onEvent = () => {} } = {}) {
-  state.initial = await takeSnapshot(trainer.rt, progressAt(sched, 0));
+export async function startRun(trainer, state, { server, run }, sched, { onEvent = () => {} } = {}) {
+  state.run = run;
+  state.initial = await takeSnapshot(trainer.rt, progressAt(sched, 0, null, run));
   const saved = await state.load();
   if (!saved.session) {
     const s = await trainer.open();
     state.announce(s.durableStep);
-    await state.saveSession({ ...meta, session_id: s.sessionId, token: s.token, created: new Date().toISOString() });
+    const session = { format_version: 1, server, session_id: s.sessionId, token: s.token, run };
+    await state.saveSession({ ...session, created: new Date().toISOString() });
     await state.commit(state.initial);
     return { resumed: false };
   }
-  const diff = RUN_KEYS.filter((k) => JSON.stringify(saved.session[k] ?? null) !== JSON.stringify(meta[k] ?? null));
+  const theirs = saved.session.run ?? {};
+  const keys = [...new Set([...Object.keys(run), ...Object.keys(theirs)])];
+  const diff = keys.filter((k) => JSON.stringify(theirs[k] ?? null) !== JSON.stringify(run[k] ?? null));
   if (diff.length) {
-    const what = diff.map((k) => `${k} ${JSON.stringify(saved.session[k] ?? null)} -> ${JSON.stringify(meta[k] ?? null)}`);
-    throw new DeviceError(`the saved state belongs to another run (${what.join('; ')}); use a new state dir or remove it`);
+    const what = diff.map((k) => `${k} ${JSON.stringify(theirs[k] ?? null)} -> ${JSON.stringify(run[k] ?? null)}`);
+    const other = diff.includes('manifest_sha256') ? 'another bundle' : 'a run with other settings';
+    throw new DeviceError(`the saved state belongs to ${other} (${what.join('; ')}); use a new state dir or remove it`);
   }
   state.session = saved.session;
+  if (saved.session.server !== server) await state.saveSession({ ...saved.session, server }); // where it is now
   // durable/ is written before latest/: after a crash between the two it is the newer one
   const snap = [saved.latest, saved.durable].filter(Boolean).sort((a, b) => b.step - a.step)[0] ?? state.initial;
   restoreSnapshot(trainer.rt, snap);

@@ -26,7 +26,7 @@ export class KerasOptimizer {
     if (spec.name !== 'sgd' && spec.name !== 'adam') throw new DeviceError(`unknown optimizer ${spec.name}`);
     this.spec = { momentum: 0, nesterov: false, beta_1: 0.9, beta_2: 0.999, epsilon: 1e-7, ...spec };
     this.iterations = 0;
-    this.slots = new Map(); // variable -> {m, v} or {velocity}
+    this.slots = new Map(); // variable -> {m, v} (Adam) or {momentum} (SGD with momentum)
   }
 
   /** Apply one step. `grads` maps variable name -> gradient; `vars` are tf.Variables. */
@@ -50,9 +50,9 @@ export class KerasOptimizer {
       v.assign(tf.add(v, step));
       return;
     }
-    const slot = this.slot(v, ['velocity']);
-    const vel = tf.add(step, tf.mul(slot.velocity, m));
-    slot.velocity.assign(vel);
+    const slot = this.slot(v, ['momentum']); // Keras' name for v
+    const vel = tf.add(step, tf.mul(slot.momentum, m));
+    slot.momentum.assign(vel);
     v.assign(tf.add(v, nesterov ? tf.add(step, tf.mul(vel, m)) : vel));
   }
 
@@ -73,7 +73,7 @@ export class KerasOptimizer {
   /** Slot names this optimizer keeps per variable. */
   slotNames() {
     if (this.spec.name === 'adam') return ['m', 'v'];
-    return this.spec.momentum ? ['velocity'] : [];
+    return this.spec.momentum ? ['momentum'] : [];
   }
 
   /**

@@ -15,6 +15,9 @@ function mulberry32(seed) {
   };
 }
 
+/** How an epoch's order follows from (seed, epoch): progress.json's shuffle.rule. */
+export const SHUFFLE_RULE = 'mulberry32((seed * 1000003 + epoch) >>> 0) Fisher-Yates over the samples (shuffle.mjs)';
+
 /** The data with its samples permuted by (seed, epoch): a copy, same shape. */
 export function shuffled(data, seed, epoch) {
   const rand = mulberry32((seed * 1000003 + epoch) >>> 0);

@@ -7,8 +7,9 @@
  *
  *   slices.safetensors     every variable of A and C, "A/<layer>/<var>", "C/<layer>/<var>"
  *                          (the names of DeviceRuntime.weights() / keras_util.named_variables)
- *   optimizer.safetensors  slots "A/<layer>/<var>/<slot>" (m, v for Adam; velocity for SGD
- *                          with momentum) and the iteration counts "A/iterations" (int64 [])
+ *   optimizer.safetensors  slots "A/<layer>/<var>/<slot>" (m, v for Adam; momentum for SGD
+ *                          with momentum) and the iteration counts "A/iterations" (int64 []):
+ *                          the names the Python runtimes use (device_tf/runtime.py RuntimeState)
  *   progress.json          {step, epoch, position, ...}: `step` steps are done, the next batch
  *                          is number `position` of epoch `epoch` (batches are a pure function
  *                          of (seed, epoch, position), so the run resumes at the exact batch)
@@ -142,7 +143,8 @@ export class RunState {
   constructor(store = null, { log = () => {} } = {}) {
     this.store = store;
     this.log = log;
-    this.session = null;
+    this.session = null; // session.json
+    this.run = null; // its "run": what a resumed run must share with the stored one
     this.initial = null;
     this.latest = null;
     this.durable = null;
