@@ -289,6 +289,7 @@ class Checkpointer:
         self.skipped: list[str] = []  # checkpoints passed over as torn or corrupt
         self._lock_fd: int | None = None
         self._written: tuple | None = None
+        self._saved_ids: set[str] = set()  # the sessions the newest checkpoint holds
 
     # -- claiming the directory --
 
@@ -377,6 +378,7 @@ class Checkpointer:
         with self.service.lock:
             state = restore(self.service, entry.files, f"checkpoint {entry.path}")
             self._written = _signature(self.service)
+            self._saved_ids = set(self.service.table.sessions)
         self.last = CheckpointInfo(int(state["steps"]), str(state["created"]), entry.path)
         self.resumed_from = self.last.step
         log.debug(  # the CLI prints its own line
@@ -393,7 +395,9 @@ class Checkpointer:
 
     def _on_quiescent(self, reason: Literal["step", "session"]) -> None:
         steps = self.service.trainer.steps
-        if reason == "session" or (self.every and steps % self.every == 0):
+        # A session created while another device held B is saved at the next chance.
+        unsaved = not self._saved_ids.issuperset(self.service.table.sessions)
+        if reason == "session" or unsaved or (self.every and steps % self.every == 0):
             self._write_locked()
 
     def _write_locked(self) -> CheckpointInfo | None:
@@ -412,6 +416,7 @@ class Checkpointer:
             return None
         for s in service.table.sessions.values():
             s.durable_step = s.next_step
+        self._saved_ids = set(service.table.sessions)
         created = json.loads(files["state.json"])["created"]
         self.last = CheckpointInfo(service.trainer.steps, created, path)
         self._written = sig

@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -186,6 +187,59 @@ def test_tokens_are_kept_hashed_only(tmp_path, serve_app):
         if f.is_file():
             assert dev.token.encode() not in f.read_bytes(), f
     dev.close()
+
+
+def test_a_session_created_while_b_is_held_is_saved_at_the_next_quiescent_point(
+    tmp_path, serve_app
+):
+    state = tmp_path / "state"
+    app = _app("double-sgd", state, every=0)  # no periodic checkpoints
+    url = serve_app(app).url
+    dev = Device(url)
+    a, g = rand((2, 8, 8, 4), 0), rand((2, 4, 4, 8), 1)
+    dev.ok("forward", dev.body(ACT, A_CUT, a, 0))  # dev holds B
+    late = Device(url)  # B is not quiescent: no checkpoint now
+    assert {s["id"] for s in read_state_dir(state).state["sessions"]} == {dev.sid}
+    dev.ok("backward", dev.body(GRAD, B_CUT, g, 0))  # B free again: saved now
+    saved = read_state_dir(state)
+    assert {s["id"] for s in saved.state["sessions"]} == {dev.sid, late.sid}
+    assert saved.step == 1
+    dev.close()
+    late.close()
+
+
+def test_shutdown_drains_then_writes_the_final_checkpoint(tmp_path, serve_app):
+    """SIGTERM's hook: new work is refused (503 shutting_down, nothing changes), the device
+    holding B may still send its backward, then the last checkpoint is written."""
+    import threading
+
+    state = tmp_path / "state"
+    app = _app("double-sgd", state, every=0)
+    url = serve_app(app).url
+    dev, other = Device(url), Device(url)
+    a, g = rand((2, 8, 8, 4), 0), rand((2, 4, 4, 8), 1)
+    dev.ok("forward", dev.body(ACT, A_CUT, a, 0))
+    result: list = []
+    drain = threading.Thread(target=lambda: result.append(app.state.on_exit(10.0)))
+    drain.start()
+    while not app.state.service.draining:
+        time.sleep(0.01)
+    before = snapshot(app), _table(app)
+    r = other.post("forward", other.body(ACT, A_CUT, a, 0))
+    assert (
+        r.status_code == 503 and r.json()["error"] == "shutting_down" and r.headers["Retry-After"]
+    )
+    r = httpx.post(f"{url}/v1/sessions", json={"manifest_sha256": app.state.manifest_sha256})
+    assert r.status_code == 503 and r.json()["error"] == "shutting_down"
+    assert (snapshot(app), _table(app)) == before
+    dev.ok("backward", dev.body(GRAD, B_CUT, g, 0))
+    drain.join(30)
+    (ck,) = result
+    assert ck.step == 1 and Series(state).numbers()[0] == 1
+    saved = read_state_dir(state)
+    assert {s["id"]: s["next_step"] for s in saved.state["sessions"]} == {dev.sid: 1, other.sid: 0}
+    dev.close()
+    other.close()
 
 
 # -- torn and corrupt checkpoints ------------------------------------------------------
