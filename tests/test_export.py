@@ -1,0 +1,296 @@
+"""``spliteasy export``: the trained, unsplit model out of a split run (issue #7 item 4).
+
+The digits run is real end to end: ``spliteasy serve --state-dir`` in a child process,
+``spliteasy train --state-dir`` in another, the server stopped with SIGTERM (its final
+checkpoint), then ``spliteasy export`` in a third. The reference is split inference
+over HTTP against the live server (A and C in TF, B in torch in inference mode), taken
+before the server stopped. ResNet50 runs in process on the cached zoo bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from split_helpers import SGD_CFG, digits_bundle, rel
+
+REPO = Path(__file__).resolve().parents[1]
+SPLITEASY = [sys.executable, "-m", "spliteasy_cli.main"]
+TOL = 1e-5
+
+# What the CLI must never print (TensorFlow's/absl's start-up pages, library warnings).
+NOISE = re.compile(
+    r"cuda|cuInit|cuDNN|cuBLAS|cuFFT|absl|computation placer|oneDNN|TF-TRT|XNNPACK|"
+    r"This TensorFlow binary|WARNING:tensorflow|WARNING:absl|^[IWE]\d{4} |UserWarning|"
+    r"DeprecationWarning|FutureWarning|Hi, looks like you are running TensorFlow\.js",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
+def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """A real ``spliteasy`` command line in a child process (argv from the command line)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL",)}
+    return subprocess.run(
+        [*SPLITEASY, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env
+    )
+
+
+def assert_quiet(proc: subprocess.CompletedProcess) -> None:
+    found = NOISE.findall(proc.stderr)
+    assert not found, f"library noise on stderr ({found[:3]}):\n{proc.stderr[:3000]}"
+
+
+def device_weights(state_dir: Path, name: str = "latest") -> dict[str, np.ndarray]:
+    from safetensors.numpy import load
+
+    from shared_schema.durable import read_dir
+
+    return dict(load(read_dir(state_dir / name)["slices.safetensors"]))
+
+
+def split_runtime(bundle: Path, weights: dict[str, np.ndarray]):
+    """The TF device runtime with A and C set to a device snapshot's variables."""
+    from device_tf.keras_util import named_variables
+    from device_tf.tf_runtime import TFRuntime
+
+    rt = TFRuntime.from_bundle(bundle)
+    for part, model in (("A", rt.a), ("C", rt.c)):
+        if model is None:
+            continue
+        for key, var in named_variables(model).items():
+            var.assign(weights[f"{part}/{key}"])
+    return rt
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A finished 2-epoch digits run, its split predictions, and its export."""
+    from device_tf.data import load_digits_split
+    from device_tf.loop import SplitTrainer
+    from device_tf.transport import HttpTransport
+    from server_torch.serving import ServerProcess
+    from shared_schema import load_manifest, manifest_digest
+
+    bundle, _ = digits_bundle(None, "double", SGD_CFG)
+    tmp = tmp_path_factory.mktemp("export")
+    srv_dir, dev_dir, out = tmp / "server-state", tmp / "device-state", tmp / "trained"
+    server = ServerProcess(bundle, ["--state-dir", str(srv_dir), "--checkpoint-every", "20"])
+    server.start(120)
+    try:
+        train = cli(
+            "train", str(bundle), "--server", server.url, "--epochs", "2", "--no-progress",
+            "--state-dir", str(dev_dir), "--log", str(tmp / "steps.jsonl"),
+        )  # fmt: skip
+        assert train.returncode == 0, train.stderr
+        # Split inference against the live server: A, C here in TF; B in torch, eval mode.
+        _, _, x_te, y_te = load_digits_split(seed=0)
+        rt = split_runtime(bundle, device_weights(dev_dir))
+        transport = HttpTransport(server.url)
+        try:
+            with SplitTrainer(rt, transport, load_manifest(bundle), manifest_digest(bundle)) as t:
+                split_out = t.predict(x_te)
+        finally:
+            transport.close()
+    finally:
+        server.stop()  # SIGTERM: the server writes its final checkpoint
+    export = cli(
+        "export", str(bundle), "--server-state", str(srv_dir), "--device-state", str(dev_dir),
+        "--out", str(out), "--formats", "savedmodel,tflite,tfjs",
+    )  # fmt: skip
+    return {
+        "bundle": bundle,
+        "server_state": srv_dir,
+        "device_state": dev_dir,
+        "out": out,
+        "train": train,
+        "export": export,
+        "server_output": "".join(server.output),
+        "x": x_te,
+        "y": y_te,
+        "split": split_out,
+    }
+
+
+def test_export_equals_split_inference_digits(digits_run):
+    import tf_keras as keras
+
+    run = digits_run
+    assert run["export"].returncode == 0, run["export"].stderr
+    print("\n" + run["export"].stdout)
+    assert f"wrote the trained digits-cnn model to {run['out']}" in run["export"].stdout
+    model = keras.models.load_model(run["out"], compile=False)
+    got = model.predict(run["x"], verbose=0)
+    err = rel(got, run["split"])
+    split_acc = float((run["split"].argmax(-1) == run["y"]).mean())
+    exported_acc = float((got.argmax(-1) == run["y"]).mean())
+    print(
+        f"digits: exported vs split inference over HTTP {err:.1e} relative on "
+        f"{len(run['x'])} test digits; accuracy split {split_acc:.4f}, exported {exported_acc:.4f}"
+    )
+    assert err <= TOL
+    assert exported_acc == split_acc
+    assert split_acc > 0.8, "the run trained (the comparison is not vacuous)"
+    assert f"test accuracy {split_acc:.4f}" in run["train"].stdout  # what train reported
+
+    record = json.loads((run["out"] / "export.json").read_text())
+    assert record["server_checkpoint"]["steps"] == record["device_snapshot"]["step"] == 90
+    assert record["verification"]["split_vs_unsplit_rel_err"] <= TOL
+    from shared_schema import manifest_digest
+
+    assert record["manifest_sha256"] == manifest_digest(run["bundle"])
+
+
+def test_exported_tflite_and_tfjs(digits_run):
+    import tensorflow as tf
+
+    out = digits_run["out"]
+    interp = tf.lite.Interpreter(model_path=str(out / "model.tflite"))
+    x = digits_run["x"][:64]
+    inp = interp.get_input_details()[0]
+    interp.resize_tensor_input(inp["index"], list(x.shape))
+    interp.allocate_tensors()
+    interp.set_tensor(inp["index"], x)
+    interp.invoke()
+    got = interp.get_tensor(interp.get_output_details()[0]["index"])
+    err = rel(got, digits_run["split"][:64])
+    print(f"\ndigits TFLite export vs split inference: {err:.1e}")
+    assert err <= TOL
+    topology = json.loads((out / "tfjs" / "model.json").read_text())
+    names = {w["name"] for group in topology["weightsManifest"] for w in group["weights"]}
+    assert {"a_conv/kernel", "b_conv1/kernel", "c_logits/kernel"} <= names
+
+
+def test_cli_is_quiet(digits_run):
+    """serve, train and export print their own lines only."""
+    for what in ("train", "export"):
+        assert_quiet(digits_run[what])
+    assert not NOISE.findall(digits_run["server_output"]), digits_run["server_output"][:3000]
+
+
+def test_cuts_subcommand_is_quiet():
+    proc = cli("cuts", "digits-cnn")
+    assert proc.returncode == 0, proc.stderr
+    assert "valid cuts" in proc.stdout
+    assert_quiet(proc)
+    assert proc.stderr.strip() == "", proc.stderr
+
+
+def test_refuses_state_of_another_bundle(digits_run, tmp_path):
+    from converters.export.trained import ExportError, export_trained
+
+    run = digits_run
+    for which in ("server_state", "device_state"):
+        srv = shutil.copytree(run["server_state"], tmp_path / which / "srv")
+        dev = shutil.copytree(run["device_state"], tmp_path / which / "dev")
+        if which == "server_state":
+            (srv / "bundle.json").write_text(json.dumps({"manifest_sha256": "ab" * 32}))
+        else:
+            doc = json.loads((dev / "session.json").read_text())
+            doc["run"]["manifest_sha256"] = "ab" * 32
+            (dev / "session.json").write_text(json.dumps(doc))
+        with pytest.raises(ExportError, match="another bundle"):
+            export_trained(run["bundle"], srv, dev, tmp_path / which / "out")
+        assert not (tmp_path / which / "out").exists()
+
+
+def test_cli_error_is_one_line(digits_run, tmp_path):
+    from spliteasy_cli.main import main
+
+    code = main(
+        ["export", str(digits_run["bundle"]), "--server-state", str(tmp_path / "none"),
+         "--device-state", str(digits_run["device_state"]), "--out", str(tmp_path / "o")]
+    )  # fmt: skip
+    assert code == 2
+
+
+def test_old_bundle_without_the_unsplit_model(digits_run, tmp_path):
+    from converters.export.trained import ExportError, export_trained
+
+    old = shutil.copytree(digits_run["bundle"], tmp_path / "old")
+    doc = json.loads((old / "manifest.json").read_text())
+    doc["artifacts"] = [a for a in doc["artifacts"] if a["format"] != "keras_config"]
+    (old / "manifest.json").write_text(json.dumps(doc))
+    shutil.rmtree(old / "unsplit")
+    with pytest.raises(ExportError, match="does not hold the unsplit model"):
+        export_trained(
+            old, digits_run["server_state"], digits_run["device_state"], tmp_path / "out"
+        )
+
+
+def test_pairs_server_checkpoint_with_the_matching_device_snapshot(digits_run, tmp_path):
+    """With only an older checkpoint, the device's durable/ snapshot of that step is used;
+    a checkpoint no device snapshot matches is refused (or exported on request)."""
+    from converters.export.trained import (
+        ExportError,
+        export_trained,
+        load_device_state,
+        load_server_state,
+    )
+    from shared_schema import manifest_digest
+
+    run = digits_run
+    digest = manifest_digest(run["bundle"])
+    srv = shutil.copytree(run["server_state"], tmp_path / "srv")
+    ckpts = sorted(srv.glob("ckpt-*"))
+    assert len(ckpts) == 2
+    shutil.rmtree(ckpts[-1])  # back to the previous checkpoint
+    older = load_server_state(srv, digest)
+    device = load_device_state(run["device_state"], digest)
+    steps = {c.path.name: c.step for c in device.candidates}
+    if steps.get("durable") == older.sessions.get(device.session_id, older.steps):
+        result = export_trained(run["bundle"], srv, run["device_state"], tmp_path / "out")
+        assert result.record["device_snapshot"]["path"].endswith("durable")
+    else:
+        with pytest.raises(ExportError, match="not one trained model"):
+            export_trained(run["bundle"], srv, run["device_state"], tmp_path / "out")
+        result = export_trained(
+            run["bundle"], srv, run["device_state"], tmp_path / "out", allow_step_mismatch=True
+        )
+        assert "warning" in result.record
+
+
+# -- ResNet50 at 32 px (the cached zoo bundle; converted once in the suite) -----------------
+
+
+@pytest.mark.slow
+def test_export_equals_split_inference_resnet50(tmp_path):
+    import tf_keras as keras
+    from zoo_helpers import bundle as zoo_bundle
+
+    from converters.export.trained import write_trained
+    from device_tf.tf_runtime import TFRuntime
+    from server_torch.rebuild import load_server_slice
+    from server_torch.trainer import Trainer
+    from shared_schema import load_manifest
+
+    path = zoo_bundle("resnet50", ("conv2_block3_out", "conv4_block6_out"))
+    manifest = load_manifest(path)
+    rt = TFRuntime.from_bundle(path, manifest)
+    trainer = Trainer(load_server_slice(path, manifest), manifest)
+    rng = np.random.default_rng(0)
+    shape = manifest.input.sample_shape
+    for _ in range(3):  # real steps: B's BN statistics and every weight move
+        x = rng.uniform(0, 1, (8, *shape)).astype(np.float32)
+        y = rng.integers(0, manifest.num_classes, 8).astype(np.int32)
+        b = trainer.forward(rt.a_forward(x))
+        _, g_b = rt.c_train(b, y)
+        rt.a_backward(trainer.backward(g_b))
+    result = write_trained(path, trainer.module.state_dict(), rt.weights(), tmp_path / "trained")
+    x = rng.uniform(0, 1, (16, *shape)).astype(np.float32)
+    split = rt.c_infer(trainer.infer(rt.a_infer(x)))
+    got = keras.models.load_model(tmp_path / "trained", compile=False)(x, training=False).numpy()
+    err = rel(got, split)
+    print(
+        f"\nresnet50 32px conv2_block3_out|conv4_block6_out after 3 steps: exported vs split "
+        f"inference {err:.1e} (export self-check {result.verification['split_vs_unsplit_rel_err']:.1e})"
+    )
+    assert err <= TOL
+    assert (got.argmax(-1) == split.argmax(-1)).all()
