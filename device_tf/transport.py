@@ -126,6 +126,7 @@ class HttpTransport(Transport):
 
     def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
         first_failure: float | None = None
+        announced = False  # a lone dropped connection, retried at once, is not news
         attempt = 0
         last = ""
         while True:
@@ -140,7 +141,7 @@ class HttpTransport(Transport):
                     # checkpoint before it stops: wait as for a restart
                     last = f"503 {code}"
                 else:
-                    if first_failure is not None:
+                    if announced and first_failure is not None:
                         self.notify(
                             f"spliteasy: {self.base_url} is back after "
                             f"{time.monotonic() - first_failure:.1f} s; continuing"
@@ -151,11 +152,13 @@ class HttpTransport(Transport):
             now = time.monotonic()
             if first_failure is None:
                 first_failure = now
+            attempt += 1
+            if attempt >= 2 and not announced:
+                announced = True
                 self.notify(
                     f"spliteasy: {self.base_url} unreachable ({last}); retrying with backoff "
                     f"for up to {self.reconnect_timeout:g} s"
                 )
-            attempt += 1
             out_of_time = now - first_failure >= self.reconnect_timeout
             if out_of_time or (self.retries is not None and attempt > self.retries):
                 raise ServerUnreachable(
@@ -163,7 +166,9 @@ class HttpTransport(Transport):
                     f"({attempt} attempts; last: {last}); is the server running? "
                     "Restart the same command to resume where it stopped."
                 )
-            wait = min(self.backoff[0] * 2 ** (attempt - 1), self.backoff[1])
+            wait = (
+                0.0 if attempt == 1 else min(self.backoff[0] * 2 ** (attempt - 2), self.backoff[1])
+            )
             wait = min(wait, max(first_failure + self.reconnect_timeout - now, 0.0))
             time.sleep(wait)
 
