@@ -75,6 +75,11 @@ function options(argv) {
     if (!Number.isInteger(n) || n < min) throw new DeviceError(`--${name} must be an integer >= ${min}, got ${v}`);
     return n;
   };
+  const seconds = (name) => {
+    const n = Number(values[name]);
+    if (!Number.isFinite(n) || n < 0) throw new DeviceError(`--${name} must be a number of seconds >= 0, got ${values[name]}`);
+    return n;
+  };
   if (!values.server) throw new DeviceError('--server URL is required');
   if (!values.data) throw new DeviceError('--data FILE is required (a spliteasy frames file with x and y)');
   return {
@@ -90,7 +95,7 @@ function options(argv) {
     weightsOut: values['weights-out'],
     evalData: values['eval-data'],
     stateDir: values['state-dir'],
-    reconnectTimeout: int('reconnect-timeout', 0),
+    reconnectTimeout: seconds('reconnect-timeout'),
     quiet: values.quiet,
   };
 }

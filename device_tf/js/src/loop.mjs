@@ -318,18 +318,18 @@ export async function newSession(trainer, state, sched) {
  * what must not change for a stored run to be resumed (session.json's "run": manifest and
  * data hashes, runtime, aux_label, batch size, epochs, step cap, shuffle seed).
  * session.json is {format_version, server, session_id, token, run, created}, as the Python
- * runtimes write it. Returns {resumed: false} for a new run, else {resumed: true, from, at, done}: the stored
+ * runtimes write it, plus `extra` (the page keeps its settings there). Returns {resumed: false} for a new run, else {resumed: true, from, at, done}: the stored
  * snapshot's step `from`, and the step `at` the run continues at (lower if the server was
  * found at its earlier checkpoint).
  */
-export async function startRun(trainer, state, { server, run }, sched, { onEvent = () => {} } = {}) {
+export async function startRun(trainer, state, { server, run, extra = {} }, sched, { onEvent = () => {} } = {}) {
   state.run = run;
   state.initial = await takeSnapshot(trainer.rt, progressAt(sched, 0, null, run));
   const saved = await state.load();
   if (!saved.session) {
     const s = await trainer.open();
     state.announce(s.durableStep);
-    const session = { format_version: 1, server, session_id: s.sessionId, token: s.token, run };
+    const session = { format_version: 1, server, session_id: s.sessionId, token: s.token, run, ...extra };
     await state.saveSession({ ...session, created: new Date().toISOString() });
     await state.commit(state.initial);
     return { resumed: false };

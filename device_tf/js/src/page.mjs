@@ -11,21 +11,32 @@
  *   aux=1       auxiliary-label form of the backward messages
  *   auto=1      start training on load
  * Progress and loss are shown in the page; window.spliteasyResult holds
- * {status: "idle"|"loading"|"running"|"done"|"error", losses, records, error} for automation.
+ * {status: "idle"|"loading"|"running"|"done"|"error"|"stopped", losses, records, error,
+ *  resumedAt, step} for automation.
+ *
+ * The run survives a reload: after every step the page keeps A, C, their optimizer state,
+ * the position in the data and its session (id, token) in IndexedDB (state_idb.mjs, the
+ * same files as the Node state dir). Loading the page with an unfinished run saved resumes
+ * it at the step it had reached, with the settings it was started with, and says so
+ * ("resumed at step N"); "Start over" forgets it and ends its server session. A server
+ * restarted from its checkpoint is followed as in Node (rollback to its step, replay).
  */
 
 import { initBackend } from './backend.mjs';
 import { fetchDeviceModels, fetchManifest } from './bundle_http.mjs';
-import { batches, countSteps, parseData } from './data.mjs';
+import { parseData, schedule } from './data.mjs';
+import { sha256Hex } from './digest.mjs';
 import { DeviceError } from './errors.mjs';
-import { SplitTrainer, train } from './loop.mjs';
-import { shuffled } from './shuffle.mjs';
+import { SplitTrainer, startRun, train } from './loop.mjs';
+import { SHUFFLE_RULE, shuffled } from './shuffle.mjs';
 import { TfjsSlices } from './slices.mjs';
-import { HttpTransport } from './transport.mjs';
+import { RunState } from './state.mjs';
+import { IdbStateStore } from './state_idb.mjs';
+import { HttpTransport, describeWait } from './transport.mjs';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
-const result = { status: 'idle', losses: [], records: [], error: null };
+const result = { status: 'idle', losses: [], records: [], error: null, resumedAt: null, step: 0 };
 window.spliteasyResult = result;
 
 const settings = {
@@ -38,11 +49,21 @@ const settings = {
   seed: params.has('seed') ? Number(params.get('seed')) : undefined,
   aux: params.get('aux') === '1',
 };
-$('data').value = settings.data;
-$('batch').value = settings.batch;
-$('epochs').value = settings.epochs;
-if (settings.steps !== undefined) $('steps').value = settings.steps;
-if (settings.seed !== undefined) $('seed').value = settings.seed;
+showSettings(settings);
+
+function showSettings(st) {
+  $('data').value = st.data;
+  $('batch').value = st.batch;
+  $('epochs').value = st.epochs;
+  $('steps').value = st.steps ?? '';
+  $('seed').value = st.seed ?? '';
+}
+
+// One saved run per server in this browser profile.
+const store = new IdbStateStore(`run:${new URL(settings.server || location.origin, location.href).origin}`);
+let storeWorks = true; // false where IndexedDB is unavailable (some private windows)
+let stopRequested = false;
+let running = null; // the promise of the current run
 
 function setStatus(text, error = false) {
   $('status').textContent = text;
@@ -102,51 +123,113 @@ function showStep(r, done, total, records) {
   drawChart(result.losses);
 }
 
-async function run() {
+/**
+ * Train: a new run from the form, or (`saved`: the stored session record) the saved run
+ * resumed with the settings it was started with.
+ */
+async function run(saved = null) {
   const form = new FormData($('controls'));
-  const plan = {
-    batchSize: Number(form.get('batch')),
+  const st = saved?.page ?? {
+    data: String(form.get('data')),
+    batch: Number(form.get('batch')),
     epochs: Number(form.get('epochs')) || 1,
-    steps: form.get('steps') ? Number(form.get('steps')) : Infinity,
+    steps: form.get('steps') ? Number(form.get('steps')) : null,
+    seed: form.get('seed') !== '' && form.get('seed') !== null ? Number(form.get('seed')) : null,
+    aux: settings.aux,
   };
-  const seed = form.get('seed');
-  if (seed !== '' && seed !== null) plan.order = (d, epoch) => shuffled(d, Number(seed), epoch);
+  showSettings(st);
+  const plan = { batchSize: st.batch, epochs: st.epochs, steps: st.steps ?? Infinity };
+  if (st.seed !== null) plan.order = (d, epoch) => shuffled(d, st.seed, epoch);
   $('start').disabled = true;
-  Object.assign(result, { status: 'loading', losses: [], records: [], error: null });
+  $('restart').hidden = false;
+  stopRequested = false;
+  Object.assign(result, { status: 'loading', losses: [], records: [], error: null, resumedAt: null, step: 0 });
   $('log').replaceChildren();
   drawChart([]);
   let trainer = null;
+  let finished = false;
   try {
+    if (!saved && storeWorks) await store.clear(); // a new run replaces whatever was saved
     setStatus('loading TF.js, the manifest and slices A/C…');
     await initBackend();
-    const transport = new HttpTransport(settings.server || location.origin);
+    let waiting = false;
+    const transport = new HttpTransport(settings.server || location.origin, {
+      onWait: (w) => {
+        waiting = true;
+        setStatus(describeWait(w), true);
+      },
+    });
     const schema = JSON.parse(new TextDecoder().decode(await fetchBytes(settings.schema, 'the manifest schema')));
     const { manifest, digest } = await fetchManifest(transport, schema);
     $('model').textContent =
       `${manifest.model}, ${manifest.split_mode} split at ${manifest.cuts.map((c) => c.name).join(' | ')}; ` +
       `${manifest.optimizer.name} lr ${manifest.optimizer.learning_rate}`;
     const models = await fetchDeviceModels(transport, manifest);
-    const data = parseData(await fetchBytes(String(form.get('data')), 'the training data'), manifest.input);
+    const dataBytes = await fetchBytes(st.data, 'the training data');
+    const data = parseData(dataBytes, manifest.input);
     const rt = new TfjsSlices(manifest, models);
-    trainer = new SplitTrainer(rt, transport, manifest, digest, { auxLabel: settings.aux });
-    const total = countSteps(data, plan);
+    trainer = new SplitTrainer(rt, transport, manifest, digest, { auxLabel: st.aux });
+    const sched = schedule(data, plan);
+    const total = sched.total;
     $('total').textContent = total;
-    await trainer.open();
+    const state = new RunState(storeWorks ? store : null);
+    const runSpec = {
+      manifest_sha256: digest,
+      runtime: 'tfjs',
+      aux_label: st.aux,
+      data_sha256: await sha256Hex(dataBytes),
+      n_samples: data.count,
+      epochs: st.epochs,
+      batch_size: st.batch,
+      steps: st.steps,
+      seed: st.seed,
+      shuffle: st.seed === null ? 'file order' : SHUFFLE_RULE,
+    };
+    const onEvent = (e) => {
+      console.warn(e.message);
+      setStatus(e.message);
+    };
+    const start = await startRun(trainer, state, { server: transport.baseUrl, run: runSpec, extra: { page: st } }, sched, {
+      onEvent,
+    });
+    if (start.resumed) {
+      result.resumedAt = start.at;
+      $('resume').hidden = false;
+      $('resume').textContent =
+        `resumed at step ${start.at} of ${total} from this browser's saved run ` +
+        `(session ${trainer.sessionId.slice(0, 8)}…${start.at !== start.from ? `; saved at step ${start.from}, the server's checkpoint is at ${start.at}` : ''})`;
+      $('step').textContent = start.at;
+      $('progress').value = start.at / total;
+    }
+    result.step = trainer.nextStep;
     result.status = 'running';
-    setStatus(`training: ${data.count} samples, ${total} steps of ${plan.batchSize}`);
-    let done = 0;
-    await train(trainer, batches(data, plan), {
+    const training = `training: ${data.count} samples, ${total} steps of ${st.batch}`;
+    setStatus(training);
+    const records = await train(trainer, sched, {
+      state,
+      onEvent,
+      shouldStop: () => stopRequested,
       onStep: async (r) => {
-        done += 1;
+        result.step = r.step + 1;
         result.losses.push(r.loss);
         result.records.push(r);
-        showStep(r, done, total, result.records);
+        showStep(r, r.step + 1, total, result.records);
+        if (waiting) setStatus(training); // the server is back
+        waiting = false;
         await new Promise((resolve) => setTimeout(resolve, 0)); // let the page repaint
       },
     });
-    const first = result.losses[0];
-    const last = result.losses.at(-1);
-    setStatus(`done: ${done} steps, loss ${first.toFixed(4)} → ${last.toFixed(4)}`);
+    if (stopRequested) {
+      result.status = 'stopped';
+      return;
+    }
+    finished = true;
+    const first = records[0]?.loss;
+    const last = records.at(-1)?.loss;
+    setStatus(
+      `done: ${total} steps` + (records.length ? `, loss ${first.toFixed(4)} → ${last.toFixed(4)}` : '') +
+        (start.resumed ? ` (resumed at step ${start.at})` : ''),
+    );
     result.status = 'done';
   } catch (err) {
     console.error(err);
@@ -154,14 +237,54 @@ async function run() {
     result.status = 'error';
     setStatus(`error: ${err.message}`, true);
   } finally {
-    await trainer?.close();
+    // a finished run ends its session and forgets its state; an interrupted one keeps both
+    if (finished) {
+      await trainer?.close();
+      if (storeWorks) await store.clear();
+      $('restart').hidden = true;
+    }
     $('start').disabled = false;
+  }
+}
+
+/** Forget the saved run: stop training, end its server session, clear IndexedDB. */
+async function startOver() {
+  stopRequested = true;
+  $('restart').disabled = true;
+  try {
+    await running;
+    const saved = storeWorks ? await store.readSession() : null;
+    if (saved?.session_id) {
+      const t = new HttpTransport(saved.server ?? (settings.server || location.origin));
+      t.attach({ sessionId: saved.session_id, token: saved.token });
+      await t.closeSession();
+    }
+    if (storeWorks) await store.clear();
+    Object.assign(result, { status: 'idle', resumedAt: null });
+    $('resume').hidden = true;
+    $('restart').hidden = true;
+    setStatus('the saved run is forgotten: press Train to start a new one');
+  } finally {
+    $('restart').disabled = false;
   }
 }
 
 $('controls').addEventListener('submit', (ev) => {
   ev.preventDefault();
-  run();
+  running = run();
 });
+$('restart').addEventListener('click', () => startOver());
 $('model').textContent = 'ready';
-if (params.get('auto') === '1') run();
+
+// An unfinished run saved in this browser resumes on load; otherwise auto=1 starts one.
+(async () => {
+  let saved = null;
+  try {
+    saved = await store.readSession();
+  } catch (err) {
+    storeWorks = false;
+    console.warn(`IndexedDB unavailable, runs will not survive a reload: ${err.message}`);
+  }
+  if (saved?.page) running = run(saved);
+  else if (params.get('auto') === '1') running = run();
+})();

@@ -1,7 +1,15 @@
 // Drive the device page in headless Chromium (Debian's, via playwright-core) until it is
-// done: tests/test_js_browser.py runs it. Prints one JSON line:
-//   {result: window.spliteasyResult, dom: {status, loss, step}, console: [...], errors: [...]}
-// Usage: node tools/browser_run.mjs URL [--chromium PATH] [--timeout MS]
+// done: tests/test_js_browser.py and test_js_resume.py run it. Prints one JSON line:
+//   {result: window.spliteasyResult, dom: {status, loss, step, resume, ...}, reload,
+//    console: [...], errors: [...]}
+// Usage: node tools/browser_run.mjs URL [--chromium PATH] [--timeout MS] [--reload-at-step N]
+//
+// --reload-at-step N reloads the page in the middle of a run: when the page sends the
+// request that opens step N (its N+1-th forward, or step in a single split) -- steps
+// 0..N-1 done and saved -- that request goes to the server, which applies it, but its reply
+// is held back and the page reloaded with it in flight (the resumed page's repeat of it is
+// answered from the server's retry store).
+// `reload` reports {at: N, stepBefore: the page's step counter then}.
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -14,10 +22,12 @@ const { values, positionals } = parseArgs({
   options: {
     chromium: { type: 'string', default: process.env.SPLITEASY_CHROMIUM ?? '/usr/bin/chromium' },
     timeout: { type: 'string', default: '300000' },
+    'reload-at-step': { type: 'string' },
   },
 });
 const [url] = positionals;
 const timeout = Number(values.timeout);
+const reloadAt = values['reload-at-step'] === undefined ? null : Number(values['reload-at-step']);
 const profile = await mkdtemp(join(tmpdir(), 'spliteasy-chromium-'));
 const context = await chromium.launchPersistentContext(profile, {
   executablePath: values.chromium,
@@ -39,7 +49,42 @@ try {
   page.on('console', (m) => consoleLines.push(`${m.type()}: ${m.text()}`));
   page.on('pageerror', (e) => errors.push(String(e)));
   page.on('requestfailed', (r) => errors.push(`request failed: ${r.url()} ${r.failure()?.errorText}`));
+  let reload = null;
+  let held = null;
+  let release;
+  const hold = new Promise((r) => {
+    release = r;
+  });
+  if (reloadAt !== null) {
+    let opened = 0;
+    await page.route(/\/v1\/sessions\/[0-9a-f]+\/(forward|step)$/, (route) => {
+      if (held || route.request().method() !== 'POST') return route.continue();
+      opened += 1;
+      if (opened <= reloadAt) return route.continue();
+      // The request of step N reaches the server (which applies it), but its reply never
+      // reaches the page: the page is reloaded under it.
+      held = route;
+      route.fetch().then(release, release);
+      return undefined;
+    });
+  }
   await page.goto(url, { waitUntil: 'load', timeout });
+  if (reloadAt !== null) {
+    await Promise.race([
+      hold,
+      page.waitForFunction(() => ['done', 'error'].includes(window.spliteasyResult?.status), undefined, {
+        timeout,
+        polling: 200,
+      }),
+    ]);
+    if (held) {
+      const stepBefore = await page.evaluate(() => window.spliteasyResult.step);
+      await page.reload({ waitUntil: 'load', timeout });
+      await held.abort().catch(() => {});
+      await page.unrouteAll({ behavior: 'ignoreErrors' });
+      reload = { at: reloadAt, stepBefore };
+    }
+  }
   await page.waitForFunction(
     () => ['done', 'error'].includes(window.spliteasyResult?.status),
     undefined,
@@ -53,8 +98,9 @@ try {
     total: document.getElementById('total').textContent,
     rows: document.getElementById('log').children.length,
     progress: document.getElementById('progress').value,
+    resume: document.getElementById('resume')?.hidden ? '' : document.getElementById('resume')?.textContent ?? '',
   }));
-  console.log(JSON.stringify({ result, dom, console: consoleLines, errors }));
+  console.log(JSON.stringify({ result, dom, reload, console: consoleLines, errors }));
 } catch (err) {
   console.log(JSON.stringify({ result: null, fatal: String(err), console: consoleLines, errors }));
 } finally {
