@@ -242,6 +242,29 @@ def test_shutdown_drains_then_writes_the_final_checkpoint(tmp_path, serve_app):
     other.close()
 
 
+def test_a_failed_checkpoint_is_logged_and_the_step_still_answered(
+    tmp_path, serve_app, caplog, monkeypatch
+):
+    app = _app("single-adam", tmp_path / "state", every=1)
+    dev = Device(serve_app(app).url)
+    ck = app.state.checkpointer
+
+    def disk_full(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck.series, "save", disk_full)
+    with caplog.at_level(logging.ERROR, logger="spliteasy"):
+        (reply,) = _train(dev, "single-adam", range(1))
+    assert "checkpoint at step 1 failed" in caplog.text and "No space left" in caplog.text
+    assert app.state.trainer.steps == 1 and ck.last.step == 0  # applied; not durable
+    got = dev.http.get(f"/v1/sessions/{dev.sid}", headers={"Authorization": f"Bearer {dev.token}"})
+    assert got.json()["next_step"] == 1 and got.json()["durable_step"] == 0
+    monkeypatch.undo()
+    _train(dev, "single-adam", range(1, 2))
+    assert ck.last.step == 2 and app.state.service.table.sessions[dev.sid].durable_step == 2
+    dev.close()
+
+
 # -- torn and corrupt checkpoints ------------------------------------------------------
 
 
@@ -505,3 +528,43 @@ def test_serve_refuses_another_bundles_state_dir(tmp_path, capsys):
     assert (
         err.startswith("spliteasy serve: error: state dir") and "belongs to another bundle" in err
     )
+
+
+@pytest.mark.slow
+def test_the_same_command_again_resumes_from_the_default_state_dir(tmp_path):
+    """``spliteasy serve BUNDLE`` twice in the same directory: the second run resumes
+    from ``runs/serve-<12 hex of the manifest sha256>/`` that the first left."""
+    from server_torch.serving import wait_for_health
+    from shared_schema import manifest_digest
+
+    bundle = _bundle("double", "sgd")
+    sha = manifest_digest(bundle)
+    cmd = [sys.executable, "-m", "spliteasy_cli.main", "serve", str(bundle), "--port", "0"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    outputs = []
+    for run in range(2):
+        proc = subprocess.Popen(
+            cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "listening on" in line:
+                break
+        url = lines[-1].split("listening on ")[-1].strip()
+        health = wait_for_health(url, 60, proc)
+        if run == 0:
+            assert health["resumed_from"] is None
+            r = httpx.post(f"{url}/v1/sessions", json={"manifest_sha256": sha})
+            assert r.status_code == 201
+        else:
+            assert health["resumed_from"] == 0 and health["sessions"] == 1
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+        outputs.append("".join(lines) + rest)
+    state = tmp_path / "runs" / f"serve-{sha[:12]}"
+    assert f"state dir runs/serve-{sha[:12]}" in outputs[0], outputs[0]
+    assert "no checkpoint yet" in outputs[0]
+    assert "resumed from checkpoint step 0 written at" in outputs[1], outputs[1]
+    assert json.loads((state / "bundle.json").read_text())["manifest_sha256"] == sha
+    assert Series(state).numbers() == [0]
