@@ -314,6 +314,8 @@ class DeviceState:
         saved = self.read_session()
         self.latest = self._read("latest") if saved else None
         self.durable = self._read("durable") if saved else None
+        if saved and self.latest is None and self.durable is not None:
+            self.latest = self.durable  # latest/ lost: the durable step is the next best
         if saved is None or self.latest is None:
             return self._fresh(trainer)
         if self.latest.step > self.spec.total_steps:
