@@ -177,6 +177,54 @@ def _torch_step_float64(module, spec, a, g, cut_in: TensorSpec, out_spec: Tensor
         return None
 
 
+# A copy of a float32 value is exact; this only allows for a value stored in another
+# dtype or computed once at load time.
+LOADED_TOL = 1e-6
+
+
+def _check_structure(b_model, module, spec) -> None:
+    """Before any step: every Keras variable of B is in torch B, with the value Keras
+    holds, in a module the graph actually calls. A step's errors name every tensor the
+    fault touches downstream; these name the culprit (a weight changed or laid out
+    wrongly, a layer dropped from the graph) first, and alone."""
+    from device_tf.keras_util import named_variables
+
+    state = module.state_dict()
+    missing = [v.keras for v in spec.variables if v.torch not in state]
+    if missing:
+        raise VerificationError(f"torch B has no tensor for Keras variable(s) {', '.join(missing)}")
+    keras_values = {n: v.numpy() for n, v in named_variables(b_model).items()}
+    unknown = sorted(set(keras_values) - {v.keras for v in spec.variables})
+    if unknown:
+        raise VerificationError(f"Keras variable(s) {', '.join(unknown)} not carried into torch B")
+    bad = []
+    for var in spec.variables:
+        err = rel_err(
+            var.to_keras(state[var.torch].detach().cpu().numpy()), keras_values[var.keras]
+        )
+        if not err <= LOADED_TOL:
+            bad.append(f"{var.keras}: relative error {err:.3g} > {LOADED_TOL:g}")
+    if bad:
+        raise VerificationError(
+            f"torch B's variables as loaded differ from Keras B's: {'; '.join(bad)}"
+        )
+    graph = getattr(module, "graph", None)  # a torch.fx.GraphModule, as export_server_slice builds
+    if graph is None:
+        return
+    called = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
+
+    def reached(torch_name: str) -> bool:
+        parts = torch_name.split(".")
+        return any(".".join(parts[:i]) in called for i in range(1, len(parts) + 1))
+
+    orphans = [v.keras for v in spec.variables if not reached(v.torch)]
+    if orphans:
+        raise VerificationError(
+            f"torch B's graph never uses Keras variable(s) {', '.join(orphans)} "
+            "(their layer was dropped from the graph)"
+        )
+
+
 def verify_server_slice(
     b_model,
     module,
@@ -188,6 +236,7 @@ def verify_server_slice(
     batch: int = 4,
     seed: int = 0,
 ) -> VerificationReport:
+    _check_structure(b_model, module, spec)
     rng = np.random.default_rng(seed)
     a = rng.normal(size=(batch, *cut_in.sample_shape)).astype(np.float32)
     g = rng.normal(size=(batch, *out_spec.sample_shape)).astype(np.float32)
