@@ -128,4 +128,11 @@ def assert_matches_unsplit(
     assert max(loss_errs) <= tol, (losses, ref_losses)
     assert errors[worst] <= tol, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
     assert losses[-1] < losses[0], "training must move (the comparison is not vacuous)"
+    # Every BatchNormalization's moving statistics moved (from 0 and 1): the comparison
+    # above covered them in motion, on whichever side of the split they live.
+    for name, value in expected.items():
+        if name.endswith("/moving_mean"):
+            assert np.linalg.norm(value) > 100 * tol, name
+        elif name.endswith("/moving_variance"):
+            assert rel(value, np.ones_like(value)) > 100 * tol, name
     return errors[worst]
