@@ -1,0 +1,290 @@
+"""The TF.js device keeps what it trained: either side SIGKILLed mid-run, restarted, same weights.
+
+Real processes on 127.0.0.1: ``node device_tf/js/train.mjs --state-dir DIR`` against B in
+torch (uvicorn in a thread, or ``spliteasy serve --state-dir`` as a child when the server is
+the one killed), and the device page in headless Chromium.
+
+- Node device SIGKILLed at a random step and started again with the same state dir: it
+  resumes its session at the step its ``latest/`` snapshot holds and finishes; A, C (read
+  from the state dir with Python's ``safetensors``, so the JS writer is checked too), their
+  optimizer state and B equal an uninterrupted run's within 1e-6 relative.
+- ``spliteasy serve`` SIGKILLed mid-run and restarted on its state dir: the device waits
+  (bounded backoff, one line per wait), gets 409 step_conflict naming the server's
+  checkpointed step, rolls back to its snapshot of that step, replays, and ends with the
+  same A, B and C as an uninterrupted run (Adam: the step count survives).
+- The page reloaded mid-step resumes from IndexedDB at the step it had reached, finishes,
+  and leaves B where the uninterrupted Node run leaves it.
+
+The bundles come from the session cache (``digits_bundle(None, ...)``): no conversion here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from js_fixtures import JS_DIR, node, run_node, write_batches
+
+from split_helpers import ADAM_CFG, ALL_RUNTIMES, SGD_CFG, digits_bundle, fixed_batches, rel
+
+pytestmark = pytest.mark.js
+
+STEPS, BATCH = 30, 32
+TOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory) -> Path:
+    """30 fixed batches of the digits, in order, as one JS data file."""
+    return write_batches(
+        tmp_path_factory.mktemp("resume") / "train.frames", fixed_batches(STEPS, BATCH)
+    )
+
+
+def _args(bundle: Path, url: str, data: Path, state: Path, *extra: str) -> list[str]:
+    return [
+        "train.mjs", "--bundle", str(bundle), "--server", url, "--data", str(data),
+        "--batch-size", str(BATCH), "--steps", str(STEPS), "--state-dir", str(state),
+        "--reconnect-timeout", "120", *extra,
+    ]  # fmt: skip
+
+
+class NodeDevice:
+    """``node train.mjs`` as a child whose output goes to a file we can watch."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.log = log
+        self._out = log.open("w")
+        self.proc = subprocess.Popen(
+            [node(), *args], cwd=JS_DIR, stdout=self._out, stderr=subprocess.STDOUT, text=True
+        )
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, needle: str, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.text():
+            if self.proc.poll() is not None:
+                pytest.fail(f"node exited {self.proc.returncode} before {needle!r}:\n{self.text()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {needle!r} within {timeout} s:\n{self.text()}")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+        self._out.close()
+
+    def finish(self, timeout: float = 300.0) -> str:
+        code = self.proc.wait(timeout)
+        self._out.close()
+        if code != 0:
+            pytest.fail(f"node exited {code}:\n{self.text()}")
+        return self.text()
+
+
+def _device_state(state: Path) -> dict[str, dict[str, np.ndarray]]:
+    """The state dir's latest/ snapshot, read (and verified) by the Python side."""
+    from safetensors.numpy import load
+
+    from shared_schema.durable import read_dir
+
+    files = read_dir(state / "latest")
+    progress = json.loads(files["progress.json"])
+    return {
+        "slices": load(files["slices.safetensors"]),
+        "optimizer": load(files["optimizer.safetensors"]),
+        "progress": progress,
+    }
+
+
+def _assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray], label: str) -> None:
+    assert set(got) == set(want), (label, set(got) ^ set(want))
+    errors = {k: rel(np.asarray(got[k], np.float64), np.asarray(want[k], np.float64)) for k in want}
+    worst = max(errors, key=errors.get)
+    print(f"  {label}: {len(errors)} tensors, largest rel err {errors[worst]:.1e} ({worst})")
+    assert errors[worst] <= TOL, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+
+
+def _server_b(app, bundle: Path) -> dict[str, np.ndarray]:
+    from server_torch.rebuild import keras_weights
+    from server_torch.spec import TorchSpec
+
+    return keras_weights(app.state.trainer.module, TorchSpec.load(bundle / "B"))
+
+
+def _checkpointed_b(state_dir: Path) -> dict[str, np.ndarray]:
+    """B (torch names) from the server's newest checkpoint."""
+    from safetensors.numpy import load
+
+    from shared_schema.durable import Series
+
+    newest = Series(state_dir, prefix="ckpt-").newest()
+    assert newest is not None, f"no checkpoint in {state_dir}"
+    return load(newest.files["b.safetensors"])
+
+
+@pytest.mark.parametrize(
+    ("split", "opt"),
+    [("double", SGD_CFG), ("single", ADAM_CFG)],
+    ids=["double-sgd_momentum", "single-adam"],
+)
+def test_node_device_killed_and_restarted_ends_as_uninterrupted(
+    tmp_path, serve_app, train_data, split, opt
+):
+    from server_torch.app import create_app
+
+    node()
+    bundle, _ = digits_bundle(None, split, opt, ALL_RUNTIMES)
+
+    # The uninterrupted run, against its own fresh B.
+    ref_app = create_app(bundle)
+    ref_srv = serve_app(ref_app)
+    ref_state = tmp_path / "ref-state"
+    run_node(_args(bundle, ref_srv.url, train_data, ref_state))
+    ref_b = _server_b(ref_app, bundle)
+    ref_srv.stop()
+
+    app = create_app(bundle)
+    srv = serve_app(app)
+    state = tmp_path / "state"
+    kill_at = random.Random(f"{split}-{os.getpid()}").randint(5, 20)
+    dev = NodeDevice(_args(bundle, srv.url, train_data, state), tmp_path / "first.log")
+    dev.wait_for(f"step {kill_at}/{STEPS} ")
+    dev.kill()
+    saved = _device_state(state)["progress"]["step"]
+    print(f"\n{split}: device SIGKILLed after 'step {kill_at}/'; latest/ holds step {saved}")
+    assert kill_at <= saved < STEPS
+    session = json.loads((state / "session.json").read_text())
+    assert (state / "session.json").stat().st_mode & 0o077 == 0  # the token is not world-readable
+
+    out = NodeDevice(_args(bundle, srv.url, train_data, state), tmp_path / "second.log").finish()
+    assert f"resumed at step {saved}/{STEPS} (session {session['session_id'][:8]}" in out, out
+    steps_run = [line.split()[1] for line in out.splitlines() if line.startswith("step ")]
+    assert steps_run == [f"{n}/{STEPS}" for n in range(saved + 1, STEPS + 1)], out
+    assert json.loads((state / "session.json").read_text())["token"] == session["token"]
+
+    got, want = _device_state(state), _device_state(ref_state)
+    assert got["progress"]["step"] == want["progress"]["step"] == STEPS
+    assert got["progress"]["done"] is True
+    _assert_same(got["slices"], want["slices"], "A and C")
+    _assert_same(got["optimizer"], want["optimizer"], "optimizer slots and iterations")
+    assert int(got["optimizer"]["A/iterations"]) == STEPS
+    _assert_same(_server_b(app, bundle), ref_b, "B")
+    assert app.state.trainer.steps == STEPS  # nothing applied twice
+
+
+def test_server_killed_and_restarted_device_rolls_back_and_ends_as_uninterrupted(
+    tmp_path, serve_bundle, free_port, train_data
+):
+    node()
+    bundle, _ = digits_bundle(None, "double", ADAM_CFG, ALL_RUNTIMES)
+
+    def serve(state_dir: Path, port: int):
+        args = ["--state-dir", str(state_dir), "--checkpoint-every", "5", "--port", str(port)]
+        return serve_bundle(bundle, *args)
+
+    ref_dir = tmp_path / "ref-server"
+    ref_srv = serve(ref_dir, 0)
+    ref_state = tmp_path / "ref-device"
+    run_node(_args(bundle, ref_srv.url, train_data, ref_state))
+    ref_srv.stop()  # SIGTERM: the final checkpoint holds the trained B
+    ref_b = _checkpointed_b(ref_dir)
+
+    srv_dir = tmp_path / "server"
+    srv = serve(srv_dir, free_port)
+    state = tmp_path / "device"
+    dev = NodeDevice(_args(bundle, srv.url, train_data, state), tmp_path / "device.log")
+    dev.wait_for(f"step 12/{STEPS} ")
+    srv.proc.send_signal(signal.SIGKILL)
+    srv.proc.wait(30)
+    dev.wait_for("unreachable")  # the device waits for the server instead of failing
+    srv = serve(srv_dir, free_port)  # same state dir, same port
+    assert srv.url.endswith(f":{free_port}")
+    out = dev.finish()
+    print(f"\n{out[out.find('unreachable') - 60 :][:600]}")
+    assert "retrying in" in out
+    assert "rolled back from step" in out, out
+    srv.stop()
+
+    got, want = _device_state(state), _device_state(ref_state)
+    assert got["progress"]["step"] == STEPS
+    _assert_same(got["slices"], want["slices"], "A and C")
+    _assert_same(got["optimizer"], want["optimizer"], "optimizer slots and Adam's step count")
+    assert int(got["optimizer"]["C/iterations"]) == STEPS
+    _assert_same(_checkpointed_b(srv_dir), ref_b, "B")
+
+
+def _chromium() -> str:
+    import shutil
+
+    exe = os.environ.get("SPLITEASY_CHROMIUM") or shutil.which("chromium")
+    if not exe:
+        pytest.fail("Debian chromium is not installed: run `make browser`")
+    return exe
+
+
+@pytest.mark.browser
+def test_browser_page_reloaded_mid_run_resumes_from_indexeddb(tmp_path, serve_app, train_data):
+    from server_torch.app import create_app
+
+    node()
+    browser = _chromium()
+    bundle, _ = digits_bundle(None, "double", SGD_CFG, ALL_RUNTIMES)
+
+    ref_app = create_app(bundle)
+    ref_srv = serve_app(ref_app)
+    run_node(
+        _args(
+            bundle,
+            ref_srv.url,
+            train_data,
+            tmp_path / "node",
+            "--log-json",
+            str(tmp_path / "node.json"),
+        )
+    )
+    ref_b = _server_b(ref_app, bundle)
+    node_losses = [r["loss"] for r in json.loads((tmp_path / "node.json").read_text())["records"]]
+    ref_srv.stop()
+
+    data_dir = JS_DIR / "data"  # what the page fetches from /device/data/ (gitignored)
+    data_dir.mkdir(exist_ok=True)
+    page_data = data_dir / f"test-{uuid.uuid4().hex[:12]}.frames"
+    page_data.write_bytes(train_data.read_bytes())
+    try:
+        app = create_app(bundle)
+        srv = serve_app(app)
+        at = 9
+        url = f"{srv.url}/device/web/?data=../data/{page_data.name}&batch={BATCH}&steps={STEPS}&auto=1"
+        proc = run_node(
+            ["tools/browser_run.mjs", url, "--chromium", browser, "--timeout", "240000"]
+            + ["--reload-at-step", str(at)]
+        )
+    finally:
+        page_data.unlink(missing_ok=True)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    result, dom = out["result"], out["dom"]
+    assert result is not None and result["status"] == "done", json.dumps(out, indent=1)[:4000]
+    # the only failed request is the one the reload cut off
+    assert all("ERR_ABORTED" in e and "/forward" in e for e in out["errors"]), out["errors"]
+    print(f"\nreloaded at {out['reload']}; page: {dom['resume']!r}; {dom['status']!r}")
+    assert out["reload"] == {"at": at, "stepBefore": at}
+    assert result["resumedAt"] == at
+    assert dom["resume"].startswith(f"resumed at step {at} of {STEPS}")
+    assert dom["step"] == str(STEPS) and dom["rows"] == STEPS - at
+    assert [r["step"] for r in result["records"]] == list(range(at, STEPS))
+    errs = [abs(a - b) / abs(b) for a, b in zip(result["losses"], node_losses[at:], strict=True)]
+    print(f"  resumed steps' losses vs node: max rel err {max(errs):.1e}")
+    assert max(errs) <= TOL
+    _assert_same(_server_b(app, bundle), ref_b, "B")
+    assert app.state.trainer.steps == STEPS  # step 9's forward was applied once, replayed once
