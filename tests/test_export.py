@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from split_helpers import SGD_CFG, digits_bundle, rel
+from split_helpers import ADAM_CFG, SGD_CFG, digits_bundle, rel
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITEASY = [sys.executable, "-m", "spliteasy_cli.main"]
@@ -257,6 +257,78 @@ def test_pairs_server_checkpoint_with_the_matching_device_snapshot(digits_run, t
         assert "warning" in result.record
 
 
+# -- in process: BatchNorm in every slice, single split ---------------------------------------
+
+
+def train_in_process(path: Path, steps: int = 4, batch: int = 16, seed: int = 0):
+    """A few real split steps without HTTP: TF device runtime and the server's Trainer."""
+    from device_tf.tf_runtime import TFRuntime
+    from server_torch.rebuild import load_server_slice
+    from server_torch.trainer import Trainer
+    from shared_schema import load_manifest
+
+    manifest = load_manifest(path)
+    rt = TFRuntime.from_bundle(path, manifest)
+    trainer = Trainer(load_server_slice(path, manifest), manifest)
+    rng = np.random.default_rng(seed)
+    shape = manifest.input.sample_shape
+    for _ in range(steps):
+        x = rng.uniform(0, 1, (batch, *shape)).astype(np.float32)
+        y = rng.integers(0, manifest.num_classes, batch).astype(np.int32)
+        a = rt.a_forward(x)
+        if manifest.split_mode == "double":
+            b = trainer.forward(a)
+            _, g_b = rt.c_train(b, y)
+            g_a = trainer.backward(g_b)
+        else:
+            g_a, _ = trainer.step_single(a, y)
+        rt.a_backward(g_a)
+    return manifest, rt, trainer
+
+
+def live_split(manifest, rt, trainer, x: np.ndarray) -> np.ndarray:
+    out = trainer.infer(rt.a_infer(x))
+    return rt.c_infer(out) if manifest.split_mode == "double" else out
+
+
+@pytest.mark.parametrize(
+    "model,split,opt",
+    [("digits-bn", "double", ADAM_CFG), ("digits-cnn", "single", SGD_CFG)],
+    ids=["digits-bn-double-adam", "digits-cnn-single-sgd"],
+)
+def test_export_in_process(tmp_path, model, split, opt):
+    """BN moving statistics of A, B and C (Keras' variance rule in torch B) and a single
+    split (B ends at the logits, no C) come out equal to split inference."""
+    import tf_keras as keras
+
+    from converters.export.trained import keras_variables_of_b, write_trained
+    from device_tf.keras_util import named_variables
+
+    path, _ = digits_bundle(None, split, opt, model=model)
+    manifest, rt, trainer = train_in_process(path)
+    result = write_trained(path, trainer.module.state_dict(), rt.weights(), tmp_path / "m")
+    exported = keras.models.load_model(tmp_path / "m", compile=False)
+    x = np.random.default_rng(1).uniform(0, 1, (64, *manifest.input.sample_shape))
+    x = x.astype(np.float32)
+    err = rel(exported(x, training=False).numpy(), live_split(manifest, rt, trainer, x))
+    # Every variable, BN moving statistics included, is the trained one.
+    values = {k: v.numpy() for k, v in named_variables(exported).items()}
+    held = {**rt.weights()["A"], **rt.weights().get("C", {})}
+    held.update(keras_variables_of_b(path, trainer.module.state_dict()))
+    assert set(values) == set(held)
+    assert all(np.array_equal(values[k], held[k]) for k in values)
+    moving = [k for k in values if k.endswith("moving_variance")]
+    print(
+        f"\n{model} {split}: exported vs split inference {err:.1e} "
+        f"(self-check {result.verification['split_vs_unsplit_rel_err']:.1e}); "
+        f"{len(moving)} BN moving variances"
+    )
+    assert err <= TOL
+    if model == "digits-bn":
+        assert {k.split("/")[0][:2] for k in moving} >= {"a_", "b_", "c_"}
+        assert all(not np.allclose(values[k], 1.0) for k in moving)  # they moved
+
+
 # -- ResNet50 at 32 px (the cached zoo bundle; converted once in the suite) -----------------
 
 
@@ -266,26 +338,13 @@ def test_export_equals_split_inference_resnet50(tmp_path):
     from zoo_helpers import bundle as zoo_bundle
 
     from converters.export.trained import write_trained
-    from device_tf.tf_runtime import TFRuntime
-    from server_torch.rebuild import load_server_slice
-    from server_torch.trainer import Trainer
-    from shared_schema import load_manifest
 
     path = zoo_bundle("resnet50", ("conv2_block3_out", "conv4_block6_out"))
-    manifest = load_manifest(path)
-    rt = TFRuntime.from_bundle(path, manifest)
-    trainer = Trainer(load_server_slice(path, manifest), manifest)
-    rng = np.random.default_rng(0)
-    shape = manifest.input.sample_shape
-    for _ in range(3):  # real steps: B's BN statistics and every weight move
-        x = rng.uniform(0, 1, (8, *shape)).astype(np.float32)
-        y = rng.integers(0, manifest.num_classes, 8).astype(np.int32)
-        b = trainer.forward(rt.a_forward(x))
-        _, g_b = rt.c_train(b, y)
-        rt.a_backward(trainer.backward(g_b))
+    manifest, rt, trainer = train_in_process(path, steps=3, batch=8)
     result = write_trained(path, trainer.module.state_dict(), rt.weights(), tmp_path / "trained")
-    x = rng.uniform(0, 1, (16, *shape)).astype(np.float32)
-    split = rt.c_infer(trainer.infer(rt.a_infer(x)))
+    shape = manifest.input.sample_shape
+    x = np.random.default_rng(1).uniform(0, 1, (16, *shape)).astype(np.float32)
+    split = live_split(manifest, rt, trainer, x)
     got = keras.models.load_model(tmp_path / "trained", compile=False)(x, training=False).numpy()
     err = rel(got, split)
     print(
