@@ -15,7 +15,7 @@ it says anything about the user's run. Three layers remove it, once, at the CLI 
 3. **The stderr file descriptor.** Many of the C++ lines are written by absl *before*
    its logging is initialised ("All log messages before absl::InitializeLog() is called
    are written to STDERR"), which no environment variable reaches. So stderr is routed
-   through a small filter process (``python -m spliteasy_cli.quiet``) that drops exactly
+   through a small filter process (``spliteasy_cli.quiet.main``) that drops exactly
    C++ INFO/WARNING-format lines and a list of known start-up messages, and passes every
    other byte through at once. It is a separate process, not a thread, so a crash of the
    command (a C++ abort, a segfault) still gets its last words out: the filter drains the
@@ -116,8 +116,12 @@ def filter_stderr() -> Callable[[], None] | None:
             reader, writer = _pty_like(saved)
         else:
             reader, writer = os.pipe()
+        # The package's own directory goes on the child's path explicitly: a filter that
+        # failed to start would swallow every error instead of only the noise.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        boot = f"import sys; sys.path.insert(0, {root!r}); from spliteasy_cli.quiet import main; main()"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "spliteasy_cli.quiet"],
+            [sys.executable, "-c", boot],
             stdin=reader,
             stdout=subprocess.DEVNULL,
             stderr=saved,
@@ -229,8 +233,13 @@ def pump(src: int = 0, dst: int = 2) -> None:
         write(pending)
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """The filter process: stdin -> stderr, noise dropped; Ctrl-C is for the command."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     pump()
+
+
+if __name__ == "__main__":
+    main()
