@@ -5,7 +5,8 @@ device_tf/js/train.mjs`` trains them through the shared frame format and HTTP pr
 against B in torch behind real uvicorn on 127.0.0.1. From the same initial weights on
 the same 5 batches, the Python TF, TFLite and TF.js devices agree with each other and
 with unsplit tf_keras within 1e-4 relative, in the losses and in every variable of A, B
-and C.
+and C. The model is ``digits-bn``: BatchNormalization in A, B and C, so every runtime's
+own BN training and moving statistics are compared.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.js
 
 TOL = 1e-4
 STEPS, BATCH = 5, 32
+MODEL = "digits-bn"  # BatchNormalization in A, B and C
 
 
 def _node_train(bundle: Path | None, url: str, data: Path, out: Path, *extra: str) -> dict:
@@ -87,7 +89,7 @@ def test_tf_tflite_tfjs_devices_agree_with_each_other_and_unsplit(tmp_path, serv
     from shared_schema import load_manifest, manifest_digest
 
     node()  # fail early, before the conversion, if the JS harness is not installed
-    bundle, reference = digits_bundle(None, "double", SGD_CFG, ALL_RUNTIMES)
+    bundle, reference = digits_bundle(None, "double", SGD_CFG, ALL_RUNTIMES, MODEL)
     manifest = load_manifest(bundle)  # verifies every hash, the TF.js directories included
     for name in ("A", "C"):
         art = manifest.slice(name).artifact("tfjs_layers")
@@ -135,7 +137,8 @@ def adam_bundles():
     """Double and single split digits bundles with TF.js slices (read-only, from the
     cache), and their references."""
     return {
-        split: digits_bundle(None, split, ADAM_CFG, ALL_RUNTIMES) for split in ("double", "single")
+        split: digits_bundle(None, split, ADAM_CFG, ALL_RUNTIMES, MODEL)
+        for split in ("double", "single")
     }
 
 

@@ -3,8 +3,10 @@
 ``spliteasy convert``'s bundle writer emits A/C as ``.tflite`` training models; the
 device runs them in the TFLite interpreter (Flex delegate) through the same step loop
 and HTTP transport as the TF device, B trains in torch behind real uvicorn on
-127.0.0.1. After 5 steps from the same initial weights on the same batches, losses and
-every variable of A, B and C agree with unsplit tf_keras within 1e-4 relative.
+127.0.0.1. The model is ``digits-bn``, with BatchNormalization in A, B and C. After 5
+steps from the same initial weights on the same batches, losses and every variable of
+A, B and C (BN moving statistics included) agree with unsplit tf_keras within 1e-4
+relative.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from split_helpers import (
 )
 
 TOL = 1e-4
+MODEL = "digits-bn"  # BatchNormalization in A, B and C
 
 
 @pytest.mark.parametrize(
@@ -34,7 +37,7 @@ def test_tflite_split_equals_unsplit(tmp_path, serve_app, split, opt_cfg):
     from device_tf.tflite_runtime import TFLiteRuntime
     from shared_schema import load_manifest
 
-    bundle, reference = digits_bundle(None, split, opt_cfg, runtimes=ALL_RUNTIMES)
+    bundle, reference = digits_bundle(None, split, opt_cfg, ALL_RUNTIMES, MODEL)
     manifest = load_manifest(bundle)  # verifies every hash, the .tflite files included
     device_slices = ["A", "C"] if split == "double" else ["A"]
     for name in device_slices:
