@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from .loop import SplitTrainer
 
 FORMAT_VERSION = 1
+LOCK_FILE = ".lock"
 SESSION_FILE = "session.json"
 SLICES_FILE = "slices.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -186,6 +187,37 @@ class DeviceState:
         self.latest: Snapshot | None = None
         self.durable: Snapshot | None = None
         self.announced = 0  # the last durable step the server told us about
+        self._lock_fd: int | None = None
+
+    def lock(self) -> None:
+        """Hold the state dir for this process (two devices on one dir would interleave
+        their snapshots); the lock goes with the process, however it ends. Removes what
+        writers killed mid-write left behind."""
+        import fcntl
+        import shutil
+
+        if self._lock_fd is not None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StateError(
+                f"the state dir {self.dir} is in use by another running device"
+            ) from None
+        self._lock_fd = fd
+        for tmp in self.dir.glob(".tmp-*"):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # -- session.json ------------------------------------------------------------------
 
@@ -311,6 +343,7 @@ class DeviceState:
         """Open a new session or take up the saved one; returns the step to run next."""
         if self.runtime is None:
             raise StateError("DeviceState.begin needs the runtime whose state it keeps")
+        self.lock()
         saved = self.read_session()
         self.latest = self._read("latest") if saved else None
         self.durable = self._read("durable") if saved else None

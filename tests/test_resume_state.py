@@ -75,8 +75,17 @@ class _Trainer:
 SPEC = RunSpec("f" * 64, "fake", False, "d" * 64, 100, 2, 10, 0)  # 10 steps per epoch
 
 
+_open: list[DeviceState] = []
+
+
 def _state(tmp_path: Path, rt: DeviceRuntime | None = None, spec: RunSpec = SPEC) -> DeviceState:
-    return DeviceState(tmp_path / "s", spec, rt or _CounterRuntime(), notify=lambda m: None)
+    """A state on ``tmp_path/s``, as a restarted device would make it (the previous
+    "process" lets go of the dir's lock)."""
+    while _open:
+        _open.pop().unlock()
+    st = DeviceState(tmp_path / "s", spec, rt or _CounterRuntime(), notify=lambda m: None)
+    _open.append(st)
+    return st
 
 
 def _train(st: DeviceState, upto: int, durable_at: dict[int, int] | None = None) -> None:
@@ -144,6 +153,19 @@ def test_a_lost_session_starts_over_only_from_step_zero(tmp_path) -> None:
     _train(again, 6, {6: 6})
     with pytest.raises(StateError, match="no snapshot of step 0"):
         _state(tmp_path).begin(_Trainer(known=False))
+
+
+def test_one_device_per_state_dir(tmp_path) -> None:
+    first = _state(tmp_path)
+    first.begin(_Trainer())
+    (first.dir / ".tmp-latest-dead").mkdir()  # a writer killed mid-write left this
+    second = DeviceState(first.dir.parent / "s", SPEC, _CounterRuntime())
+    with pytest.raises(StateError, match="in use by another running device"):
+        second.begin(_Trainer())
+    first.unlock()
+    second.begin(_Trainer(server_next=0))
+    assert not (first.dir / ".tmp-latest-dead").exists()
+    second.unlock()
 
 
 def test_finished_run_sends_nothing(tmp_path) -> None:
