@@ -353,3 +353,19 @@ def test_export_equals_split_inference_resnet50(tmp_path):
     )
     assert err <= TOL
     assert (got.argmax(-1) == split.argmax(-1)).all()
+
+
+@pytest.mark.slow
+def test_demo_ends_with_the_trained_model(tmp_path):
+    """``spliteasy demo`` writes the trained model, says where, and prints nothing else
+    than its own lines; the exported model scores what the split model scored."""
+    proc = cli("demo", "--epochs", "1", "--out", str(tmp_path / "demo"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert_quiet(proc)
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    trained = Path(summary["trained_model"])
+    print(f"\ndemo (1 epoch): {proc.stdout}")
+    assert trained == tmp_path / "demo" / "trained"
+    assert (trained / "saved_model.pb").is_file() and (trained / "export.json").is_file()
+    assert f"trained model: {trained}" in proc.stdout
+    assert summary["exported_accuracy"] == summary["split_accuracy"]
