@@ -342,6 +342,16 @@ class Checkpointer:
             raise StateDirError(
                 f"{self.root} holds checkpoints but no {BUNDLE_FILE}; refusing to guess"
             )
+        foreign = sorted(
+            p.name
+            for p in self.root.iterdir()
+            if p.name != LOCK_FILE and not p.name.startswith((".tmp-", ".old-", f".{BUNDLE_FILE}"))
+        )
+        if foreign:
+            raise StateDirError(
+                f"{self.root} is not a server state dir (it holds {', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}); pass a new or empty --state-dir"
+            )
         doc = {
             "manifest_sha256": sha,
             "model": m.model,

@@ -371,6 +371,13 @@ def test_another_bundles_state_dir_is_refused(tmp_path, serve_app):
         read_state_dir(state, "0" * 64)
     # and the lock is free again after a refusal
     Checkpointer(first.state.service, state).open()
+    # a directory that is something else (a bundle, a device's state) is not taken over
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "session.json").write_text("{}")
+    with pytest.raises(StateDirError, match="not a server state dir .*session.json"):
+        _app("double-sgd", other)
+    assert sorted(p.name for p in other.iterdir()) == [".lock", "session.json"]
 
 
 # -- real `spliteasy serve` processes: SIGKILL, restart, SIGTERM ------------------------
