@@ -575,3 +575,17 @@ def test_the_same_command_again_resumes_from_the_default_state_dir(tmp_path):
     assert "resumed from checkpoint step 0 written at" in outputs[1], outputs[1]
     assert json.loads((state / "bundle.json").read_text())["manifest_sha256"] == sha
     assert Series(state).numbers() == [0]
+
+
+def test_serve_help_lists_the_state_options(capsys):
+    from spliteasy_cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for opt in ("--state-dir", "--no-state", "--checkpoint-every", "runs/serve-"):
+        assert opt in out
+    with pytest.raises(SystemExit):  # one or the other
+        main(["serve", "x", "--state-dir", "d", "--no-state"])
+    assert "not allowed with argument" in capsys.readouterr().err
