@@ -5,8 +5,10 @@ loads TF.js from the npm packages there, fetches the manifest and the TF.js slic
 the server (``/v1/manifest``, ``/v1/bundle/...``), checks their hashes and trains A and C
 in the page against B in torch, over loopback. Headless Debian Chromium drives it
 (playwright-core, ``device_tf/js/tools/browser_run.mjs``). From the same initial weights
-on the same 5 batches its losses match the Node device and unsplit tf_keras within 1e-4,
-and B on the server ends where unsplit training leaves it.
+on the same 5 batches of ``digits-bn`` (BatchNormalization in A, B and C) its losses
+match the Node device and unsplit tf_keras within 1e-4, and every variable -- A and C as
+the page leaves them, B on the server, BN moving statistics included -- ends where
+unsplit training leaves it, within 1e-4.
 """
 
 from __future__ import annotations
@@ -51,9 +53,9 @@ def _has_route(url: str) -> bool:
 
 @pytest.fixture(scope="module")
 def sgd_bundle():
-    """A double-split digits bundle with TF.js slices (read-only, from the cache), and its
-    untrained unsplit model."""
-    return digits_bundle(None, "double", SGD_CFG, ALL_RUNTIMES)
+    """A double-split digits-bn bundle (BN in A, B and C) with TF.js slices (read-only,
+    from the cache), and its untrained unsplit model."""
+    return digits_bundle(None, "double", SGD_CFG, ALL_RUNTIMES, "digits-bn")
 
 
 @pytest.fixture
@@ -141,12 +143,24 @@ def test_browser_page_trains_like_node_and_unsplit(tmp_path, serve_app, page_fil
     for r in result["records"]:
         assert r["server_ms"] > 0 and r["bytes_up"] > 0 and r["total_ms"] >= r["device_ms"]
 
-    # B, trained by the page's messages, is where unsplit training leaves it.
+    # A and C as the page left them, and B trained by the page's messages, are where
+    # unsplit training leaves them: every variable, BN moving statistics included.
     expected = {k: v.numpy() for k, v in named_variables(reference).items()}
     got = keras_weights(app.state.trainer.module, TorchSpec.load(bundle / "B"))
+    assert set(result["weights"]) == {"A", "C"}
+    for held in result["weights"].values():
+        for name, w in held.items():
+            assert name not in got, name
+            got[name] = np.asarray(w["data"], np.float32).reshape(w["shape"])
+    assert set(got) == set(expected), set(got) ^ set(expected)
     errors = {name: rel(got[name], expected[name]) for name in got}
-    assert max(errors.values()) <= TOL, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+    worst = max(errors, key=errors.get)
+    print(f"  page + server vs unsplit: largest weight rel err {errors[worst]:.2e} ({worst})")
+    assert errors[worst] <= TOL, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
     assert all(np.isfinite(v).all() for v in got.values())
+    assert any(k.startswith("a_bn/moving") for k in got) and any(
+        k.startswith("c_bn/moving") for k in got
+    )
 
 
 def test_browser_page_reports_missing_data(serve_app, page_files, sgd_bundle):

@@ -12,7 +12,7 @@
  *   auto=1      start training on load
  * Progress and loss are shown in the page; window.spliteasyResult holds
  * {status: "idle"|"loading"|"running"|"done"|"error"|"stopped", losses, records, error,
- *  resumedAt, step} for automation.
+ *  resumedAt, step, weights (A's and C's variables once done)} for automation.
  *
  * The run survives a reload: after every step the page keeps A, C, their optimizer state,
  * the position in the data and its session (id, token) in IndexedDB (state_idb.mjs, the
@@ -229,6 +229,14 @@ async function run(saved = null) {
     setStatus(
       `done: ${total} steps` + (records.length ? `, loss ${first.toFixed(4)} → ${last.toFixed(4)}` : '') +
         (start.resumed ? ` (resumed at step ${start.at})` : ''),
+    );
+    // A's and C's final variables (weights() of the Node CLI's --weights-out), so a test can
+    // compare what the page trained with unsplit Keras, not only its losses.
+    result.weights = Object.fromEntries(
+      Object.entries(rt.weights()).map(([part, vars]) => [
+        part,
+        Object.fromEntries(Object.entries(vars).map(([k, w]) => [k, { shape: w.shape, data: Array.from(w.data) }])),
+      ]),
     );
     result.status = 'done';
   } catch (err) {
