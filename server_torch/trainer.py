@@ -70,10 +70,14 @@ def to_wire(t: torch.Tensor, layout: str, dtype: str) -> np.ndarray:
     return arr if arr.dtype.name == dtype else arr.astype(dtype)
 
 
-def as_float32(arr: np.ndarray, what: str) -> np.ndarray:
-    """The float32 array torch will view; rejects NaN/Inf before anything is computed."""
-    if arr.dtype != np.float32:
-        arr = arr.astype(np.float32)
+_FLOAT32 = np.dtype(np.float32)
+
+
+def as_float32(arr: np.ndarray, what: str, dtype: np.dtype = _FLOAT32) -> np.ndarray:
+    """The float32 (or ``dtype``) array torch will view; rejects NaN/Inf before anything
+    is computed."""
+    if arr.dtype != dtype:
+        arr = arr.astype(dtype)
     elif not arr.flags.writeable:
         arr = arr.copy()  # torch.from_numpy wants writable memory; the app hands over its own
     if not np.isfinite(arr).all():
@@ -90,8 +94,16 @@ class _Pending:
 class Trainer:
     """B, its optimizer and its loss, driven one call at a time (callers serialise)."""
 
-    def __init__(self, module: nn.Module, manifest: Manifest) -> None:
-        self.module = module.to(torch.float32)
+    def __init__(
+        self, module: nn.Module, manifest: Manifest, dtype: torch.dtype = torch.float32
+    ) -> None:
+        """``dtype`` is B's compute dtype. The wire and the server are float32; float64 is
+        for tests that compare this very class with a float64 twin of Keras (float32
+        cannot carry a 1e-4 comparison through a deep net's ReLU kinks), and then arrays
+        go in and come out in float64 too, never rounded to the wire's float32."""
+        self.dtype = dtype
+        self._np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+        self.module = module.to(dtype)
         self.module.train()
         self.manifest = manifest
         self.in_spec: TensorSpec = manifest.server_input
@@ -112,7 +124,10 @@ class Trainer:
             raise FrameSpecMismatch(
                 f"{what}: shape {list(arr.shape)}, manifest says {['N', *spec.sample_shape]}"
             )
-        return as_float32(arr, what)
+        return as_float32(arr, what, self._np_dtype)
+
+    def _out_dtype(self, spec: TensorSpec) -> str:
+        return spec.dtype if self.dtype == torch.float32 else self._np_dtype.name
 
     def _check_labels(self, labels: np.ndarray, batch: int) -> torch.Tensor:
         if labels.ndim != 1 or labels.shape[0] != batch:
@@ -143,7 +158,7 @@ class Trainer:
         a = self._check(a, self.in_spec, self.in_spec.name)
         self._pending = None
         self._pending = self._run(a)
-        return to_wire(self._pending.out, self.out_spec.layout, self.out_spec.dtype)
+        return to_wire(self._pending.out, self.out_spec.layout, self._out_dtype(self.out_spec))
 
     def backward(self, g: np.ndarray, *, target: bool = False) -> np.ndarray:
         """Backprop through the pending forward, step the optimizer, return dL/da.
@@ -189,7 +204,8 @@ class Trainer:
         if target:
             g_a = leaf.detach() - g_a
         arr = g_a.contiguous().numpy()
-        return arr if arr.dtype.name == self.in_spec.dtype else arr.astype(self.in_spec.dtype)
+        dtype = self._out_dtype(self.in_spec)
+        return arr if arr.dtype.name == dtype else arr.astype(dtype)
 
     def discard(self) -> None:
         """Forget the pending forward (its device went away or lost its turn)."""
@@ -200,9 +216,11 @@ class Trainer:
     def _opt_params(self) -> list[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
-    def module_state(self) -> dict[str, torch.Tensor]:
-        """B's parameters and buffers by torch name, detached copies (safe to write later)."""
-        return {k: v.detach().clone().contiguous() for k, v in self.module.state_dict().items()}
+    def module_state(self, copy: bool = True) -> dict[str, torch.Tensor]:
+        """B's parameters and buffers by torch name: detached copies (safe to keep), or with
+        ``copy=False`` B's own memory, for a caller that serialises it at once between steps."""
+        sd = self.module.state_dict()
+        return {k: (v.detach().clone() if copy else v.detach()).contiguous() for k, v in sd.items()}
 
     def load_module_state(self, state: dict[str, torch.Tensor]) -> None:
         """Put a :meth:`module_state` back, exactly: same names, shapes and dtypes, or an error."""
@@ -220,18 +238,21 @@ class Trainer:
                 )
         self.module.load_state_dict(state, strict=True)
 
-    def optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, int | float | bool]]:
+    def optimizer_state(
+        self, copy: bool = True
+    ) -> tuple[dict[str, torch.Tensor], dict[str, int | float | bool]]:
         """The optimizer's per-parameter state keyed ``"<param index>/<slot>"``: tensors
         (momentum, Adam's m and v) apart from plain numbers (Adam's step count), so the
         tensors go to safetensors and the numbers to JSON. Index = position among the
-        optimizer's parameters (the module's trainable parameters, in order)."""
+        optimizer's parameters (the module's trainable parameters, in order). ``copy`` as
+        in :meth:`module_state`."""
         tensors: dict[str, torch.Tensor] = {}
         scalars: dict[str, int | float | bool] = {}
         for i, p in enumerate(self._opt_params()):
             for slot, v in self.optimizer.state.get(p, {}).items():
                 key = f"{i}/{slot}"
                 if torch.is_tensor(v):
-                    tensors[key] = v.detach().clone().contiguous()
+                    tensors[key] = (v.detach().clone() if copy else v.detach()).contiguous()
                 elif isinstance(v, bool | int | float):
                     scalars[key] = v
                 else:  # pragma: no cover - our optimizers keep tensors and numbers only
