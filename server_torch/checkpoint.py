@@ -87,9 +87,10 @@ def capture(service: SplitService) -> dict[str, bytes]:
     from safetensors.torch import save
 
     tr = service.trainer
-    opt_tensors, opt_scalars = tr.optimizer_state()
+    # B's own memory, no copies: serialised right here, under the lock, between steps
+    opt_tensors, opt_scalars = tr.optimizer_state(copy=False)
     files: dict[str, bytes] = {
-        "b.safetensors": save(tr.module_state()),
+        "b.safetensors": save(tr.module_state(copy=False)),
         "optimizer.safetensors": save(opt_tensors),
     }
     sessions = []
