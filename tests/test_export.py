@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from split_helpers import ADAM_CFG, SGD_CFG, digits_bundle, rel
+from split_helpers import ADAM_CFG, ALL_RUNTIMES, SGD_CFG, digits_bundle, rel
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITEASY = [sys.executable, "-m", "spliteasy_cli.main"]
@@ -70,24 +70,23 @@ def split_runtime(bundle: Path, weights: dict[str, np.ndarray]):
     return rt
 
 
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    """A finished 2-epoch digits run, its split predictions, and its export."""
+def run_and_export(bundle: Path, tmp: Path, runtime: str = "tf", epochs: int = 2) -> dict:
+    """serve and train (``runtime``) with state dirs, split predictions over HTTP against
+    the live server, SIGTERM (the final checkpoint), then ``spliteasy export``."""
     from device_tf.data import load_digits_split
     from device_tf.loop import SplitTrainer
     from device_tf.transport import HttpTransport
     from server_torch.serving import ServerProcess
     from shared_schema import load_manifest, manifest_digest
 
-    bundle, _ = digits_bundle(None, "double", SGD_CFG)
-    tmp = tmp_path_factory.mktemp("export")
     srv_dir, dev_dir, out = tmp / "server-state", tmp / "device-state", tmp / "trained"
     server = ServerProcess(bundle, ["--state-dir", str(srv_dir), "--checkpoint-every", "20"])
     server.start(120)
     try:
         train = cli(
-            "train", str(bundle), "--server", server.url, "--epochs", "2", "--no-progress",
-            "--state-dir", str(dev_dir), "--log", str(tmp / "steps.jsonl"),
+            "train", str(bundle), "--server", server.url, "--epochs", str(epochs),
+            "--runtime", runtime, "--no-progress", "--state-dir", str(dev_dir),
+            "--log", str(tmp / "steps.jsonl"),
         )  # fmt: skip
         assert train.returncode == 0, train.stderr
         # Split inference against the live server: A, C here in TF; B in torch, eval mode.
@@ -119,33 +118,55 @@ def digits_run(tmp_path_factory):
     }
 
 
-def test_export_equals_split_inference_digits(digits_run):
+def check_export(run: dict, steps: int) -> tuple[float, float]:
+    """The exported SavedModel equals the split predictions and scores the same."""
     import tf_keras as keras
 
-    run = digits_run
+    from shared_schema import manifest_digest
+
     assert run["export"].returncode == 0, run["export"].stderr
-    print("\n" + run["export"].stdout)
-    assert f"wrote the trained digits-cnn model to {run['out']}" in run["export"].stdout
+    assert "wrote the trained digits-cnn model to" in run["export"].stdout
     model = keras.models.load_model(run["out"], compile=False)
     got = model.predict(run["x"], verbose=0)
     err = rel(got, run["split"])
     split_acc = float((run["split"].argmax(-1) == run["y"]).mean())
     exported_acc = float((got.argmax(-1) == run["y"]).mean())
-    print(
-        f"digits: exported vs split inference over HTTP {err:.1e} relative on "
-        f"{len(run['x'])} test digits; accuracy split {split_acc:.4f}, exported {exported_acc:.4f}"
-    )
     assert err <= TOL
     assert exported_acc == split_acc
     assert split_acc > 0.8, "the run trained (the comparison is not vacuous)"
-    assert f"test accuracy {split_acc:.4f}" in run["train"].stdout  # what train reported
-
     record = json.loads((run["out"] / "export.json").read_text())
-    assert record["server_checkpoint"]["steps"] == record["device_snapshot"]["step"] == 90
+    assert record["server_checkpoint"]["steps"] == record["device_snapshot"]["step"] == steps
     assert record["verification"]["split_vs_unsplit_rel_err"] <= TOL
-    from shared_schema import manifest_digest
-
     assert record["manifest_sha256"] == manifest_digest(run["bundle"])
+    return err, split_acc
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A finished 2-epoch digits run (Python TF device), its split predictions, its export."""
+    bundle, _ = digits_bundle(None, "double", SGD_CFG)
+    return run_and_export(bundle, tmp_path_factory.mktemp("export"))
+
+
+def test_export_equals_split_inference_digits(digits_run):
+    run = digits_run
+    print("\n" + run["export"].stdout)
+    err, acc = check_export(run, steps=90)
+    print(f"digits: exported vs split inference over HTTP {err:.1e} relative, accuracy {acc:.4f}")
+    assert f"test accuracy {acc:.4f}" in run["train"].stdout  # what train reported
+
+
+@pytest.mark.js
+def test_export_from_a_tfjs_device(tmp_path):
+    """The Node TF.js device writes the same state files: its run exports the same way."""
+    from js_fixtures import node
+
+    node()
+    bundle, _ = digits_bundle(None, "double", SGD_CFG, runtimes=ALL_RUNTIMES)
+    run = run_and_export(bundle, tmp_path, runtime="tfjs", epochs=1)
+    err, acc = check_export(run, steps=45)
+    print(f"\ndigits, TF.js device: exported vs split inference {err:.1e}, accuracy {acc:.4f}")
+    assert_quiet(run["train"])
 
 
 def test_exported_tflite_and_tfjs(digits_run):
