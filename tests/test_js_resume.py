@@ -9,7 +9,7 @@ the one killed), and the device page in headless Chromium.
   from the state dir with Python's ``safetensors``, so the JS writer is checked too), their
   optimizer state and B equal an uninterrupted run's within 1e-6 relative.
 - ``spliteasy serve`` SIGKILLed mid-run and restarted on its state dir: the device waits
-  (bounded backoff, one line per wait), gets 409 step_conflict naming the server's
+  (bounded backoff; a line when it loses the server, one when it is back), gets 409 step_conflict naming the server's
   checkpointed step, rolls back to its snapshot of that step, replays, and ends with the
   same A, B and C as an uninterrupted run (Adam: the step count survives).
 - The page reloaded mid-step resumes from IndexedDB at the step it had reached, finishes,
@@ -212,7 +212,7 @@ def test_server_killed_and_restarted_device_rolls_back_and_ends_as_uninterrupted
     assert srv.url.endswith(f":{free_port}")
     out = dev.finish()
     print(f"\n{out[out.find('unreachable') - 60 :][:600]}")
-    assert "retrying in" in out
+    assert "retrying with backoff for up to 120 s" in out and "is back after" in out, out
     assert "rolled back from step" in out, out
     srv.stop()
 

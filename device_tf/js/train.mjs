@@ -110,9 +110,12 @@ async function main(argv) {
   const log = opt.quiet ? () => {} : (s) => console.log(s);
   await initBackend();
   const schema = await readSchema();
-  // a wait for the server is always worth a line, --quiet or not
-  const onWait = (w) => console.error(`spliteasy-js: ${describeWait(w)}`);
-  const transport = new HttpTransport(opt.server, { reconnectTimeoutMs: opt.reconnectTimeout * 1000, onWait });
+  // losing and regaining the server are worth a line each, --quiet or not
+  const onWait = (w) => {
+    if (w.attempt === 2) console.error(`spliteasy-js: ${describeWait(w)}`);
+  };
+  const onBack = (b) => console.error(`spliteasy-js: ${b.url} is back after ${(b.waitedMs / 1000).toFixed(1)} s; continuing`);
+  const transport = new HttpTransport(opt.server, { reconnectTimeoutMs: opt.reconnectTimeout * 1000, onWait, onBack });
   let manifest;
   let digest;
   let models;

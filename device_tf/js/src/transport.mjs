@@ -15,10 +15,11 @@
  * Node 20's fetch (undici) and browsers keep the HTTP/1.1 connection alive between calls,
  * so a run pays the TCP handshake once. A request that fails in transit is sent again,
  * identically: every frame carries (session, step) and the server answers a repeated step
- * from its store, so a retry is never applied twice. Session calls are *patient*: while
- * the server is unreachable (restarting, say) they back off exponentially (0.1 s doubling
- * to 5 s) for up to `reconnectTimeoutMs` (default 300 s), reporting each wait through
- * `onWait`, before giving up. Other calls (the manifest, the slices) try a few times only.
+ * from its store, so a retry is never applied twice. Every call is *patient* (as the Python
+ * transport, device_tf/transport.py): while the server is unreachable (restarting, say) or
+ * answers 503 busy / shutting_down, it retries at once, then backs off exponentially (0.1 s
+ * doubling to 5 s) for up to `reconnectTimeoutMs` (default 300 s), reporting each wait
+ * through `onWait` and the server's return through `onBack`, before giving up.
  */
 
 import { ProtocolError, StepConflict } from './errors.mjs';
@@ -30,10 +31,10 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 export const DURABLE_STEP_HEADER = 'X-Spliteasy-Durable-Step';
 
 /** One line for a wait: what failed, for how long, what next. */
-export function describeWait({ url, why, waitedMs, delayMs, limitMs }) {
+export function describeWait({ url, why, waitedMs, limitMs }) {
   return (
-    `server ${url} unreachable (${why}); retrying in ${(delayMs / 1000).toFixed(1)} s ` +
-    `(waited ${Math.round(waitedMs / 1000)} s of ${Math.round(limitMs / 1000)} s)`
+    `server ${url} unreachable (${why}); retrying with backoff for up to ${Math.round(limitMs / 1000)} s ` +
+    `(waited ${Math.round(waitedMs / 1000)} s)`
   );
 }
 
@@ -46,23 +47,26 @@ function intOrNull(v) {
 export class HttpTransport {
   /**
    * @param baseUrl e.g. "http://127.0.0.1:8000" ('' in a page: same origin)
-   * @param onWait called with {url, why, waitedMs, delayMs, limitMs} before each patient wait
+   * @param onWait called with {url, why, waitedMs, delayMs, limitMs, attempt} before each wait
+   *   (from the second failed attempt on); onBack with {url, waitedMs} when the server answers again
    */
-  constructor(baseUrl, { retries = 3, timeoutMs = 60000, reconnectTimeoutMs = 300000, onWait = null } = {}) {
+  constructor(baseUrl, { retries = 3, timeoutMs = 60000, reconnectTimeoutMs = 300000, onWait = null, onBack = null } = {}) {
     this.baseUrl = baseUrl.replace(/\/+$/, '');
     this.retries = retries;
     this.timeoutMs = timeoutMs;
     this.reconnectTimeoutMs = reconnectTimeoutMs;
     this.onWait = onWait;
+    this.onBack = onBack;
     this.sessionId = '';
     this.token = null;
   }
 
-  async send(method, path, { body, headers = {}, patient = false } = {}) {
-    let last;
-    const start = now();
-    for (let attempt = 0; ; attempt++) {
-      let response;
+  async send(method, path, { body, headers = {}, patient = true } = {}) {
+    let firstFailure = null;
+    let attempt = 0;
+    let why = '';
+    for (;;) {
+      let response = null;
       try {
         response = await fetch(this.baseUrl + path, {
           method,
@@ -72,24 +76,40 @@ export class HttpTransport {
           signal: AbortSignal.timeout(this.timeoutMs),
         });
       } catch (err) {
-        last = err;
-        const why = err?.cause?.code ?? err?.cause?.message ?? err?.message ?? 'no answer';
-        const waitedMs = now() - start;
-        const delayMs = Math.min(100 * 2 ** attempt, patient ? 5000 : 2000);
-        const more = patient ? waitedMs + delayMs <= this.reconnectTimeoutMs : attempt < this.retries;
-        if (!more) break;
-        if (patient && this.onWait && attempt >= 2) {
-          this.onWait({ url: this.baseUrl, why, waitedMs, delayMs, limitMs: this.reconnectTimeoutMs });
-        }
-        await sleep(delayMs);
-        continue;
+        why = err?.cause?.code ?? err?.cause?.message ?? err?.message ?? 'no answer';
       }
-      if (response.status >= 400) throw await rejection(response);
-      return response;
+      if (response) {
+        // 503 busy: B is another device's for now; 503 shutting_down: the server is writing
+        // its final checkpoint before it stops. Both: wait as for a restart.
+        const code = response.status === 503 ? await peekCode(response) : '';
+        if (code === 'busy' || code === 'shutting_down') {
+          why = `503 ${code}`;
+          await response.body?.cancel().catch(() => {});
+        } else {
+          if (firstFailure !== null && attempt >= 2) this.onBack?.({ url: this.baseUrl, waitedMs: now() - firstFailure });
+          if (response.status >= 400) throw await rejection(response);
+          return response;
+        }
+      }
+      const t = now();
+      firstFailure ??= t;
+      attempt += 1;
+      const waitedMs = t - firstFailure;
+      const limitMs = patient ? this.reconnectTimeoutMs : 0;
+      const outOfTime = patient ? attempt > 1 && waitedMs >= limitMs : attempt > this.retries;
+      if (outOfTime) {
+        const waited = `no answer for ${Math.round(waitedMs / 1000)} s (${attempt} attempts; last: ${why})`;
+        throw new ProtocolError(
+          `${this.baseUrl}${path}: ${waited}; is the server running?` +
+            (patient ? ' Restart the same command to resume where it stopped.' : ''),
+        );
+      }
+      // the first retry at once (a lone dropped connection is not news), then 0.1 s doubling to 5 s
+      let delayMs = attempt === 1 ? 0 : Math.min(100 * 2 ** (attempt - 2), 5000);
+      if (patient) delayMs = Math.min(delayMs, Math.max(firstFailure + limitMs - t, 0));
+      if (attempt >= 2) this.onWait?.({ url: this.baseUrl, why, waitedMs, delayMs, limitMs: this.reconnectTimeoutMs, attempt });
+      await sleep(delayMs);
     }
-    const why = last?.cause?.message ?? last?.message ?? 'no answer';
-    const waited = patient ? ` over ${Math.round((now() - start) / 1000)} s` : '';
-    throw new ProtocolError(`${this.baseUrl}${path}: no answer${waited}: ${why}`);
   }
 
   auth() {
@@ -104,11 +124,10 @@ export class HttpTransport {
     return new Uint8Array(await (await this.send('GET', path)).arrayBuffer());
   }
 
-  async postJson(path, payload, { patient = false } = {}) {
+  async postJson(path, payload) {
     const r = await this.send('POST', path, {
       body: JSON.stringify(payload),
       headers: { 'Content-Type': 'application/json' },
-      patient,
     });
     return r.json();
   }
@@ -134,15 +153,15 @@ export class HttpTransport {
     this.token = token;
   }
 
-  /** Where the server holds the session: {nextStep, durableStep, expect}; patient. */
+  /** Where the server holds the session: {nextStep, durableStep, expect}. */
   async sessionInfo() {
-    const r = await this.send('GET', `/v1/sessions/${this.sessionId}`, { headers: this.auth(), patient: true });
+    const r = await this.send('GET', `/v1/sessions/${this.sessionId}`, { headers: this.auth() });
     const j = await r.json();
     return { nextStep: Number(j.next_step), durableStep: intOrNull(j.durable_step) ?? 0, expect: j.expect ?? null };
   }
 
   /**
-   * POST one op's frame message (op: forward, backward, step, infer); patient.
+   * POST one op's frame message (op: forward, backward, step, infer).
    * Returns {body: Uint8Array, serverMs, roundTripMs, durableStep: number|null, replayed}.
    */
   async exchange(op, body) {
@@ -150,7 +169,6 @@ export class HttpTransport {
     const r = await this.send('POST', `/v1/sessions/${this.sessionId}/${op}`, {
       body,
       headers: { 'Content-Type': MEDIA_TYPE, ...this.auth() },
-      patient: true,
     });
     const reply = new Uint8Array(await r.arrayBuffer());
     const roundTripMs = now() - t0;
@@ -178,6 +196,15 @@ export class HttpTransport {
     }
     this.sessionId = '';
     this.token = null;
+  }
+}
+
+/** The `error` code of a JSON error reply, without consuming the response. */
+async function peekCode(response) {
+  try {
+    return (await response.clone().json()).error ?? '';
+  } catch {
+    return '';
   }
 }
 
