@@ -189,6 +189,40 @@ def test_exported_tflite_and_tfjs(digits_run):
     assert {"a_conv/kernel", "b_conv1/kernel", "c_logits/kernel"} <= names
 
 
+TFJS_PREDICT = """
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { initBackend } from './src/backend.mjs';
+import { loadLayersModel } from './src/slices.mjs';
+const [dir, xfile, outfile, ...shape] = process.argv.slice(1);
+const tf = await initBackend();
+const modelJson = JSON.parse(await readFile(join(dir, 'model.json'), 'utf8'));
+const model = await loadLayersModel(modelJson, async (p) => new Uint8Array(await readFile(join(dir, p))));
+const buf = await readFile(xfile);
+const x = tf.tensor(new Float32Array(buf.buffer, buf.byteOffset, buf.byteLength / 4), shape.map(Number));
+await writeFile(outfile, Buffer.from((await model.predict(x).data()).buffer));
+"""
+
+
+@pytest.mark.js
+def test_exported_tfjs_runs_in_tfjs(digits_run, tmp_path):
+    """The tfjs/ form, loaded by TF.js itself (the harness' loader, cpu backend)."""
+    from js_fixtures import JS_DIR, node
+
+    x = np.ascontiguousarray(digits_run["x"][:64])
+    x.tofile(tmp_path / "x.f32")
+    proc = subprocess.run(
+        [node(), "--input-type=module", "-e", TFJS_PREDICT, str(digits_run["out"] / "tfjs"),
+         str(tmp_path / "x.f32"), str(tmp_path / "y.f32"), *map(str, x.shape)],
+        cwd=JS_DIR, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    got = np.fromfile(tmp_path / "y.f32", np.float32).reshape(len(x), -1)
+    err = rel(got, digits_run["split"][:64])
+    print(f"\ndigits TF.js export (TF.js cpu backend) vs split inference: {err:.1e}")
+    assert err <= TOL
+
+
 def test_cli_is_quiet(digits_run):
     """serve, train and export print their own lines only."""
     for what in ("train", "export"):
