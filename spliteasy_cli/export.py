@@ -13,8 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--server-state",
         type=Path,
-        required=True,
-        help="the server's state dir ('spliteasy serve --state-dir'; default runs/serve-<hash>)",
+        help="the server's state dir ('spliteasy serve --state-dir'); default: serve's "
+        "default, runs/serve-<12 hex of the manifest sha256>/",
     )
     p.add_argument(
         "--device-state",
@@ -49,10 +49,19 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from converters.export.trained import export_trained
+    from server_torch.checkpoint import default_state_dir
+    from shared_schema import SpliteasyError, load_manifest, manifest_digest
 
+    load_manifest(args.bundle, verify=False)  # "not a bundle" before anything else
+    server_state = args.server_state or default_state_dir(manifest_digest(args.bundle))
+    if args.server_state is None and not server_state.is_dir():
+        raise SpliteasyError(
+            f"no server state at {server_state} (the default of 'spliteasy serve' for this "
+            "bundle, relative to this directory); pass --server-state DIR"
+        )
     result = export_trained(
         args.bundle,
-        args.server_state,
+        server_state,
         args.device_state,
         args.out,
         formats=args.formats,
