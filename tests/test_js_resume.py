@@ -182,6 +182,21 @@ def test_node_device_killed_and_restarted_ends_as_uninterrupted(
     _assert_same(_server_b(app, bundle), ref_b, "B")
     assert app.state.trainer.steps == STEPS  # nothing applied twice
 
+    # Run again: the finished run trains nothing. Another bundle's state dir is refused.
+    again = run_node(_args(bundle, srv.url, train_data, state)).stdout
+    assert f"holds this run, finished at step {STEPS}: nothing to train" in again, again
+    other, _ = digits_bundle(None, "single" if split == "double" else "double", opt, ALL_RUNTIMES)
+    proc = subprocess.run(
+        [node(), *_args(other, srv.url, train_data, state)],
+        cwd=JS_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "the saved state belongs to another bundle (manifest" in proc.stderr, proc.stderr
+    assert app.state.trainer.steps == STEPS
+
 
 def test_server_killed_and_restarted_device_rolls_back_and_ends_as_uninterrupted(
     tmp_path, serve_bundle, free_port, train_data

@@ -155,7 +155,7 @@ async function main(argv) {
   };
   const onEvent = (e) => console.error(`spliteasy-js: ${e.message}`);
   const start = await startRun(trainer, state, { server: opt.server, run }, sched, { onEvent });
-  if (start.resumed) {
+  if (start.resumed && !start.done) {
     log(
       `resumed at step ${start.at}/${total} (session ${trainer.sessionId.slice(0, 8)}…, state ${opt.stateDir}` +
         `${start.at !== start.from ? `, saved at step ${start.from}` : ''})`,
@@ -181,7 +181,7 @@ async function main(argv) {
         },
       });
     } else {
-      log(`the state dir holds this run finished (${total} steps): nothing to train`);
+      log(`the state dir ${opt.stateDir} holds this run, finished at step ${total}: nothing to train`);
     }
   } finally {
     // a finished run ends its session; a failed one keeps it, to be resumed from the state dir
@@ -201,10 +201,12 @@ async function main(argv) {
     resumed_at: start.resumed ? start.at : null,
     final_step: trainer.nextStep,
   };
-  log(
-    `done: ${summary.steps} steps, loss ${summary.first_loss?.toFixed(4)} -> ${summary.last_loss?.toFixed(4)}, ` +
-      `mean step ${summary.mean_total_ms.toFixed(1)} ms`,
-  );
+  if (records.length) {
+    log(
+      `done: ${summary.steps} steps, loss ${summary.first_loss.toFixed(4)} -> ${summary.last_loss.toFixed(4)}, ` +
+        `mean step ${summary.mean_total_ms.toFixed(1)} ms`,
+    );
+  }
   if (opt.logJson) {
     const doc = { runtime: 'tfjs', backend: 'cpu', model: manifest.model, manifest_sha256: digest, records, summary };
     await writeFile(opt.logJson, JSON.stringify(doc, null, 1) + '\n');

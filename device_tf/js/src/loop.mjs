@@ -337,10 +337,19 @@ export async function startRun(trainer, state, { server, run, extra = {} }, sche
   const theirs = saved.session.run ?? {};
   const keys = [...new Set([...Object.keys(run), ...Object.keys(theirs)])];
   const diff = keys.filter((k) => JSON.stringify(theirs[k] ?? null) !== JSON.stringify(run[k] ?? null));
+  if (diff.includes('manifest_sha256')) {
+    throw new DeviceError(
+      `the saved state belongs to another bundle (manifest ${String(theirs.manifest_sha256).slice(0, 12)}, ` +
+        `this bundle's is ${run.manifest_sha256.slice(0, 12)}); use another state dir or remove it`,
+    );
+  }
   if (diff.length) {
-    const what = diff.map((k) => `${k} ${JSON.stringify(theirs[k] ?? null)} -> ${JSON.stringify(run[k] ?? null)}`);
-    const other = diff.includes('manifest_sha256') ? 'another bundle' : 'a run with other settings';
-    throw new DeviceError(`the saved state belongs to ${other} (${what.join('; ')}); use a new state dir or remove it`);
+    const show = (v) => (typeof v === 'string' && v.length > 24 ? `${v.slice(0, 12)}…` : JSON.stringify(v ?? null));
+    const what = diff.filter((k) => k !== 'shuffle').map((k) => `${k} ${show(theirs[k])} -> ${show(run[k])}`);
+    throw new DeviceError(
+      `the saved state holds a run with other settings (${what.join('; ')}): resuming would train on other ` +
+        'batches; use the same settings, another state dir, or remove it',
+    );
   }
   state.session = saved.session;
   if (saved.session.server !== server) await state.saveSession({ ...saved.session, server }); // where it is now
