@@ -30,6 +30,11 @@ The device keeps its own snapshot of that step in ``durable/``:
   persisted retry store (the same bytes, so nothing is applied twice).
 
 Nothing is pickled; the token is stored only in ``session.json``, mode 0600.
+
+Test hook: with ``SPLITEASY_DEVICE_CRASH_BEFORE_SAVING=N`` the process ends
+(``os._exit(86)``) just before saving the snapshot of step N, i.e. after the server
+applied step N - 1 and before the device recorded it: the restarted device must get
+that step answered from the server's retry store.
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ SESSION_FILE = "session.json"
 SLICES_FILE = "slices.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 PROGRESS_FILE = "progress.json"
+CRASH_ENV = "SPLITEASY_DEVICE_CRASH_BEFORE_SAVING"
+CRASH_EXIT_CODE = 86
 SHUFFLE = "numpy.random.default_rng([seed, epoch]).permutation(n_samples), batches in order"
 
 
@@ -308,6 +315,9 @@ class DeviceState:
     def commit(self, step: int) -> Snapshot:
         """Save the runtime's state after ``step`` completed steps as ``latest/`` (and as
         ``durable/`` when the server has announced exactly that step)."""
+        at = os.environ.get(CRASH_ENV, "").strip()
+        if at.isdigit() and int(at) == step:
+            os._exit(CRASH_EXIT_CODE)
         snap = Snapshot.capture(self.runtime, self.spec, step)
         self._write("latest", snap)
         self.latest = snap

@@ -12,6 +12,7 @@ an uninterrupted run of the same configuration:
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -92,7 +93,7 @@ class Device:
     def log(self) -> Path:
         return self.work / "steps.jsonl"
 
-    def start(self, url: str) -> Device:
+    def start(self, url: str, env: dict[str, str] | None = None) -> Device:
         self.starts += 1
         out = self.work / f"device-{self.starts}.out"
         self.outputs.append(out)
@@ -103,7 +104,13 @@ class Device:
             "--reconnect-timeout", "240",
         ]  # fmt: skip
         with open(out, "wb") as fh:
-            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=self.work)
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                cwd=self.work,
+                env={**os.environ, **(env or {})},
+            )
         return self
 
     def steps_logged(self) -> int:

@@ -105,6 +105,36 @@ def test_killed_run_equals_uninterrupted(split, opt, kill, reference, tmp_path) 
     assert compare(got, want) <= TOL
 
 
+@pytest.mark.parametrize(("split", "opt"), [("double", "sgd"), ("single", "adam")])
+def test_device_dies_after_the_server_applied_a_step(split, opt, reference, tmp_path) -> None:
+    """The device dies after step 12's reply and before saving it: the restarted device
+    redoes step 12 from its snapshot, and the server answers it from its retry store
+    (the same request bytes: A's forward is deterministic), applying nothing twice."""
+    from device_tf.state import CRASH_ENV, CRASH_EXIT_CODE
+
+    bundle, want = reference(split, opt)
+    server = Server(bundle, tmp_path / "server-state").start()
+    device = Device(bundle, tmp_path, STEPS_30)
+    try:
+        device.start(server.url, env={CRASH_ENV: "13"})
+        assert device.proc.wait(300) == CRASH_EXIT_CODE, device.output()
+        assert server.health()["steps"] == 13  # steps 0..12 applied, 12 unknown to the device
+        device.start(server.url)
+        device.finish()
+        assert server.health()["steps"] == 30
+        got = final_state(server, device)
+    finally:
+        device.stop()
+        server.stop()
+    out = device.output()
+    print(out)
+    assert "resuming session" in out and "at step 12 of 30" in out and "expects step 13" in out
+    records = [json.loads(line) for line in device.log.read_text().splitlines()]
+    assert [r["step"] for r in records] == [*range(12), *range(12, 30)]
+    assert [r["step"] for r in records if r["replayed"]] == [12]
+    assert compare(got, want) <= TOL
+
+
 def test_tflite_device_resumes(reference, tmp_path) -> None:
     """The TFLite runtime's state (save/restore signatures) survives both sides dying."""
     bundle, want = reference("double", "adam", runtime="tflite")
