@@ -49,6 +49,32 @@ def train_data(tmp_path_factory) -> Path:
     )
 
 
+@pytest.fixture(scope="module")
+def reference_runs(tmp_path_factory, train_data):
+    """``get(split, opt)`` -> the uninterrupted run of that bundle, computed once per module:
+    {"state": its state dir, "b": B's final weights, "losses": per-step losses}."""
+    from server_torch.app import create_app
+    from server_torch.serving import ServerThread
+
+    done: dict[tuple, dict] = {}
+
+    def get(split: str, opt: dict) -> dict:
+        key = (split, opt["name"])
+        if key not in done:
+            bundle, _ = digits_bundle(None, split, opt, ALL_RUNTIMES)
+            out = tmp_path_factory.mktemp(f"ref-{split}-{opt['name']}")
+            app = create_app(bundle)
+            with ServerThread(app) as srv:
+                log = out / "log.json"
+                run_node(_args(bundle, srv.url, train_data, out / "state", "--log-json", str(log)))
+                b = _server_b(app, bundle)
+            losses = [r["loss"] for r in json.loads(log.read_text())["records"]]
+            done[key] = {"state": out / "state", "b": b, "losses": losses}
+        return done[key]
+
+    return get
+
+
 def _args(bundle: Path, url: str, data: Path, state: Path, *extra: str) -> list[str]:
     return [
         "train.mjs", "--bundle", str(bundle), "--server", url, "--data", str(data),
@@ -139,20 +165,14 @@ def _checkpointed_b(state_dir: Path) -> dict[str, np.ndarray]:
     ids=["double-sgd_momentum", "single-adam"],
 )
 def test_node_device_killed_and_restarted_ends_as_uninterrupted(
-    tmp_path, serve_app, train_data, split, opt
+    tmp_path, serve_app, train_data, reference_runs, split, opt
 ):
     from server_torch.app import create_app
 
     node()
     bundle, _ = digits_bundle(None, split, opt, ALL_RUNTIMES)
-
-    # The uninterrupted run, against its own fresh B.
-    ref_app = create_app(bundle)
-    ref_srv = serve_app(ref_app)
-    ref_state = tmp_path / "ref-state"
-    run_node(_args(bundle, ref_srv.url, train_data, ref_state))
-    ref_b = _server_b(ref_app, bundle)
-    ref_srv.stop()
+    ref = reference_runs(split, opt)  # the uninterrupted run, against its own fresh B
+    ref_state, ref_b = ref["state"], ref["b"]
 
     app = create_app(bundle)
     srv = serve_app(app)
@@ -249,28 +269,16 @@ def _chromium() -> str:
 
 
 @pytest.mark.browser
-def test_browser_page_reloaded_mid_run_resumes_from_indexeddb(tmp_path, serve_app, train_data):
+def test_browser_page_reloaded_mid_run_resumes_from_indexeddb(
+    tmp_path, serve_app, train_data, reference_runs
+):
     from server_torch.app import create_app
 
     node()
     browser = _chromium()
     bundle, _ = digits_bundle(None, "double", SGD_CFG, ALL_RUNTIMES)
-
-    ref_app = create_app(bundle)
-    ref_srv = serve_app(ref_app)
-    run_node(
-        _args(
-            bundle,
-            ref_srv.url,
-            train_data,
-            tmp_path / "node",
-            "--log-json",
-            str(tmp_path / "node.json"),
-        )
-    )
-    ref_b = _server_b(ref_app, bundle)
-    node_losses = [r["loss"] for r in json.loads((tmp_path / "node.json").read_text())["records"]]
-    ref_srv.stop()
+    ref = reference_runs("double", SGD_CFG)  # the uninterrupted Node run
+    ref_b, node_losses = ref["b"], ref["losses"]
 
     data_dir = JS_DIR / "data"  # what the page fetches from /device/data/ (gitignored)
     data_dir.mkdir(exist_ok=True)
@@ -303,3 +311,47 @@ def test_browser_page_reloaded_mid_run_resumes_from_indexeddb(tmp_path, serve_ap
     assert max(errs) <= TOL
     _assert_same(_server_b(app, bundle), ref_b, "B")
     assert app.state.trainer.steps == STEPS  # step 9's forward was applied once, replayed once
+
+
+def test_node_device_through_a_faulty_link_ends_as_a_clean_run(
+    tmp_path, serve_app, train_data, reference_runs
+):
+    """Connections dropped before the server, after it applied a request, and reset in the
+    middle of a request or a reply (netem's proxy, 25 % of session requests): the device
+    retries, the server answers repeats from its retry store, and the weights end exactly
+    where the fault-free run leaves them, with B stepped once per step."""
+    from netem import Fault, FaultProxy, FaultSchedule, path_matches
+    from server_torch.app import create_app
+
+    node()
+    bundle, _ = digits_bundle(None, "double", SGD_CFG, ALL_RUNTIMES)
+    ref = reference_runs("double", SGD_CFG)
+    app = create_app(bundle)
+    srv = serve_app(app)
+    host, port = srv.url.removeprefix("http://").split(":")
+    schedule = FaultSchedule(
+        probabilities={
+            Fault.DROP_BEFORE_SERVER: 0.1,
+            Fault.DROP_AFTER_APPLY: 0.1,
+            Fault.RESET_REQUEST_BODY: 0.025,
+            Fault.RESET_RESPONSE_BODY: 0.025,
+        },
+        seed=7,
+        applies_to=path_matches(r"/v1/sessions/[0-9a-f]+/"),
+    )
+    proxy = FaultProxy((host, int(port)), schedule).start()
+    try:
+        state = tmp_path / "state"
+        run_node(_args(bundle, proxy.url, train_data, state))
+    finally:
+        proxy.stop()
+    faults = [e.fault for e in proxy.events if e.fault != Fault.NONE]
+    print(
+        f"\n{len(proxy.events)} requests through the proxy, {len(faults)} faulted: {sorted(set(faults))}"
+    )
+    assert len(faults) >= 5 and Fault.DROP_AFTER_APPLY in faults
+    got, want = _device_state(state), _device_state(ref["state"])
+    _assert_same(got["slices"], want["slices"], "A and C")
+    _assert_same(got["optimizer"], want["optimizer"], "optimizer")
+    _assert_same(_server_b(app, bundle), ref["b"], "B")
+    assert app.state.trainer.steps == STEPS

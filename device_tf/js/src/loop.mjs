@@ -218,7 +218,8 @@ export function accuracy(output, labels) {
  * snapshotted (and persisted by its store), and the loop agrees with the server on where to
  * resume: a 409 step_conflict naming an earlier step S (the server restarted from its
  * checkpoint) rolls A, C and their optimizers back to the snapshot of step S and replays
- * the batches from S in the same order; a server that lost the session altogether (404
+ * the batches from S in the same order; 409 stale_forward (the server revoked this step's
+ * lease on B) redoes the step from its snapshot; a server that lost the session altogether (404
  * unknown_session) gets a new session, and the run starts again from step 0 and the bundle's
  * weights. onEvent({type, message, ...}) tells the caller about either.
  * Returns the records of the steps that count (a replayed step replaces its first record).
@@ -246,6 +247,15 @@ export async function train(trainer, sched, { state = null, onStep = () => {}, o
           message: `server resumed this session at step ${err.nextStep} (its checkpoint): rolled back from step ${from}, replaying`,
         });
         while (records.length && records.at(-1).step >= err.nextStep) records.pop();
+        continue;
+      }
+      if (state && err instanceof ProtocolError && err.code === 'stale_forward' && conflicts < 3) {
+        // this device held B past the server's lease timeout and another device took it:
+        // undo the half-done step (C was updated) and do it again
+        conflicts += 1;
+        const redo = trainer.nextStep;
+        await rollBack(trainer, state, sched, redo);
+        onEvent({ type: 'redo', message: `the server revoked step ${redo}'s hold on B (held too long): redoing it` });
         continue;
       }
       if (state && err instanceof ProtocolError && err.code === 'unknown_session' && conflicts < 3) {

@@ -61,34 +61,40 @@ export class HttpTransport {
     this.token = null;
   }
 
+  /**
+   * One request, retried as described above; returns the whole reply, read to the end
+   * inside the retry loop (a connection reset in the middle of a reply body is retried
+   * too): {status, headers, body: Uint8Array, json()}. A 4xx/5xx answer is thrown as a
+   * ProtocolError (StepConflict for 409 step_conflict).
+   */
   async send(method, path, { body, headers = {}, patient = true } = {}) {
     let firstFailure = null;
     let attempt = 0;
     let why = '';
     for (;;) {
-      let response = null;
+      let reply = null;
       try {
-        response = await fetch(this.baseUrl + path, {
+        const response = await fetch(this.baseUrl + path, {
           method,
           body,
           headers,
           keepalive: false, // (the page-unload flag, not connection reuse; that is on by default)
           signal: AbortSignal.timeout(this.timeoutMs),
         });
+        reply = new Reply(response.status, response.headers, new Uint8Array(await response.arrayBuffer()));
       } catch (err) {
         why = err?.cause?.code ?? err?.cause?.message ?? err?.message ?? 'no answer';
       }
-      if (response) {
+      if (reply) {
         // 503 busy: B is another device's for now; 503 shutting_down: the server is writing
         // its final checkpoint before it stops. Both: wait as for a restart.
-        const code = response.status === 503 ? await peekCode(response) : '';
+        const code = reply.status === 503 ? reply.errorCode() : '';
         if (code === 'busy' || code === 'shutting_down') {
           why = `503 ${code}`;
-          await response.body?.cancel().catch(() => {});
         } else {
           if (firstFailure !== null && attempt >= 2) this.onBack?.({ url: this.baseUrl, waitedMs: now() - firstFailure });
-          if (response.status >= 400) throw await rejection(response);
-          return response;
+          if (reply.status >= 400) throw rejection(reply);
+          return reply;
         }
       }
       const t = now();
@@ -121,7 +127,7 @@ export class HttpTransport {
   }
 
   async getBytes(path) {
-    return new Uint8Array(await (await this.send('GET', path)).arrayBuffer());
+    return (await this.send('GET', path)).body;
   }
 
   async postJson(path, payload) {
@@ -170,11 +176,10 @@ export class HttpTransport {
       body,
       headers: { 'Content-Type': MEDIA_TYPE, ...this.auth() },
     });
-    const reply = new Uint8Array(await r.arrayBuffer());
     const roundTripMs = now() - t0;
     const serverMs = Number.parseFloat(r.headers.get('X-Spliteasy-Server-Ms') ?? '0') || 0;
     return {
-      body: reply,
+      body: r.body,
       serverMs,
       roundTripMs,
       durableStep: intOrNull(r.headers.get(DURABLE_STEP_HEADER)),
@@ -199,18 +204,35 @@ export class HttpTransport {
   }
 }
 
-/** The `error` code of a JSON error reply, without consuming the response. */
-async function peekCode(response) {
-  try {
-    return (await response.clone().json()).error ?? '';
-  } catch {
-    return '';
+/** A reply read to its end. */
+class Reply {
+  constructor(status, headers, body) {
+    this.status = status;
+    this.headers = headers;
+    this.body = body;
+  }
+
+  text() {
+    return new TextDecoder().decode(this.body);
+  }
+
+  json() {
+    return JSON.parse(this.text());
+  }
+
+  /** The `error` code of a JSON error reply, or ''. */
+  errorCode() {
+    try {
+      return this.json().error ?? '';
+    } catch {
+      return '';
+    }
   }
 }
 
 /** The error for a 4xx/5xx reply: its JSON {error, detail, ...} named; 409 step_conflict typed. */
-async function rejection(response) {
-  const text = await response.text();
+function rejection(reply) {
+  const text = reply.text();
   let code = 'error';
   let detail = text.slice(0, 500);
   let body = null;
@@ -221,13 +243,13 @@ async function rejection(response) {
   } catch {
     // not JSON: keep the text
   }
-  const message = `server answered ${response.status} ${code}: ${detail}`;
-  if (response.status === 409 && code === 'step_conflict' && Number.isInteger(body?.next_step)) {
+  const message = `server answered ${reply.status} ${code}: ${detail}`;
+  if (reply.status === 409 && code === 'step_conflict' && Number.isInteger(body?.next_step)) {
     return new StepConflict(message, {
       nextStep: body.next_step,
       durableStep: intOrNull(body.durable_step),
       expect: body.expect ?? null,
     });
   }
-  return new ProtocolError(message, { status: response.status, code, body });
+  return new ProtocolError(message, { status: reply.status, code, body });
 }
