@@ -140,6 +140,7 @@ async function main(argv) {
       `${total} steps of ${opt.batchSize}, server ${opt.server}`,
   );
   const state = new RunState(opt.stateDir ? new FileStateStore(opt.stateDir) : null);
+  await state.store?.lock();
   await state.store?.cleanTemp();
   const run = {
     manifest_sha256: digest,
@@ -186,6 +187,7 @@ async function main(argv) {
   } finally {
     // a finished run ends its session; a failed one keeps it, to be resumed from the state dir
     if (trainer.nextStep >= total || !opt.stateDir) await trainer.close();
+    await state.store?.unlock();
   }
   const mean = (k) => records.reduce((s, r) => s + r[k], 0) / Math.max(records.length, 1);
   const summary = {

@@ -20,7 +20,8 @@
 
 import { randomUUID } from 'node:crypto';
 import { constants } from 'node:fs';
-import { mkdir, open, readFile, readdir, rename, rm, stat } from 'node:fs/promises';
+import { mkdir, open, readFile, readdir, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { hostname } from 'node:os';
 import { join } from 'node:path';
 
 import { DeviceError } from './errors.mjs';
@@ -51,6 +52,15 @@ async function writeNew(path, data) {
 function crashPoint(written) {
   const at = process.env[CRASH_ENV];
   if (at !== undefined && /^\d+$/.test(at.trim()) && Number(at) === written) process.exit(CRASH_EXIT_CODE);
+}
+
+function alive(pid) {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return err.code === 'EPERM';
+  }
 }
 
 const exists = async (p) => {
@@ -158,6 +168,38 @@ export class FileStateStore {
     for (const e of await readdir(this.dir)) {
       if (e.startsWith(`.old-${name}-`)) await rm(join(this.dir, e), { recursive: true, force: true });
     }
+  }
+
+  /**
+   * Hold the state dir for this process (two devices on one dir would interleave their
+   * snapshots): DIR/.lock names the holder's pid; a lock whose process is gone (SIGKILL)
+   * is taken over. (Node has no flock; the Python runtimes flock the same file, whose
+   * content they ignore. A state dir of another runtime is refused anyway.)
+   */
+  async lock() {
+    await this.ensureDir();
+    const path = join(this.dir, '.lock');
+    let holder = null;
+    try {
+      holder = JSON.parse(await readFile(path, 'utf8'));
+    } catch {
+      // none, empty (a Python device's flock file) or torn: free
+    }
+    const pid = Number(holder?.pid);
+    if (Number.isInteger(pid) && pid > 0 && pid !== process.pid && holder?.host === hostname() && alive(pid)) {
+      throw new DeviceError(`the state dir ${this.dir} is in use by another running device (pid ${pid})`);
+    }
+    const tmp = join(this.dir, `.tmp-lock-${randomUUID()}`);
+    await writeNew(tmp, JSON.stringify({ pid: process.pid, host: hostname(), runtime: 'tfjs' }));
+    await rename(tmp, path);
+    this.locked = path;
+  }
+
+  /** Give the state dir back (a process that dies leaves a lock the next one takes over). */
+  async unlock() {
+    if (!this.locked) return;
+    await writeFile(this.locked, '').catch(() => {});
+    this.locked = null;
   }
 
   /** Remove temp folders a killed writer left behind. */

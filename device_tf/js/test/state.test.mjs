@@ -139,3 +139,21 @@ test('the state dir: atomic folders, 0600 files, the aside copy after a crash, d
     await rm(dir, { recursive: true, force: true });
   }
 });
+
+test('the state dir lock: held by a live process -> refused; left by a dead one -> taken over', async () => {
+  const { hostname } = await import('node:os');
+  const dir = await mkdtemp(join(tmpdir(), 'spliteasy-js-lock-'));
+  try {
+    const store = new FileStateStore(dir);
+    await writeFile(join(dir, '.lock'), JSON.stringify({ pid: process.ppid, host: hostname() }));
+    await assert.rejects(store.lock(), /in use by another running device \(pid \d+\)/);
+    await writeFile(join(dir, '.lock'), JSON.stringify({ pid: 2 ** 22 + 12345, host: hostname() }));
+    await store.lock();
+    assert.equal(JSON.parse(await readFile(join(dir, '.lock'), 'utf8')).pid, process.pid);
+    await store.unlock();
+    await writeFile(join(dir, '.lock'), ''); // a Python device's flock file
+    await store.lock();
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
