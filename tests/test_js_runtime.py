@@ -22,8 +22,9 @@ from js_fixtures import run_node, write_frames_dataset
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("tf_keras")
+# Plain imports: a broken TensorFlow install must fail these tests, not skip them.
+import tensorflow as tf  # noqa: E402
+import tf_keras as keras  # noqa: E402
 
 from converters._exceptions import UnsupportedLayer  # noqa: E402
 from converters.export.tfjs import TFJS_LAYER_CLASSES, export_tfjs  # noqa: E402

@@ -161,10 +161,13 @@ def test_forward_backward_matches_autograd_and_retries_are_not_applied_twice(dou
         grad = dict(ref.named_parameters())[k].grad
         _close(trained[k].detach().numpy(), p0 - 0.1 * grad)
         assert not torch.equal(trained[k].detach(), p0)
-    # the running statistics are Keras' (moving = 0.99 moving + 0.01 batch)
-    for k, v in ref.state_dict().items():
-        if "running" in k:
-            _close(app.state.trainer.module.state_dict()[k].numpy(), v)
+    # the running statistics are Keras' own: a tf_keras BatchNormalization (momentum 0.99,
+    # epsilon 1e-3, fused 4-D path) stepped in training mode on the same conv output
+    keras_bn = _keras_bn_after_one_step(ref[0](x).detach(), momentum=0.99, epsilon=1e-3)
+    state = app.state.trainer.module.state_dict()
+    _close(state["1.running_mean"].numpy(), keras_bn["moving_mean"])
+    _close(state["1.running_var"].numpy(), keras_bn["moving_variance"])
+    assert not np.allclose(keras_bn["moving_variance"], 1.0)  # it moved: not vacuous
 
     after = snapshot(app)
     r2 = dev.post("backward", bwd)
@@ -186,6 +189,19 @@ def test_forward_backward_matches_autograd_and_retries_are_not_applied_twice(dou
     assert r.status_code == 409 and r.json()["error"] == "step_conflict"
     dev.ok("backward", dev.body(GRAD, B_CUT, rand((5, 4, 4, 8), 4), 1))
     assert session_state(app, dev.sid)[:2] == (2, "forward")
+
+
+def _keras_bn_after_one_step(h_nchw: torch.Tensor, momentum: float, epsilon: float) -> dict:
+    """tf_keras' BatchNormalization moving statistics after one training call on ``h``."""
+    import tf_keras as keras
+
+    h = h_nchw.permute(0, 2, 3, 1).numpy()
+    layer = keras.layers.BatchNormalization(momentum=momentum, epsilon=epsilon)
+    layer(h, training=True)
+    return {
+        "moving_mean": layer.moving_mean.numpy(),
+        "moving_variance": layer.moving_variance.numpy(),
+    }
 
 
 def _corrupt(body: bytes, offset: int, fmt: str, value: int) -> bytes:

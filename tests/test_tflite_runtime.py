@@ -18,8 +18,9 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("tf_keras")
+# Plain imports: a broken TensorFlow install must fail these tests, not skip them.
+import tensorflow as tf  # noqa: E402
+import tf_keras as keras  # noqa: E402
 
 from converters._exceptions import ConverterError, UnsupportedLayer  # noqa: E402
 from converters.export.tflite import export_tflite  # noqa: E402
