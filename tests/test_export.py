@@ -280,9 +280,11 @@ def test_old_bundle_without_the_unsplit_model(digits_run, tmp_path):
         )
 
 
-def test_pairs_server_checkpoint_with_the_matching_device_snapshot(digits_run, tmp_path):
-    """With only an older checkpoint, the device's durable/ snapshot of that step is used;
-    a checkpoint no device snapshot matches is refused (or exported on request)."""
+@pytest.mark.parametrize("damage", ["removed", "corrupt"])
+def test_pairs_server_checkpoint_with_the_matching_device_snapshot(digits_run, tmp_path, damage):
+    """Without the newest checkpoint (gone, or corrupt: skipped, never loaded), the older
+    one is paired with the device's durable/ snapshot of its step; a checkpoint no device
+    snapshot matches is refused (or exported on request, with a warning)."""
     from converters.export.trained import (
         ExportError,
         export_trained,
@@ -296,8 +298,15 @@ def test_pairs_server_checkpoint_with_the_matching_device_snapshot(digits_run, t
     srv = shutil.copytree(run["server_state"], tmp_path / "srv")
     ckpts = sorted(srv.glob("ckpt-*"))
     assert len(ckpts) == 2
-    shutil.rmtree(ckpts[-1])  # back to the previous checkpoint
+    if damage == "removed":
+        shutil.rmtree(ckpts[-1])
+    else:
+        blob = ckpts[-1] / "b.safetensors"
+        data = bytearray(blob.read_bytes())
+        data[-1] ^= 0xFF
+        blob.write_bytes(bytes(data))
     older = load_server_state(srv, digest)
+    assert older.path == ckpts[0]
     device = load_device_state(run["device_state"], digest)
     steps = {c.path.name: c.step for c in device.candidates}
     if steps.get("durable") == older.sessions.get(device.session_id, older.steps):
