@@ -218,45 +218,76 @@ def test_node_device_killed_and_restarted_ends_as_uninterrupted(
     assert app.state.trainer.steps == STEPS
 
 
+def _serve_args(state_dir: Path, port: int) -> list[str]:
+    return ["--state-dir", str(state_dir), "--checkpoint-every", "5", "--port", str(port)]
+
+
+@pytest.fixture(scope="module")
+def served_reference(tmp_path_factory, train_data) -> dict:
+    """The uninterrupted double-split Adam run against ``spliteasy serve --state-dir``:
+    {"state": the device's state dir, "b": B from the server's final checkpoint}."""
+    from server_torch.serving import ServerProcess
+
+    bundle, _ = digits_bundle(None, "double", ADAM_CFG, ALL_RUNTIMES)
+    tmp = tmp_path_factory.mktemp("served-ref")
+    with ServerProcess(bundle, _serve_args(tmp / "server", 0)) as srv:
+        run_node(_args(bundle, srv.url, train_data, tmp / "device"))
+    # (stopped with SIGTERM: the final checkpoint holds the trained B)
+    return {"state": tmp / "device", "b": _checkpointed_b(tmp / "server")}
+
+
+@pytest.mark.parametrize("killed", ["server", "both"])
 def test_server_killed_and_restarted_device_rolls_back_and_ends_as_uninterrupted(
-    tmp_path, serve_bundle, free_port, train_data
+    tmp_path, serve_bundle, free_port, train_data, served_reference, killed
 ):
+    """SIGKILL the server (and, with "both", the device too) after step 12; the server
+    restarts from its step-10 checkpoint. The device that kept running gets 409
+    step_conflict; a restarted device learns it from GET /v1/sessions/{sid}. Either way it
+    rolls back to its durable/ snapshot of step 10 and replays."""
     node()
     bundle, _ = digits_bundle(None, "double", ADAM_CFG, ALL_RUNTIMES)
-
-    def serve(state_dir: Path, port: int):
-        args = ["--state-dir", str(state_dir), "--checkpoint-every", "5", "--port", str(port)]
-        return serve_bundle(bundle, *args)
-
-    ref_dir = tmp_path / "ref-server"
-    ref_srv = serve(ref_dir, 0)
-    ref_state = tmp_path / "ref-device"
-    run_node(_args(bundle, ref_srv.url, train_data, ref_state))
-    ref_srv.stop()  # SIGTERM: the final checkpoint holds the trained B
-    ref_b = _checkpointed_b(ref_dir)
-
     srv_dir = tmp_path / "server"
-    srv = serve(srv_dir, free_port)
+    srv = serve_bundle(bundle, *_serve_args(srv_dir, free_port))
     state = tmp_path / "device"
     dev = NodeDevice(_args(bundle, srv.url, train_data, state), tmp_path / "device.log")
     dev.wait_for(f"step 12/{STEPS} ")
     srv.proc.send_signal(signal.SIGKILL)
     srv.proc.wait(30)
-    dev.wait_for("unreachable")  # the device waits for the server instead of failing
-    srv = serve(srv_dir, free_port)  # same state dir, same port
+    if killed == "both":
+        dev.kill()
+        saved = _device_state(state)["progress"]["step"]
+    else:
+        dev.wait_for("unreachable")  # the device waits for the server instead of failing
+    srv = serve_bundle(bundle, *_serve_args(srv_dir, free_port))  # same state dir, same port
     assert srv.url.endswith(f":{free_port}")
-    out = dev.finish()
-    print(f"\n{out[out.find('unreachable') - 60 :][:600]}")
-    assert "retrying with backoff for up to 120 s" in out and "is back after" in out, out
-    assert "rolled back from step" in out, out
+    if killed == "both":
+        dev = NodeDevice(_args(bundle, srv.url, train_data, state), tmp_path / "device2.log")
+        out = dev.finish()
+        assert (
+            f"server holds this session at step 10 (its checkpoint): rolled back from step {saved}"
+            in out
+        ), out
+        assert f"resumed at step 10/{STEPS}" in out, out
+    else:
+        out = dev.finish()
+        assert "retrying with backoff for up to 120 s" in out and "is back after" in out, out
+        assert (
+            "server resumed this session at step 10 (its checkpoint): rolled back from step" in out
+        ), out
+    print(
+        f"\n{killed}: "
+        + " | ".join(
+            line for line in out.splitlines() if "spliteasy-js" in line or "resumed" in line
+        )
+    )
     srv.stop()
 
-    got, want = _device_state(state), _device_state(ref_state)
+    got, want = _device_state(state), _device_state(served_reference["state"])
     assert got["progress"]["step"] == STEPS
     _assert_same(got["slices"], want["slices"], "A and C")
     _assert_same(got["optimizer"], want["optimizer"], "optimizer slots and Adam's step count")
     assert int(got["optimizer"]["C/iterations"]) == STEPS
-    _assert_same(_checkpointed_b(srv_dir), ref_b, "B")
+    _assert_same(_checkpointed_b(srv_dir), served_reference["b"], "B")
 
 
 def _chromium() -> str:
