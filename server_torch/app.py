@@ -4,24 +4,47 @@ All step logic lives in :class:`server_torch.sessions.SplitService`; this module
 reads bodies (bounded, of the right media type), hands them over in a worker thread so
 torch never blocks the event loop, and writes the reply with its timing headers. A
 WebSocket transport would sit beside it and call the same service.
+
+Exposed to the network (``guard``): a forward or step that waits for B's lease waits on
+the event loop (no worker thread), in a bounded queue; bodies in flight share one byte
+budget; session creation may need an enrolment key and is rate-limited per key and per
+address; idle sessions are evicted on a schedule; anything unexpected becomes a generic
+500 that closes its connection. ``GET /metrics`` speaks Prometheus.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib.util
+import json
+import logging
+import os
+import stat
 import time
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import FastAPI, Header, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from shared_schema import MANIFEST_FILE, MEDIA_TYPE, Manifest, load_manifest
 
-from .errors import BadRequest, BodyTooLarge, NotFound, UnsupportedMediaType, install_handlers
+from .errors import (
+    BadRequest,
+    BodyTimeout,
+    BodyTooLarge,
+    ClientDisconnected,
+    JsonTooLarge,
+    NotFound,
+    UnsupportedMediaType,
+    install_handlers,
+)
+from .guard import Admission, ByteBudget, RequestGuard, TurnWaiter, periodic
 from .sessions import Reply, SplitService
 
 if TYPE_CHECKING:
@@ -31,6 +54,13 @@ DEFAULT_MAX_BATCH = 1024
 MIN_BODY_LIMIT = 1 << 20
 MAX_BODY_LIMIT = 1 << 30  # unless asked for explicitly
 FRAME_OVERHEAD = 64 * 1024  # headers, names and shapes of a few frames, generously
+JSON_LIMIT = 16 * 1024  # a session request is ~100 bytes
+# Incoming tensors larger in magnitude than this are refused (422 value_out_of_range)
+# unless the bundle's report.json says otherwise ("limits": {"max_abs_value": x}) or
+# --max-abs-value does: far beyond what a trained net's cut carries, far below overflow.
+DEFAULT_MAX_ABS_VALUE = 1e6
+DEFAULT_BODY_TIMEOUT = 30.0
+log = logging.getLogger("spliteasy.server")
 
 _FRAME_BODY = {
     "requestBody": {
@@ -61,6 +91,25 @@ def default_body_limit(manifest: Manifest, max_batch: int = DEFAULT_MAX_BATCH) -
     return max(MIN_BODY_LIMIT, min(max_batch * per_sample + FRAME_OVERHEAD, MAX_BODY_LIMIT))
 
 
+def default_max_abs_value(bundle_dir: Path | None) -> float:
+    """The magnitude bound for incoming tensors: the bundle report's ``limits.max_abs_value``
+    when its conversion recorded one, else :data:`DEFAULT_MAX_ABS_VALUE`."""
+    if bundle_dir is not None:
+        try:
+            report = json.loads((bundle_dir / "report.json").read_text())
+            value = float(report["limits"]["max_abs_value"])
+            if value > 0:
+                return value
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return DEFAULT_MAX_ABS_VALUE
+
+
+def default_buffer_budget(body_limit: int) -> int:
+    """Bytes of bodies held at once: 16 full bodies, at most 1 GiB (at least one body)."""
+    return max(body_limit, min(16 * body_limit, 1 << 30))
+
+
 def find_device_dir() -> Path | None:
     """``device_tf/js`` of the installed (or checked-out) device package, if present."""
     spec = importlib.util.find_spec("device_tf")
@@ -84,11 +133,35 @@ def _manifest_bytes(bundle_dir: Path | None, manifest: Manifest) -> bytes:
     return manifest.to_json().encode()
 
 
-def _device_artifact_roots(bundle_dir: Path, manifest: Manifest) -> list[Path]:
-    """Files a device may fetch: the artefacts of its own slices and of the bundle; B's stay here."""
+def servable_files(bundle_dir: Path, manifest: Manifest) -> dict[str, Path]:
+    """Files a device may fetch, by their path relative to the bundle: the regular files of
+    its own slices' artefacts and of the bundle's; B's stay here. Built once at start-up,
+    so a request is a dictionary lookup: no path from the network ever reaches the file
+    system. Symlinks are not followed (a loop, or a link out of the bundle, is skipped)."""
     arts = [a for s in manifest.slices if s.side == "device" for a in s.artifacts]
     arts += list(manifest.artifacts)
-    return [(bundle_dir / a.path).resolve() for a in arts]
+    root = bundle_dir.resolve()
+    files: dict[str, Path] = {}
+
+    def add(path: Path) -> None:
+        try:
+            st = path.lstat()
+        except OSError:
+            return
+        if stat.S_ISREG(st.st_mode):
+            files[path.relative_to(root).as_posix()] = path
+
+    for art in arts:
+        top = root / art.path
+        if top.is_symlink() or not (top == root or top.resolve().is_relative_to(root)):
+            continue
+        if top.is_dir():
+            for folder, _dirs, names in os.walk(top, followlinks=False):
+                for name in names:
+                    add(Path(folder) / name)
+        else:
+            add(top)
+    return files
 
 
 def _bearer(authorization: str | None) -> str | None:
@@ -100,29 +173,61 @@ def _bearer(authorization: str | None) -> str | None:
     return token.strip() or None
 
 
-async def _read_frames(request: Request, limit: int) -> bytearray:
-    """The body as writable memory (numpy views it, torch views numpy), at most ``limit`` bytes."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != MEDIA_TYPE:
-        raise UnsupportedMediaType(
-            f"send tensors as {MEDIA_TYPE}, not {ctype or 'no content type'}"
-        )
-    declared = request.headers.get("content-length")
-    if declared is not None:
+class _Body:
+    """Reads one request body within its limit, the shared byte budget and an idle timeout;
+    ``release()`` returns its bytes to the budget once the reply is made."""
+
+    def __init__(self, budget: ByteBudget, timeout: float) -> None:
+        self.budget, self.timeout, self.held = budget, timeout, 0
+
+    async def read(self, request: Request, limit: int, too_large: type[BodyTooLarge]) -> bytearray:
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                n = int(declared)
+            except ValueError:
+                raise BadRequest("bad Content-Length") from None
+            if n > limit:
+                raise too_large(f"{n} bytes; this server takes at most {limit} per message")
+            self._hold(n)
+        body = bytearray()
+        stream = request.stream()
         try:
-            n = int(declared)
-        except ValueError:
-            raise BadRequest(f"bad Content-Length {declared!r}") from None
-        if n > limit:
-            raise BodyTooLarge(f"{n} bytes; this server takes at most {limit} per message")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise BodyTooLarge(
-                f"more than {limit} bytes; this server takes at most {limit} per message"
-            )
-    return body
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(anext(stream), self.timeout)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise BodyTimeout(
+                        f"no body bytes for {self.timeout:g} s; closing the request"
+                    ) from None
+                body += chunk
+                if len(body) > limit:
+                    raise too_large(
+                        f"more than {limit} bytes; this server takes at most {limit} per message"
+                    )
+                if len(body) > self.held:
+                    self._hold(len(body) - self.held)
+        except ClientDisconnect:
+            raise ClientDisconnected(
+                f"client disconnected after {len(body)} body bytes; request dropped"
+            ) from None
+        finally:
+            await stream.aclose()
+        return body
+
+    def _hold(self, n: int) -> None:
+        self.budget.reserve(n)
+        self.held += n
+
+    def release(self) -> None:
+        self.budget.release(self.held)
+        self.held = 0
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
 def _frame_response(reply: Reply, t0: float) -> Response:
@@ -151,6 +256,14 @@ def create_app(
     device_dir: Path | Literal["auto"] | None = "auto",
     state_dir: Path | str | None = None,
     checkpoint_every: int = 50,
+    max_abs_value: float | None = None,
+    max_waiting: int | None = None,
+    auth_keys: dict[str, str] | None = None,
+    session_rate: float = 30.0,
+    evict_every: float = 60.0,
+    max_buffered_bytes: int | None = None,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    metrics: bool = True,
 ) -> FastAPI:
     """The server for one bundle.
 
@@ -162,6 +275,14 @@ def create_app(
     resumes from the newest intact checkpoint, writes one every ``checkpoint_every``
     steps (0: only at session creation and shutdown), and ``app.state.on_exit`` drains
     and writes the last one (``serving`` calls it on SIGTERM/SIGINT or ``stop()``).
+
+    Exposure (``guard``): ``max_abs_value`` bounds incoming magnitudes (None: the bundle
+    report's or :data:`DEFAULT_MAX_ABS_VALUE`); ``max_waiting`` requests may wait for
+    B's lease (None: ``max_sessions``); ``auth_keys`` (sha256 -> name, ``guard.load_auth_keys``)
+    makes session creation need a key; ``session_rate`` sessions a minute per key and per
+    address; sessions idle for ``idle_timeout`` s are evicted every ``evict_every`` s;
+    ``max_buffered_bytes`` of bodies are held at once; a body silent for ``body_timeout``
+    s is dropped (408).
     """
     from .checkpoint import Checkpointer
     from .trainer import Trainer
@@ -187,6 +308,8 @@ def create_app(
         max_sessions=max_sessions,
         lease_timeout=lease_timeout,
         idle_timeout=idle_timeout,
+        max_batch=max_batch,
+        max_abs_value=max_abs_value if max_abs_value is not None else default_max_abs_value(bundle),
     )
     checkpointer: Checkpointer | None = None
     if state_dir is not None:
@@ -201,7 +324,14 @@ def create_app(
     limit = (
         max_body_bytes if max_body_bytes is not None else default_body_limit(manifest, max_batch)
     )
-    roots = _device_artifact_roots(bundle, manifest) if bundle is not None else []
+    servable = servable_files(bundle, manifest) if bundle is not None else {}
+    budget = ByteBudget(
+        max_buffered_bytes if max_buffered_bytes is not None else default_buffer_budget(limit)
+    )
+    waiter = TurnWaiter(
+        service, max_waiting=max_waiting if max_waiting is not None else max_sessions
+    )
+    admission = Admission(auth_keys, per_minute=session_rate)
 
     app = FastAPI(
         title="spliteasy server",
@@ -214,12 +344,49 @@ def create_app(
     app.state.manifest_sha256 = digest
     app.state.max_body_bytes = limit
     app.state.checkpointer = checkpointer
+    app.state.waiter = waiter
+    app.state.budget = budget
+    app.state.admission = admission
     if checkpointer is not None:
         app.state.on_exit = checkpointer.final
     install_handlers(app)
 
+    meter = None
+    if metrics:
+        from .metrics import Metrics
+
+        meter = Metrics(service, waiter, budget)
+        waiter.on_wait = meter.lease_wait.observe
+        app.state.metrics = meter
+
+        @app.get("/metrics", include_in_schema=False)
+        async def get_metrics() -> Response:
+            return Response(meter.render(), media_type=meter.content_type)
+
+    housekeeping: list[asyncio.Task] = []
+
+    async def evict() -> None:
+        n = await run_in_threadpool(service.evict_idle)
+        if n:
+            log.info("evicted %d idle session(s) (idle for more than %g s)", n, idle_timeout)
+            if meter is not None:
+                meter.evicted.inc(n)
+
+    def on_request() -> None:
+        # started with the first request, on uvicorn's loop (lifespan is off), lives with it
+        if not housekeeping and evict_every > 0:
+            housekeeping.append(
+                asyncio.get_running_loop().create_task(periodic(evict_every, evict))
+            )
+        waiter.attach()
+
+    app.add_middleware(
+        RequestGuard, observe=meter.observe if meter is not None else None, on_request=on_request
+    )
+
     @app.get("/v1/health")
-    def health() -> dict:
+    async def health() -> dict:
+        """Answered on the event loop, never behind B's lock or a worker thread."""
         return {
             "status": "ok",
             "model": manifest.model,
@@ -264,18 +431,46 @@ def create_app(
 
     @app.get("/v1/bundle/{path:path}")
     def bundle_file(path: str) -> FileResponse:
-        rel = PurePosixPath(path)
-        if rel.is_absolute() or ".." in rel.parts or "\\" in path:
-            raise BadRequest(f"bundle paths are relative and stay inside the bundle: {path!r}")
-        if bundle is not None:
-            target = (bundle / rel).resolve()
-            if target.is_file() and any(target == r or target.is_relative_to(r) for r in roots):
-                return FileResponse(target)
-        raise NotFound(f"{path!r} is not a device artefact of this bundle")
+        if path.startswith("/") or "\\" in path or ".." in path.split("/"):
+            raise BadRequest("bundle paths are relative and stay inside the bundle")
+        target = servable.get(path)
+        if target is None:
+            raise NotFound("not a device artefact of this bundle")
+        return FileResponse(target)
 
-    @app.post("/v1/sessions", status_code=201)
-    def create_session(req: SessionRequest) -> JSONResponse:
-        s, token = service.create_session(req.manifest_sha256, req.aux_label)
+    session_schema = SessionRequest.model_json_schema()
+
+    @app.post(
+        "/v1/sessions",
+        status_code=201,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": session_schema}},
+            }
+        },
+    )
+    async def create_session(request: Request, authorization: Auth = None) -> JSONResponse:
+        """A new session (and its bearer token). With ``--auth-keys``, send an enrolment key
+        as ``Authorization: Bearer <key>``."""
+        client = request.client.host if request.client else "-"
+        key = admission.admit(_bearer(authorization), client)
+        body = _Body(budget, body_timeout)
+        try:
+            raw = await body.read(request, JSON_LIMIT, JsonTooLarge)
+        finally:
+            body.release()
+        try:
+            req = SessionRequest.model_validate_json(bytes(raw))
+        except ValidationError as exc:
+            raise RequestValidationError(
+                [{"loc": ("body", *e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+            ) from None
+        s, token = await run_in_threadpool(
+            service.create_session, req.manifest_sha256, req.aux_label
+        )
+        if meter is not None:
+            meter.sessions_created.labels(key).inc()
         return JSONResponse({**s.status(manifest.split_mode), "token": token}, status_code=201)
 
     @app.get("/v1/sessions/{sid}")
@@ -294,9 +489,25 @@ def create_app(
         async def handler(sid: str, request: Request, authorization: Auth = None) -> Response:
             token = _bearer(authorization)
             service.check_access(sid, token)  # refuse before reading a large body
-            body = await _read_frames(request, limit)
-            t0 = time.perf_counter()
-            reply = await run_in_threadpool(call, sid, token, body)
+            ctype = _media_type(request)
+            if ctype != MEDIA_TYPE:
+                raise UnsupportedMediaType(
+                    f"send tensors as {MEDIA_TYPE}, not {ctype or 'no content type'}"
+                )
+            reader = _Body(budget, body_timeout)
+            try:
+                body = await reader.read(request, limit, BodyTooLarge)
+                t0 = time.perf_counter()
+                if op in ("forward", "step"):
+                    # parse in a worker, wait for the turn on the event loop
+                    attempt = await run_in_threadpool(service.prepare, op, sid, token, body)
+                    reply = await waiter.run(sid, token, attempt)
+                else:
+                    reply = await run_in_threadpool(call, sid, token, body)
+            finally:
+                reader.release()
+            if meter is not None and not reply.replayed:
+                meter.b_seconds.labels(op).observe(reply.server_ms / 1e3)
             return _frame_response(reply, t0)
 
         handler.__name__ = f"session_{op}"

@@ -16,11 +16,20 @@ body ``{"error": code, "detail": message}`` the protocol promises. Another trans
     ├── StepConflict          409  a step other than the expected one, or a retry whose body differs
     ├── StaleForward          409  the forward's lease on B expired and B moved on
     ├── BodyTooLarge          413
+    │   ├── BatchTooLarge           more samples than --max-batch
+    │   └── JsonTooLarge            a JSON body over its small limit
     ├── UnsupportedMediaType  415
     ├── InvalidTensor         422  well-formed, but values the server will not train on
     │   ├── NonFinite               NaN / Inf
+    │   ├── ValueOutOfRange         |x| beyond the server's bound (--max-abs-value)
+    │   ├── UnstableStep            the step would make B non-finite: rolled back
     │   └── LabelOutOfRange
-    ├── Busy                  503  another device held B for longer than we could wait
+    ├── KeyRequired           401  session creation without a valid enrolment key
+    ├── RateLimited           429  too many sessions created by this key / address
+    ├── ClientDisconnected    400  the client went away mid-body (nobody reads the reply)
+    ├── BodyTimeout           408  the body stalled for longer than --body-timeout
+    ├── Busy                  503  another device held B for longer than we could wait,
+    │                              or too many requests already wait for B / buffer bodies
     ├── TooManySessions       503
     └── ShuttingDown          503  draining for the final checkpoint (SIGTERM/SIGINT)
 """
@@ -50,9 +59,13 @@ class ServerError(SpliteasyError):
     code: str = "server_error"
     headers: dict[str, str] | None = None
 
-    def __init__(self, detail: str = "", **extra: object) -> None:
+    def __init__(
+        self, detail: str = "", *, retry_after: float | None = None, **extra: object
+    ) -> None:
         super().__init__(detail)
         self.extra = extra  # more JSON fields for the reply body (step_conflict's next_step, ...)
+        if retry_after is not None:
+            self.headers = {**(self.headers or {}), "Retry-After": str(max(1, round(retry_after)))}
 
 
 class BadRequest(ServerError):
@@ -98,6 +111,38 @@ class BodyTooLarge(ServerError):
     status, code = 413, "body_too_large"
 
 
+class BatchTooLarge(BodyTooLarge):
+    code = "batch_too_large"
+
+
+class JsonTooLarge(BodyTooLarge):
+    code = "json_too_large"
+
+
+class KeyRequired(ServerError):
+    """Session creation needs an enrolment key (``serve --auth-keys``)."""
+
+    status, code = 401, "key_required"
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class RateLimited(ServerError):
+    status, code = 429, "rate_limited"
+    headers = {"Retry-After": "10"}
+
+
+class BodyTimeout(ServerError):
+    """No byte of the body arrived for ``--body-timeout`` seconds (a stalled client)."""
+
+    status, code = 408, "body_timeout"
+
+
+class ClientDisconnected(ServerError):
+    """The client closed the connection before its body was complete; logged as one line."""
+
+    status, code = 400, "client_disconnected"
+
+
 class UnsupportedMediaType(ServerError):
     status, code = 415, "unsupported_media_type"
 
@@ -112,6 +157,17 @@ class NonFinite(InvalidTensor):
 
 class LabelOutOfRange(InvalidTensor):
     code = "label_out_of_range"
+
+
+class ValueOutOfRange(InvalidTensor):
+    code = "value_out_of_range"
+
+
+class UnstableStep(InvalidTensor):
+    """The step would have made B's outputs, gradients or parameters non-finite; B, its
+    BatchNorm statistics and its optimizer state were put back as they were before it."""
+
+    code = "non_finite_step"
 
 
 class Busy(ServerError):
@@ -165,7 +221,14 @@ def error_payload(exc: BaseException) -> tuple[int, dict[str, object], dict[str,
         return 400, {"error": "bad_frame", "detail": str(exc)}, {}
     if isinstance(exc, SpliteasyError):
         return 400, {"error": "bad_request", "detail": str(exc)}, {}
-    return 500, {"error": "internal_error", "detail": f"{type(exc).__name__}: {exc}"}, {}
+    # Never the exception's text: it may name files, paths or internals of the server.
+    return 500, {"error": "internal_error", "detail": "internal server error"}, {}
+
+
+def request_id_of(request: Any) -> str:
+    """The id ``guard.RequestGuard`` gave this request (``-`` outside it)."""
+    scope = getattr(request, "scope", None) or {}
+    return str(scope.get("spliteasy.request_id", "-"))
 
 
 def install_handlers(app: Any) -> None:
@@ -174,24 +237,36 @@ def install_handlers(app: Any) -> None:
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    def _reply(exc: BaseException) -> JSONResponse:
+    def _reply(request: Any, exc: BaseException) -> JSONResponse:
         status, body, headers = error_payload(exc)
+        rid = request_id_of(request)
         if status >= 500 and not isinstance(exc, ServerError):
-            log.error("unhandled error", exc_info=exc)
+            # Logged here, once, with the request id; the reply says only that id. The
+            # connection is closed: whatever broke may have left it mid-message.
+            log.error("request %s: unhandled %s", rid, type(exc).__name__, exc_info=exc)
+            body = {**body, "request_id": rid}
+            headers = {**headers, "Connection": "close"}
+        elif isinstance(exc, ClientDisconnected | BodyTimeout):
+            # one line, from the access log (guard.RequestGuard), no traceback
+            headers = {**headers, "Connection": "close"}
+        if request is not None and hasattr(request, "scope"):
+            request.scope["spliteasy.error_code"] = body.get("error")
         return JSONResponse(body, status_code=status, headers=headers)
 
-    async def spliteasy_error(_request: Any, exc: Exception) -> JSONResponse:
-        return _reply(exc)
+    async def spliteasy_error(request: Any, exc: Exception) -> JSONResponse:
+        return _reply(request, exc)
 
-    async def http_error(_request: Any, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Any, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
+        request.scope["spliteasy.error_code"] = code
         return JSONResponse(
             {"error": code, "detail": str(exc.detail)},
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )
 
-    async def validation_error(_request: Any, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Any, exc: RequestValidationError) -> JSONResponse:
+        request.scope["spliteasy.error_code"] = "invalid_request"
         parts = [
             f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
             for e in exc.errors()
@@ -200,8 +275,8 @@ def install_handlers(app: Any) -> None:
             {"error": "invalid_request", "detail": "; ".join(parts)}, status_code=422
         )
 
-    async def unexpected(_request: Any, exc: Exception) -> JSONResponse:
-        return _reply(exc)
+    async def unexpected(request: Any, exc: Exception) -> JSONResponse:
+        return _reply(request, exc)
 
     app.add_exception_handler(SpliteasyError, spliteasy_error)
     app.add_exception_handler(StarletteHTTPException, http_error)

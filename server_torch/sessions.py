@@ -51,6 +51,7 @@ from shared_schema import (
 
 from .errors import (
     BadRequest,
+    BatchTooLarge,
     Busy,
     Forbidden,
     ManifestMismatch,
@@ -61,6 +62,8 @@ from .errors import (
     TooManySessions,
     Unauthorized,
     UnknownSession,
+    UnstableStep,
+    ValueOutOfRange,
     WrongSplitMode,
 )
 
@@ -195,8 +198,15 @@ class SplitService:
         max_sessions: int = 64,
         lease_timeout: float = 120.0,
         idle_timeout: float = 3600.0,
+        max_batch: int | None = None,
+        max_abs_value: float = float("inf"),
     ) -> None:
+        """``max_batch``: most samples a message may carry; ``max_abs_value``: the largest
+        magnitude an incoming float may have (a finite bound keeps a client from pushing B
+        towards overflow; see ``app.default_max_abs_value``)."""
         self.trainer = trainer
+        self.max_batch = max_batch
+        self.max_abs_value = max_abs_value
         self.manifest = manifest
         self.manifest_sha256 = manifest_sha256
         self.lease_timeout = lease_timeout
@@ -211,6 +221,32 @@ class SplitService:
         # a session creation; ``checkpoint`` hangs the periodic checkpoint here.
         self.on_quiescent: Callable[[Literal["step", "session"]], None] | None = None
         self.draining = False  # shutting down: nothing new may change B or the table
+        # Called (under the lock, from any thread) whenever B changes hands or the queue
+        # moves: the asynchronous waiters (``guard.TurnWaiter``) wake on it.
+        self.on_handover: Callable[[], None] | None = None
+
+    def _notify(self) -> None:
+        self._cond.notify_all()
+        if self.on_handover is not None:
+            self.on_handover()
+
+    @property
+    def handovers(self) -> int:
+        """Leases granted and released so far: progress, for waiters' patience."""
+        return self._handovers
+
+    def lease_left(self) -> float | None:
+        """Seconds until the held lease may be revoked (None: B is free)."""
+        lease = self._lease
+        return None if lease is None else max(0.0, lease.expires - time.monotonic())
+
+    def evict_idle(self) -> int:
+        """Drop sessions idle for longer than ``idle_timeout`` (not one holding or waiting
+        for B); the number dropped. Run on a schedule by the app."""
+        with self._cond:
+            before = len(self.table)
+            self.table.evict_idle(time.monotonic(), self._busy())
+            return before - len(self.table)
 
     # -- sessions ----------------------------------------------------------------------
 
@@ -312,7 +348,7 @@ class SplitService:
             self._lease = None
             self._handovers += 1
             self.trainer.discard()
-            self._cond.notify_all()
+            self._notify()
 
     def _revoke_expired(self, requester: str, now: float) -> None:
         lease = self._lease
@@ -325,7 +361,7 @@ class SplitService:
             holder.store.pop("forward", None)
         self._lease = None
         self.trainer.discard()
-        self._cond.notify_all()  # whoever is first in line may go
+        self._notify()  # whoever is first in line may go
 
     def _with_turn(
         self, session_id: str, token: str | None, attempt: Callable[[Session], T | None]
@@ -361,7 +397,39 @@ class SplitService:
             finally:
                 if session_id in self._queue:
                     self._queue.remove(session_id)
-                    self._cond.notify_all()  # the next in line may go now
+                    self._notify()  # the next in line may go now
+
+    def try_turn(
+        self, session_id: str, token: str | None, attempt: Callable[[Session], T | None]
+    ) -> T | None:
+        """One non-blocking try of ``attempt`` (see :meth:`_with_turn`): its result, or
+        None when it is not this session's turn yet -- the session is then queued and the
+        caller waits elsewhere (the event loop) for :attr:`on_handover` and tries again.
+        The queue entry is removed on success or error, or by :meth:`leave_queue`."""
+        with self._cond:
+            try:
+                s = self._authorize(session_id, token)
+                self._revoke_expired(s.id, time.monotonic())
+                result = attempt(s)
+            except BaseException:
+                self._leave(session_id)
+                raise
+            if result is not None:
+                self._leave(session_id)
+                return result
+            if s.id not in self._queue:
+                self._queue.append(s.id)
+            return None
+
+    def leave_queue(self, session_id: str) -> None:
+        """A waiting request gave up (client gone, timed out)."""
+        with self._cond:
+            self._leave(session_id)
+
+    def _leave(self, session_id: str) -> None:
+        if session_id in self._queue:
+            self._queue.remove(session_id)
+            self._notify()
 
     def _free_for(self, s: Session) -> bool:
         """B is free for ``s``: nobody else holds it and nobody queued before ``s``."""
@@ -397,9 +465,22 @@ class SplitService:
                 raise BadRequest(f"frame {f.name!r} names session {f.session.hex()}, not {s.id}")
             if f.step != step:
                 raise BadRequest("all frames of one message must carry the same step")
+        if self.max_batch is not None and ordered[0].array.shape[0] > self.max_batch:
+            raise BatchTooLarge(
+                f"batch of {ordered[0].array.shape[0]} samples; this server takes at most "
+                f"{self.max_batch} (--max-batch)"
+            )
         for f in ordered:
-            if f.array.dtype.kind == "f" and not np.isfinite(f.array).all():
-                raise NonFinite(f"{f.name}: contains NaN or Inf")
+            if f.array.dtype.kind == "f" and f.array.size:
+                # one pass: NaN propagates through max, Inf is larger than any bound
+                top = float(np.abs(f.array).max())
+                if not np.isfinite(top):
+                    raise NonFinite(f"{f.name}: contains NaN or Inf")
+                if top > self.max_abs_value:
+                    raise ValueOutOfRange(
+                        f"{f.name}: |value| up to {top:.3g}; this server takes at most "
+                        f"{self.max_abs_value:.3g} (--max-abs-value)"
+                    )
         return step, ordered
 
     # -- the store: retries are answered from it ----------------------------------------
@@ -440,6 +521,22 @@ class SplitService:
 
     def forward(self, session_id: str, token: str | None, body: bytes | bytearray) -> Reply:
         """Double split, first round trip: ACTIVATION cuts[0] -> ACTIVATION cuts[1]."""
+        return self._with_turn(session_id, token, self.prepare_forward(session_id, token, body))
+
+    def prepare(
+        self, op: str, session_id: str, token: str | None, body: bytes | bytearray
+    ) -> Callable[[Session], Reply | None]:
+        """The message of a ``forward`` or ``step`` parsed and checked (no lock, no B), as
+        the attempt :meth:`try_turn` runs once it is the session's turn."""
+        if op == "forward":
+            return self.prepare_forward(session_id, token, body)
+        if op == "step":
+            return self.prepare_step(session_id, token, body)
+        raise ValueError(f"{op} does not wait for a turn on B")
+
+    def prepare_forward(
+        self, session_id: str, token: str | None, body: bytes | bytearray
+    ) -> Callable[[Session], Reply | None]:
         self._need("double", "forward")
         s0 = self.authorize(session_id, token)
         step, (frame,) = self._frames(
@@ -468,7 +565,7 @@ class SplitService:
             s.store["forward"] = Stored(step, digest, reply)
             return Reply(reply, ms, durable_step=s.durable_step)
 
-        return self._with_turn(session_id, token, attempt)
+        return attempt
 
     def backward(self, session_id: str, token: str | None, body: bytes | bytearray) -> Reply:
         """Double split, second round trip: GRADIENT (TARGET) cuts[1] -> GRADIENT (TARGET) cuts[0]."""
@@ -499,7 +596,17 @@ class SplitService:
                     f"{frame.name}: batch {frame.array.shape[0]}, the forward had {pending}"
                 )
             t0 = time.perf_counter()
-            g_a = self.trainer.backward(frame.array, target=s.aux_label)
+            try:
+                g_a = self.trainer.backward(frame.array, target=s.aux_label)
+            except UnstableStep:
+                # B is back where it was before this step's forward: the step never
+                # happened. The device may send the forward of this step again.
+                s.expect = "forward"
+                s.store.pop("forward", None)
+                self._lease = None
+                self._handovers += 1
+                self._notify()
+                raise
             ms = (time.perf_counter() - t0) * 1e3
             spec = self.manifest.server_input
             reply = encode([Frame(kind, spec.name, g_a, spec.layout, s.sid_bytes, step)])
@@ -507,12 +614,17 @@ class SplitService:
             s.next_step, s.expect = step + 1, "forward"
             self._lease = None
             self._handovers += 1
-            self._cond.notify_all()
+            self._notify()
             self._quiescent_point("step")
             return Reply(reply, ms, durable_step=s.durable_step)
 
     def step(self, session_id: str, token: str | None, body: bytes | bytearray) -> Reply:
         """Single split, one round trip: ACTIVATION cuts[0] + LABELS -> GRADIENT (TARGET) cuts[0] + loss."""
+        return self._with_turn(session_id, token, self.prepare_step(session_id, token, body))
+
+    def prepare_step(
+        self, session_id: str, token: str | None, body: bytes | bytearray
+    ) -> Callable[[Session], Reply | None]:
         self._need("single", "step")
         s0 = self.authorize(session_id, token)
         step, (frame, labels) = self._frames(
@@ -550,7 +662,7 @@ class SplitService:
             self._quiescent_point("step")
             return Reply(reply, ms, durable_step=s.durable_step)
 
-        return self._with_turn(session_id, token, attempt)
+        return attempt
 
     def infer(self, session_id: str, token: str | None, body: bytes | bytearray) -> Reply:
         """B in inference mode; no state changes, no step bookkeeping."""

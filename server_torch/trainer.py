@@ -10,6 +10,15 @@ It knows nothing of sessions or HTTP, holds at most one pending forward (split l
 trains one device's batch at a time through B; ``sessions`` enforces the turn-taking),
 and validates everything it is handed before B is touched, so a rejected call changes
 neither B's parameters nor its BatchNorm statistics nor its optimizer state.
+
+Finite inputs can still break B (values near float32's limit overflow inside a
+BatchNorm, a gradient's square overflows Adam's second moment). So every step is
+guarded: B's buffers are copied before each forward (they are small), the output, the
+input gradient and every parameter gradient must be finite, and when a gradient or a
+parameter is large enough that the update could overflow, the parameters and the
+optimizer state are copied before the update and checked after it. A step that would
+leave anything non-finite is undone and refused (:class:`UnstableStep`, 422): B, its
+BatchNorm statistics and its optimizer state are bit for bit what they were.
 """
 
 from __future__ import annotations
@@ -24,11 +33,16 @@ from torch import nn
 from shared_schema import FrameSpecMismatch, Manifest, TensorSpec
 from shared_schema.manifest import AdamSpec, LossSpec, SGDSpec
 
-from .errors import LabelOutOfRange, NonFinite, StepConflict
+from .errors import LabelOutOfRange, NonFinite, StepConflict, UnstableStep
 from .keras_compat import KerasAdam, KerasSGD
 
 # Keras' backend epsilon: probabilities are clipped to [eps, 1 - eps] before the log.
 KERAS_EPSILON = 1e-7
+# Below these magnitudes an optimizer update from finite state cannot overflow float32
+# (Adam squares the gradient: 1e15**2 = 1e30 < 3.4e38), so the step needs no copy of the
+# parameters and optimizer state to be undone; above them it is copied first.
+SAFE_GRADIENT = 1e15
+SAFE_PARAMETER = 1e30
 
 
 def build_optimizer(spec: SGDSpec | AdamSpec, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -111,7 +125,9 @@ class Trainer:
         params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(manifest.optimizer, params)
         self.steps = 0  # optimizer steps applied to B
+        self.refused = 0  # steps undone by the finiteness guard
         self._pending: _Pending | None = None
+        self._buffer_copy: list[torch.Tensor] | None = None
 
     # -- checks (all run before B is touched) ------------------------------------------
 
@@ -157,8 +173,12 @@ class Trainer:
         """B(a) in training mode; the graph is kept for :meth:`backward`."""
         a = self._check(a, self.in_spec, self.in_spec.name)
         self._pending = None
-        self._pending = self._run(a)
-        return to_wire(self._pending.out, self.out_spec.layout, self._out_dtype(self.out_spec))
+        self._save_buffers()
+        p = self._run(a)
+        if not bool(torch.isfinite(p.out).all()):
+            self._refuse("B's output on this batch")
+        self._pending = p
+        return to_wire(p.out, self.out_spec.layout, self._out_dtype(self.out_spec))
 
     def backward(self, g: np.ndarray, *, target: bool = False) -> np.ndarray:
         """Backprop through the pending forward, step the optimizer, return dL/da.
@@ -189,14 +209,59 @@ class Trainer:
         a = self._check(a, self.in_spec, self.in_spec.name)
         y = self._check_labels(labels, a.shape[0])
         self._pending = None
+        self._save_buffers()
         p = self._run(a)
         with torch.enable_grad():
             loss = keras_sparse_ce(p.out, y, self.manifest.loss)
+        if not bool(torch.isfinite(loss.detach())):
+            self._refuse("the loss on this batch")
         loss.backward()
         return self._finish(p.leaf, target), float(loss.detach())
 
+    # -- the guard ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _save_buffers(self) -> None:
+        bufs = list(self.module.buffers())
+        if self._buffer_copy is None or len(self._buffer_copy) != len(bufs):
+            self._buffer_copy = [b.detach().clone() for b in bufs]
+        else:
+            for c, b in zip(self._buffer_copy, bufs, strict=True):
+                c.copy_(b)
+
+    @torch.no_grad()
+    def _restore_buffers(self) -> None:
+        if self._buffer_copy is not None:
+            for b, c in zip(self.module.buffers(), self._buffer_copy, strict=True):
+                b.copy_(c)
+
+    def _refuse(self, what: str) -> None:
+        """Undo what this step did so far (gradients, BatchNorm statistics) and refuse it."""
+        self._pending = None
+        self.optimizer.zero_grad(set_to_none=True)
+        self._restore_buffers()
+        self.refused += 1
+        raise UnstableStep(
+            f"{what} would make B non-finite (overflow); the step was refused and B, its "
+            "BatchNorm statistics and its optimizer state are unchanged"
+        )
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
     def _finish(self, leaf: torch.Tensor, target: bool) -> np.ndarray:
+        params = self._params()
+        grads = [p.grad for p in params if p.grad is not None]
+        if leaf.grad is None or not _all_finite([leaf.grad, *grads]):
+            self._refuse("the gradients of this batch")
+        risky = _abs_max(grads) > SAFE_GRADIENT or _abs_max(params) > SAFE_PARAMETER
+        saved = self._copy_update_state(params) if risky else None
         self.optimizer.step()
+        if saved is not None and not (
+            _all_finite(params) and _all_finite(self._opt_tensors(params))
+        ):
+            self._restore_update_state(params, saved)
+            self._refuse("the update of this batch")
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
         g_a = leaf.grad
@@ -206,6 +271,35 @@ class Trainer:
         arr = g_a.contiguous().numpy()
         dtype = self._out_dtype(self.in_spec)
         return arr if arr.dtype.name == dtype else arr.astype(dtype)
+
+    @torch.no_grad()
+    def _copy_update_state(self, params: list[torch.Tensor]) -> tuple[list, list]:
+        """Copies of the parameters and optimizer state an update would change."""
+        opt = [
+            {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+            if (st := self.optimizer.state.get(p)) is not None
+            else None
+            for p in params
+        ]
+        return [p.detach().clone() for p in params], opt
+
+    @torch.no_grad()
+    def _restore_update_state(self, params: list[torch.Tensor], saved: tuple[list, list]) -> None:
+        values, opt = saved
+        for p, v, st in zip(params, values, opt, strict=True):
+            p.copy_(v)
+            if st is None:
+                self.optimizer.state.pop(p, None)
+            else:
+                self.optimizer.state[p] = st
+
+    def _opt_tensors(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [
+            v
+            for p in params
+            for v in self.optimizer.state.get(p, {}).values()
+            if torch.is_tensor(v) and v.is_floating_point()
+        ]
 
     def discard(self) -> None:
         """Forget the pending forward (its device went away or lost its turn)."""
@@ -298,3 +392,14 @@ class Trainer:
         finally:
             self.module.train(was_training)
         return to_wire(out, self.out_spec.layout, self.out_spec.dtype)
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+@torch.no_grad()
+def _abs_max(tensors: list[torch.Tensor]) -> float:
+    if not tensors:
+        return 0.0
+    return float(torch.stack(torch._foreach_norm(tensors, float("inf"))).max())

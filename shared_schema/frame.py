@@ -9,7 +9,7 @@ Layout (all integers little-endian)::
     6      1   dtype  (code in DTYPES)
     7      1   layout (code in LAYOUTS)
     8      1   ndim   (<= 8)
-    9      1   flags  (0; reserved for compression)
+    9      1   flags  (must be 0; reserved for compression)
     10     2   name length in bytes (<= 200)
     12     16  session id
     28     8   step
@@ -19,11 +19,14 @@ Layout (all integers little-endian)::
 A message is one or more frames back to back. Every frame names its session and step,
 so a retried request can be recognised and answered from a store. Decoding trusts
 nothing: each length is checked before it is used, and the payload length must equal
-dtype size x prod(shape). Payloads are not copied on decode (numpy views the buffer).
+dtype size x prod(shape), computed on Python integers (no wrap-around), and a shape may
+span at most ``MAX_ELEMENTS`` elements (zero dims counted as one, so numpy can always
+build it). Payloads are not copied on decode (numpy views the buffer).
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -45,6 +48,7 @@ VERSION = 1
 MEDIA_TYPE = "application/x-spliteasy-frames"
 MAX_NDIM = 8
 MAX_NAME = 200
+MAX_ELEMENTS = 1 << 40  # far beyond any body limit, far below numpy's intp
 _HEADER = struct.Struct("<4sBBBBBBH16sQQ")
 HEADER_SIZE = _HEADER.size  # 44
 
@@ -137,13 +141,17 @@ def _decode_one(view: memoryview, pos: int) -> tuple[Frame, int]:
         raise TruncatedFrame(
             f"frame at byte {pos}: {len(view) - pos} bytes, header needs {HEADER_SIZE}"
         )
-    (magic, version, kind, dtype, layout, ndim, _flags, name_len, session, step, nbytes) = (
+    (magic, version, kind, dtype, layout, ndim, flags, name_len, session, step, nbytes) = (
         _HEADER.unpack_from(view, pos)
     )
     if magic != MAGIC:
         raise BadMagic(f"bad magic {magic!r} at byte {pos}: not a spliteasy frame")
     if version != VERSION:
         raise UnsupportedVersion(f"frame version {version}; this build speaks version {VERSION}")
+    if flags != 0:
+        raise UnsupportedVersion(
+            f"frame flags {flags:#04x}: reserved, must be 0 in version {VERSION}"
+        )
     try:
         kind_e = FrameKind(kind)
     except ValueError:
@@ -168,14 +176,18 @@ def _decode_one(view: memoryview, pos: int) -> tuple[Frame, int]:
     shape = struct.unpack_from(f"<{ndim}I", view, pos)
     pos += 4 * ndim
     dtype_name = DTYPES[dtype]
-    expected = np.dtype(_NP[dtype_name]).itemsize * int(np.prod(shape, dtype=np.int64))
+    # Python ints: a product past 2**64 must not wrap to a size that passes the check
+    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
+        raise FrameSizeMismatch(f"{name}: shape {list(shape)} exceeds {MAX_ELEMENTS} elements")
+    count = math.prod(shape)
+    expected = np.dtype(_NP[dtype_name]).itemsize * count
     if nbytes != expected:
         raise FrameSizeMismatch(
             f"{name}: header says {nbytes} payload bytes, {dtype_name}{list(shape)} needs {expected}"
         )
     if len(view) - pos < nbytes:
         raise TruncatedFrame(f"{name}: payload truncated ({len(view) - pos} of {nbytes} bytes)")
-    array = np.frombuffer(view, dtype=_NP[dtype_name], count=int(np.prod(shape)), offset=pos)
+    array = np.frombuffer(view, dtype=_NP[dtype_name], count=count, offset=pos)
     array = array.reshape(shape)
     pos += nbytes
     return Frame(kind_e, name, array, LAYOUTS[layout], bytes(session), step), pos
