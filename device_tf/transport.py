@@ -18,6 +18,8 @@ before giving up with :class:`ServerUnreachable`.
 from __future__ import annotations
 
 import contextlib
+import os
+import ssl
 import sys
 import time
 from abc import ABC, abstractmethod
@@ -29,6 +31,8 @@ import httpx
 from shared_schema import MEDIA_TYPE
 
 from ._exceptions import ServerRejected, ServerUnreachable, StepConflict
+
+AUTH_KEY_ENV = "SPLITEASY_AUTH_KEY"  # the enrolment key (spliteasy train --auth-key)
 
 OPS = ("forward", "backward", "step", "infer")
 
@@ -106,17 +110,26 @@ class HttpTransport(Transport):
         backoff: tuple[float, float] = (0.1, 5.0),
         notify: Callable[[str], None] = _stderr_line,
         retries: int | None = None,
+        ca_file: str | None = None,
+        auth_key: str | None = None,
     ) -> None:
         """``backoff``: first and longest wait between attempts; ``notify`` receives the
         one-line messages about losing and regaining the server. ``retries`` (old API)
-        bounds the attempts instead of the time."""
+        bounds the attempts instead of the time. ``ca_file``: the CA that signed an https
+        server's certificate (always verified; the system's CAs without it). ``auth_key``:
+        the enrolment key session creation needs on a server with ``--auth-keys``
+        (default ``$SPLITEASY_AUTH_KEY``)."""
         self.base_url = base_url.rstrip("/")
         self.reconnect_timeout = reconnect_timeout
         self.backoff = backoff
         self.notify = notify
         self.retries = retries
         self.session: SessionInfo | None = None
-        self._client = httpx.Client(base_url=self.base_url, timeout=timeout)
+        self.auth_key = auth_key if auth_key is not None else os.environ.get(AUTH_KEY_ENV)
+        verify: ssl.SSLContext | bool = True
+        if ca_file:
+            verify = ssl.create_default_context(cafile=str(ca_file))
+        self._client = httpx.Client(base_url=self.base_url, timeout=timeout, verify=verify)
 
     @property
     def token(self) -> str | None:
@@ -130,13 +143,15 @@ class HttpTransport(Transport):
         attempt = 0
         last = ""
         while True:
+            code, retry_after = "", 0.0
             try:
                 response = self._client.request(method, path, **kwargs)
             except httpx.TransportError as exc:
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             else:
-                code = _error_code(response) if response.status_code == 503 else ""
-                if code in ("busy", "shutting_down"):
+                code = _error_code(response) if response.status_code in (429, 503) else ""
+                retry_after = _retry_after(response) if code else 0.0
+                if code in ("busy", "shutting_down", "rate_limited"):
                     # B is another device's for now, or the server is saving its final
                     # checkpoint before it stops: wait as for a restart
                     last = f"503 {code}"
@@ -169,6 +184,8 @@ class HttpTransport(Transport):
             wait = (
                 0.0 if attempt == 1 else min(self.backoff[0] * 2 ** (attempt - 2), self.backoff[1])
             )
+            if code:  # the server said when: not sooner (Retry-After)
+                wait = max(wait, retry_after)
             wait = min(wait, max(first_failure + self.reconnect_timeout - now, 0.0))
             time.sleep(wait)
 
@@ -184,6 +201,7 @@ class HttpTransport(Transport):
             "POST",
             "/v1/sessions",
             json={"manifest_sha256": manifest_sha256, "aux_label": aux_label},
+            headers={"Authorization": f"Bearer {self.auth_key}"} if self.auth_key else {},
         ).json()
         self.session = _session_info(reply, reply["token"])
         return self.session
@@ -238,6 +256,14 @@ class HttpTransport(Transport):
 
     def close(self) -> None:
         self._client.close()
+
+
+def _retry_after(response: httpx.Response, cap: float = 30.0) -> float:
+    """The server's Retry-After in seconds (0 when absent or not a number of seconds)."""
+    try:
+        return min(max(float(response.headers.get("Retry-After", 0)), 0.0), cap)
+    except ValueError:
+        return 0.0
 
 
 def _error_code(response: httpx.Response) -> str:

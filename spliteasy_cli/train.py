@@ -46,6 +46,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="while the server is unreachable, keep retrying with backoff this many seconds "
         "before giving up (default %(default)s)",
     )
+    p.add_argument(
+        "--auth-key",
+        default=None,
+        help="enrolment key for a server started with --auth-keys (default $SPLITEASY_AUTH_KEY)",
+    )
+    p.add_argument(
+        "--ca-file",
+        type=Path,
+        default=None,
+        help="CA certificate (PEM) that signed an https server's certificate; the server's "
+        "certificate is always verified (the system's CAs without this)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,7 +101,12 @@ def run(args: argparse.Namespace) -> int:
     runtime = make_runtime(args.runtime, args.bundle, manifest)
     if state is not None:
         state.runtime = runtime
-    transport = HttpTransport(args.server, reconnect_timeout=args.reconnect_timeout)
+    transport = HttpTransport(
+        args.server,
+        reconnect_timeout=args.reconnect_timeout,
+        ca_file=args.ca_file,
+        auth_key=args.auth_key,
+    )
     trainer = SplitTrainer(runtime, transport, manifest, digest, args.aux_label)
     finished = False
     try:
@@ -128,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_tfjs(args: argparse.Namespace, manifest, data, log: Path) -> int:
     """The TF.js device in Node: the same bundle, server, data and per-step log format."""
     import json
+    import os
     import shutil
     import subprocess
     import tempfile
@@ -173,9 +191,14 @@ def _run_tfjs(args: argparse.Namespace, manifest, data, log: Path) -> int:
         if args.state_dir is not None:
             cmd += ["--state-dir", str(args.state_dir)]
         cmd += ["--reconnect-timeout", str(args.reconnect_timeout)]
+        if args.auth_key:
+            cmd += ["--auth-key", args.auth_key]
+        env = dict(os.environ)
+        if args.ca_file is not None:  # Node's fetch verifies against its CAs plus these
+            env["NODE_EXTRA_CA_CERTS"] = str(args.ca_file)
         if args.no_progress:
             cmd.append("--quiet")
-        code = subprocess.call(cmd)
+        code = subprocess.call(cmd, env=env)
         if code == 0:  # the same per-step JSON lines as the Python runtimes write
             if not js_log.is_file():
                 raise SpliteasyError("the TF.js device finished without writing its step log")

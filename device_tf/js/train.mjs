@@ -40,7 +40,7 @@ import { HttpTransport, describeWait } from './src/transport.mjs';
 
 const USAGE = `usage: node train.mjs --server URL --data FILE [--bundle DIR] [--epochs E] [--batch-size B]
                       [--steps N] [--seed S] [--aux-label] [--log-json FILE] [--weights-out FILE]
-                      [--eval-data FILE] [--state-dir DIR] [--reconnect-timeout S] [--quiet]`;
+                      [--eval-data FILE] [--state-dir DIR] [--reconnect-timeout S] [--auth-key KEY] [--quiet]`;
 
 function options(argv) {
   const { values } = parseArgs({
@@ -59,6 +59,7 @@ function options(argv) {
       'eval-data': { type: 'string' },
       'state-dir': { type: 'string' },
       'reconnect-timeout': { type: 'string', default: '300' },
+      'auth-key': { type: 'string' },
       quiet: { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
     },
@@ -96,6 +97,8 @@ function options(argv) {
     evalData: values['eval-data'],
     stateDir: values['state-dir'],
     reconnectTimeout: seconds('reconnect-timeout'),
+    // enrolment key (server --auth-keys); a custom CA for https: NODE_EXTRA_CA_CERTS=ca.pem
+    authKey: values['auth-key'] ?? process.env.SPLITEASY_AUTH_KEY ?? null,
     quiet: values.quiet,
   };
 }
@@ -115,7 +118,12 @@ async function main(argv) {
     if (w.attempt === 2) console.error(`spliteasy-js: ${describeWait(w)}`);
   };
   const onBack = (b) => console.error(`spliteasy-js: ${b.url} is back after ${(b.waitedMs / 1000).toFixed(1)} s; continuing`);
-  const transport = new HttpTransport(opt.server, { reconnectTimeoutMs: opt.reconnectTimeout * 1000, onWait, onBack });
+  const transport = new HttpTransport(opt.server, {
+    reconnectTimeoutMs: opt.reconnectTimeout * 1000,
+    onWait,
+    onBack,
+    authKey: opt.authKey,
+  });
   let manifest;
   let digest;
   let models;

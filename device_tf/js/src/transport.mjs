@@ -50,8 +50,9 @@ export class HttpTransport {
    * @param onWait called with {url, why, waitedMs, delayMs, limitMs, attempt} before each wait
    *   (from the second failed attempt on); onBack with {url, waitedMs} when the server answers again
    */
-  constructor(baseUrl, { retries = 3, timeoutMs = 60000, reconnectTimeoutMs = 300000, onWait = null, onBack = null } = {}) {
+  constructor(baseUrl, { retries = 3, timeoutMs = 60000, reconnectTimeoutMs = 300000, onWait = null, onBack = null, authKey = null } = {}) {
     this.baseUrl = baseUrl.replace(/\/+$/, '');
+    this.authKey = authKey; // enrolment key for a server started with --auth-keys (session creation only)
     this.retries = retries;
     this.timeoutMs = timeoutMs;
     this.reconnectTimeoutMs = reconnectTimeoutMs;
@@ -73,6 +74,7 @@ export class HttpTransport {
     let why = '';
     for (;;) {
       let reply = null;
+      let retryAfterMs = 0;
       try {
         const response = await fetch(this.baseUrl + path, {
           method,
@@ -88,9 +90,12 @@ export class HttpTransport {
       if (reply) {
         // 503 busy: B is another device's for now; 503 shutting_down: the server is writing
         // its final checkpoint before it stops. Both: wait as for a restart.
-        const code = reply.status === 503 ? reply.errorCode() : '';
-        if (code === 'busy' || code === 'shutting_down') {
-          why = `503 ${code}`;
+        // 429 rate_limited: too many sessions created from here; come back later.
+        const code = reply.status === 503 || reply.status === 429 ? reply.errorCode() : '';
+        if (code === 'busy' || code === 'shutting_down' || code === 'rate_limited') {
+          why = `${reply.status} ${code}`;
+          // the server says when to come back (Retry-After, seconds): not sooner
+          retryAfterMs = Math.min(Math.max(Number(reply.headers.get('retry-after')) || 0, 0), 30) * 1000;
         } else {
           if (firstFailure !== null && attempt >= 2) this.onBack?.({ url: this.baseUrl, waitedMs: now() - firstFailure });
           if (reply.status >= 400) throw rejection(reply);
@@ -111,7 +116,7 @@ export class HttpTransport {
         );
       }
       // the first retry at once (a lone dropped connection is not news), then 0.1 s doubling to 5 s
-      let delayMs = attempt === 1 ? 0 : Math.min(100 * 2 ** (attempt - 2), 5000);
+      let delayMs = Math.max(attempt === 1 ? 0 : Math.min(100 * 2 ** (attempt - 2), 5000), retryAfterMs);
       if (patient) delayMs = Math.min(delayMs, Math.max(firstFailure + limitMs - t, 0));
       if (attempt >= 2) this.onWait?.({ url: this.baseUrl, why, waitedMs, delayMs, limitMs: this.reconnectTimeoutMs, attempt });
       await sleep(delayMs);
@@ -130,10 +135,10 @@ export class HttpTransport {
     return (await this.send('GET', path)).body;
   }
 
-  async postJson(path, payload) {
+  async postJson(path, payload, headers = {}) {
     const r = await this.send('POST', path, {
       body: JSON.stringify(payload),
-      headers: { 'Content-Type': 'application/json' },
+      headers: { 'Content-Type': 'application/json', ...headers },
     });
     return r.json();
   }
@@ -142,7 +147,8 @@ export class HttpTransport {
 
   /** A new session for this manifest; the transport keeps its id and token. */
   async openSession({ manifestSha256, auxLabel = false }) {
-    const reply = await this.postJson('/v1/sessions', { manifest_sha256: manifestSha256, aux_label: auxLabel });
+    const key = this.authKey ? { Authorization: `Bearer ${this.authKey}` } : {};
+    const reply = await this.postJson('/v1/sessions', { manifest_sha256: manifestSha256, aux_label: auxLabel }, key);
     this.sessionId = reply.session_id;
     this.token = reply.token;
     return {
