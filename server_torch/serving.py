@@ -44,11 +44,78 @@ def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     return sock
 
 
-def url_of(sock: socket.socket) -> str:
+def url_of(sock: socket.socket, tls: bool = False) -> str:
     host, port = sock.getsockname()[:2]
     if host in ("0.0.0.0", "::"):
         host = "127.0.0.1"
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` (as given to --host) only listens on this machine."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+# Per-connection limits (``spliteasy serve`` flags): h11 is uvicorn's HTTP parser here.
+DEFAULT_LIMITS: dict[str, Any] = {
+    "limit_concurrency": 512,  # connections + requests in flight; past it uvicorn answers 503
+    "timeout_keep_alive": 15,  # an idle keep-alive connection is closed after this many s
+    "h11_max_incomplete_event_size": 16 * 1024,  # request line + headers, bytes
+    "timeout_graceful_shutdown": 5,  # then open requests (waiting for B) are cancelled
+    "proxy_headers": False,  # X-Forwarded-For would let any client pick its per-IP limit
+}
+DEFAULT_HEADER_TIMEOUT = 10.0
+
+
+def _guarded_h11(header_timeout: float) -> type:
+    """uvicorn's h11 protocol with a header timeout: a connection must complete its request
+    line and headers within ``header_timeout`` s of its first byte (or of opening), else it
+    is closed. uvicorn has only an idle timeout between requests, so a client trickling
+    headers (slowloris) would hold its connection slot for ever."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11(H11Protocol):
+        _header_timer: Any = None
+
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self) -> None:
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(header_timeout, self._expired)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _expired(self) -> None:
+            self._header_timer = None
+            if self.conn.their_state == h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            if self.conn.their_state == h11.IDLE:
+                self._arm()
+            super().data_received(data)
+            if self.conn.their_state != h11.IDLE:
+                self._disarm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return GuardedH11
 
 
 def configure_threads(num_threads: int | None = None) -> int:
@@ -73,7 +140,9 @@ def _on_exit(app: Any) -> Any:
     return getattr(state, "on_exit", None) if state is not None else None
 
 
-def _uvicorn_server(app: Any, log_level: str) -> Any:
+def _uvicorn_server(app: Any, log_level: str, **options: Any) -> Any:
+    """``options``: uvicorn.Config keywords over :data:`DEFAULT_LIMITS` (ssl_certfile,
+    ssl_keyfile, limit_concurrency, ...) and ``header_timeout`` (s)."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -100,26 +169,43 @@ def _uvicorn_server(app: Any, log_level: str) -> Any:
 
             threading.Thread(target=drain, name="spliteasy final checkpoint", daemon=True).start()
 
+    header_timeout = options.pop("header_timeout", DEFAULT_HEADER_TIMEOUT)
     config = uvicorn.Config(
-        app, log_level=log_level, lifespan="off", access_log=log_level == "debug"
+        app,
+        log_level=log_level,
+        lifespan="off",
+        access_log=log_level == "debug",
+        http=_guarded_h11(header_timeout),
+        **{**DEFAULT_LIMITS, **options},
     )
     return Server(config)
 
 
-def serve_forever(app: Any, sock: socket.socket, log_level: str = "info") -> None:
+def serve_forever(app: Any, sock: socket.socket, log_level: str = "info", **options: Any) -> None:
     """Serve ``app`` on an already-bound socket until interrupted (Ctrl-C / SIGTERM)."""
-    _uvicorn_server(app, log_level).run(sockets=[sock])
+    _uvicorn_server(app, log_level, **options).run(sockets=[sock])
 
 
-def wait_for_health(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> dict:
-    """Poll ``{url}/v1/health`` until it answers 200; returns its JSON."""
+def wait_for_health(
+    url: str,
+    timeout: float = 60.0,
+    proc: subprocess.Popen | None = None,
+    ca_file: str | Path | None = None,
+) -> dict:
+    """Poll ``{url}/v1/health`` until it answers 200; returns its JSON. ``ca_file``: the CA
+    that signed an https server's certificate (verified; the system's CAs without it)."""
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise ServeError(f"server process exited with status {proc.returncode}")
         try:
-            with urllib.request.urlopen(f"{url}/v1/health", timeout=2) as resp:
+            with urllib.request.urlopen(
+                f"{url}/v1/health", timeout=2, context=context if url.startswith("https") else None
+            ) as resp:
                 return json.loads(resp.read())
         except (urllib.error.URLError, OSError) as exc:
             last = exc
@@ -137,10 +223,17 @@ class ServerThread:
     """
 
     def __init__(
-        self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
+        self,
+        app: Any,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+        **options: Any,
     ):
+        """``options``: uvicorn settings (``ssl_certfile``/``ssl_keyfile`` for TLS, limits)."""
         self.app = app
         self.host, self.port, self.log_level = host, port, log_level
+        self.options = options
         self.url = ""
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -148,8 +241,8 @@ class ServerThread:
 
     def start(self, timeout: float = 30.0) -> ServerThread:
         sock = bind_socket(self.host, self.port)
-        self.url = url_of(sock)
-        self._server = _uvicorn_server(self.app, self.log_level)
+        self.url = url_of(sock, tls=bool(self.options.get("ssl_certfile")))
+        self._server = _uvicorn_server(self.app, self.log_level, **self.options)
 
         def run() -> None:
             try:
@@ -186,7 +279,7 @@ class ServerThread:
         self.stop()
 
 
-_LISTENING = re.compile(r"listening on (http://\S+)")
+_LISTENING = re.compile(r"listening on (https?://\S+)")
 
 
 class ServerProcess:
@@ -208,8 +301,11 @@ class ServerProcess:
         host: str = "127.0.0.1",
         env: dict[str, str] | None = None,
         log_level: str = "warning",
+        ca_file: str | Path | None = None,
     ):
+        """``ca_file``: the CA of the child's TLS certificate (``--ssl-certfile``)."""
         self.bundle_dir = Path(bundle_dir)
+        self.ca_file = ca_file
         extra_args = list(extra_args)
         if not {"--state-dir", "--no-state"} & {a.split("=")[0] for a in extra_args}:
             extra_args.append("--no-state")
@@ -247,7 +343,7 @@ class ServerProcess:
             self.stop()
             raise ServeError("spliteasy serve did not start:\n" + "".join(self.output))
         try:
-            wait_for_health(self.url, timeout, self.proc)
+            wait_for_health(self.url, timeout, self.proc, self.ca_file)
         except ServeError:
             self.stop()
             raise ServeError("spliteasy serve is not healthy:\n" + "".join(self.output)) from None

@@ -298,6 +298,8 @@ class SplitService:
             s = self._authorize(session_id, token)
             self._release(s.id)
             self.table.remove(s.id)
+            self._leave(s.id)
+            self._notify()  # its waiting requests learn that it is gone
 
     def drain(self, timeout: float) -> bool:
         """Refuse new work and wait up to ``timeout`` s for a held lease to be returned.

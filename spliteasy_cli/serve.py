@@ -63,6 +63,102 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep nothing on disk: a restart starts from the bundle's initial B",
     )
+    expose = parser.add_argument_group(
+        "exposing the server",
+        "TLS, admission and limits (README, 'Exposing a server'). Listening beyond "
+        "loopback without TLS and enrolment keys is refused unless --insecure.",
+    )
+    expose.add_argument(
+        "--ssl-certfile", type=Path, help="TLS certificate chain (PEM): serve https"
+    )
+    expose.add_argument("--ssl-keyfile", type=Path, help="TLS private key (PEM)")
+    expose.add_argument(
+        "--auth-keys",
+        type=Path,
+        metavar="FILE",
+        help="enrolment keys, one a line ('name key' or 'key'): creating a session then needs "
+        "'Authorization: Bearer <key>' (spliteasy train --auth-key); also $SPLITEASY_AUTH_KEYS "
+        "(comma-separated)",
+    )
+    expose.add_argument(
+        "--insecure",
+        action="store_true",
+        help="listen beyond loopback without TLS or without enrolment keys (loud warning)",
+    )
+    expose.add_argument(
+        "--session-rate",
+        type=float,
+        default=30.0,
+        metavar="N",
+        help="sessions a minute per enrolment key and per client address (0: no limit) "
+        "(default %(default)s)",
+    )
+    expose.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=3600.0,
+        metavar="S",
+        help="a session unused for S seconds is evicted (default %(default)s)",
+    )
+    expose.add_argument(
+        "--evict-every",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="look for idle sessions every S seconds (default %(default)s)",
+    )
+    expose.add_argument(
+        "--max-abs-value",
+        type=float,
+        default=None,
+        metavar="X",
+        help="refuse incoming tensors with |value| > X (422 value_out_of_range) (default: the "
+        "bundle report's limits.max_abs_value, else 1e6)",
+    )
+    expose.add_argument(
+        "--max-waiting",
+        type=int,
+        default=None,
+        metavar="N",
+        help="requests that may wait for B's lease at once; past it 503 busy + Retry-After "
+        "(default: --max-sessions)",
+    )
+    expose.add_argument(
+        "--max-connections",
+        type=int,
+        default=512,
+        metavar="N",
+        help="concurrent connections and requests; past it 503 (default %(default)s)",
+    )
+    expose.add_argument(
+        "--max-buffered-mb",
+        type=float,
+        default=None,
+        metavar="MB",
+        help="request bodies held in memory at once, all connections together; past it 503 "
+        "busy (default: 16 bodies at the body limit, at most 1024 MB)",
+    )
+    expose.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="a connection must send its request line and headers within S s (default %(default)s)",
+    )
+    expose.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="a body that sends nothing for S s is dropped (408) (default %(default)s)",
+    )
+    expose.add_argument(
+        "--keep-alive-timeout",
+        type=int,
+        default=15,
+        metavar="S",
+        help="an idle keep-alive connection is closed after S s (default %(default)s)",
+    )
     parser.add_argument(
         "--checkpoint-every",
         type=int,
@@ -84,6 +180,15 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint_every < 0:
         raise SpliteasyError("--checkpoint-every must be 0 or more")
     _log_to_stdout(args.log_level)
+    from server_torch.guard import load_auth_keys
+
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        raise SpliteasyError("--ssl-certfile and --ssl-keyfile go together")
+    try:
+        auth_keys = load_auth_keys(args.auth_keys)
+    except (OSError, ValueError) as exc:
+        raise SpliteasyError(f"--auth-keys: {exc}") from None
+    _check_exposure(args.host, bool(args.ssl_certfile), auth_keys is not None, args.insecure)
     # Cheap refusals first (a bad bundle, a taken port), then the slow part: loading B.
     manifest = load_manifest(args.bundle, verify=True)
     state_dir = None
@@ -102,14 +207,65 @@ def run(args: argparse.Namespace) -> int:
             lease_timeout=args.lease_timeout,
             state_dir=state_dir,
             checkpoint_every=args.checkpoint_every,
+            max_abs_value=args.max_abs_value,
+            max_waiting=args.max_waiting,
+            auth_keys=auth_keys,
+            session_rate=args.session_rate,
+            idle_timeout=args.idle_timeout,
+            evict_every=args.evict_every,
+            max_buffered_bytes=None
+            if args.max_buffered_mb is None
+            else int(args.max_buffered_mb * (1 << 20)),
+            body_timeout=args.body_timeout,
         )
         threads = configure_threads(args.threads)
-        url = url_of(sock)
+        tls = bool(args.ssl_certfile)
+        url = url_of(sock, tls=tls)
         _announce(app, url, threads)
-        serve_forever(app, sock, args.log_level)
+        if auth_keys is not None:
+            print(
+                f"spliteasy serve: session creation needs one of {len(auth_keys)} enrolment key(s)"
+            )
+        options = {
+            "limit_concurrency": args.max_connections,
+            "timeout_keep_alive": args.keep_alive_timeout,
+            "header_timeout": args.header_timeout,
+        }
+        if tls:
+            options.update(ssl_certfile=str(args.ssl_certfile), ssl_keyfile=str(args.ssl_keyfile))
+        serve_forever(app, sock, args.log_level, **options)
     finally:
         sock.close()
     return 0
+
+
+def _check_exposure(host: str, tls: bool, keys: bool, insecure: bool) -> None:
+    """Beyond loopback, tensors and tokens need TLS and session creation needs keys."""
+    import sys
+
+    from server_torch.serving import is_loopback
+    from shared_schema import SpliteasyError
+
+    if is_loopback(host) or (tls and keys):
+        return
+    missing = " and ".join(
+        m
+        for m, ok in (("TLS (--ssl-certfile/--ssl-keyfile)", tls), ("--auth-keys", keys))
+        if not ok
+    )
+    if not insecure:
+        raise SpliteasyError(
+            f"--host {host} listens beyond this machine without {missing}: anyone who reaches "
+            "the port could read the tensors and tokens or train B. Add them, or pass "
+            "--insecure to do it anyway"
+        )
+    print(
+        f"spliteasy serve: WARNING: listening on {host} without {missing} (--insecure): "
+        "anyone who reaches the port can "
+        + ("read tensors and tokens" if not tls else "create sessions and train B"),
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _log_to_stdout(level: str) -> None:
@@ -131,6 +287,10 @@ def _log_to_stdout(level: str) -> None:
     logger.propagate = False
     numeric = logging.getLevelName(level.upper())
     logger.setLevel(numeric if isinstance(numeric, int) else logging.INFO)
+    # failed requests, one key=value line each with its request id; every request at debug
+    logging.getLogger("spliteasy.access").setLevel(
+        logging.INFO if logger.level <= logging.INFO else logger.level
+    )
 
 
 def _announce(app: Any, url: str, threads: int) -> None:
