@@ -264,6 +264,13 @@ def test_cli_error_is_one_line(digits_run, tmp_path):
          "--device-state", str(digits_run["device_state"]), "--out", str(tmp_path / "o")]
     )  # fmt: skip
     assert code == 2
+    code = main(
+        ["export", str(digits_run["bundle"]), "--server-state", str(digits_run["server_state"]),
+         "--device-state", str(digits_run["device_state"]), "--out", str(tmp_path / "o"),
+         "--formats", "savedmodel,onnx"]
+    )  # fmt: skip
+    assert code == 2
+    assert not (tmp_path / "o").exists()
 
 
 def test_old_bundle_without_the_unsplit_model(digits_run, tmp_path):

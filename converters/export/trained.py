@@ -488,8 +488,9 @@ def export_trained(
 ) -> ExportResult:
     """``spliteasy export``: the trained unsplit model from a run's two state dirs."""
     bundle = Path(bundle)
+    formats = parse_formats(formats)  # a typo fails before anything is read
     manifest = load_manifest(bundle)
-    _unsplit_config(bundle, manifest)  # an old bundle fails before anything is read
+    _unsplit_config(bundle, manifest)  # so does an old bundle
     digest = manifest_digest(bundle)
     server = load_server_state(server_state, digest)
     device, warning = pair_states(
