@@ -109,7 +109,7 @@ export class HttpTransport {
       const limitMs = patient ? this.reconnectTimeoutMs : 0;
       const outOfTime = patient ? attempt > 1 && waitedMs >= limitMs : attempt > this.retries;
       if (outOfTime) {
-        const waited = `no answer for ${Math.round(waitedMs / 1000)} s (${attempt} attempts; last: ${why})`;
+        const waited = `no answer for ${(waitedMs / 1000).toFixed(1)} s (${attempt} attempts; last: ${why})`;
         throw new ProtocolError(
           `${this.baseUrl}${path}: ${waited}; is the server running?` +
             (patient ? ' Restart the same command to resume where it stopped.' : ''),
