@@ -386,3 +386,40 @@ def test_node_device_through_a_faulty_link_ends_as_a_clean_run(
     _assert_same(got["optimizer"], want["optimizer"], "optimizer")
     _assert_same(_server_b(app, bundle), ref["b"], "B")
     assert app.state.trainer.steps == STEPS
+
+
+@pytest.mark.browser
+def test_browser_start_over_forgets_the_saved_run_and_ends_its_session(
+    tmp_path, serve_app, train_data
+):
+    from server_torch.app import create_app
+
+    node()
+    browser = _chromium()
+    bundle, _ = digits_bundle(None, "double", SGD_CFG, ALL_RUNTIMES)
+    data_dir = JS_DIR / "data"
+    data_dir.mkdir(exist_ok=True)
+    page_data = data_dir / f"test-{uuid.uuid4().hex[:12]}.frames"
+    page_data.write_bytes(train_data.read_bytes())
+    try:
+        app = create_app(bundle)
+        srv = serve_app(app)
+        url = f"{srv.url}/device/web/?data=../data/{page_data.name}&batch={BATCH}&steps={STEPS}"
+        proc = run_node(
+            ["tools/browser_run.mjs", url, "--chromium", browser, "--timeout", "240000"]
+            + ["--start-over-at-step", "3"]
+        )
+    finally:
+        page_data.unlink(missing_ok=True)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out.get("startOver"), json.dumps(out, indent=1)[:3000]
+    assert out["startOver"]["status"].startswith("the saved run is forgotten"), out["startOver"]
+    # after the reload nothing resumes: the page is idle and the server holds no session
+    assert out["result"]["status"] == "idle" and out["result"]["resumedAt"] is None, out["result"]
+    assert out["dom"]["resume"] == ""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{srv.url}/v1/health", timeout=10) as r:
+        health = json.loads(r.read())
+    assert health["sessions"] == 0, health
+    assert 3 <= app.state.trainer.steps < STEPS

@@ -10,6 +10,10 @@
 // is held back and the page reloaded with it in flight (the resumed page's repeat of it is
 // answered from the server's retry store).
 // `reload` reports {at: N, stepBefore: the page's step counter then}.
+//
+// --start-over-at-step N (URL without auto=1): press Train, at step N press "Start over",
+// wait until the page is idle, reload it, and report the page as it then stands
+// (`startOver`: {at, status after start over}); the run must not come back.
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -23,11 +27,13 @@ const { values, positionals } = parseArgs({
     chromium: { type: 'string', default: process.env.SPLITEASY_CHROMIUM ?? '/usr/bin/chromium' },
     timeout: { type: 'string', default: '300000' },
     'reload-at-step': { type: 'string' },
+    'start-over-at-step': { type: 'string' },
   },
 });
 const [url] = positionals;
 const timeout = Number(values.timeout);
 const reloadAt = values['reload-at-step'] === undefined ? null : Number(values['reload-at-step']);
+const startOverAt = values['start-over-at-step'] === undefined ? null : Number(values['start-over-at-step']);
 const profile = await mkdtemp(join(tmpdir(), 'spliteasy-chromium-'));
 const context = await chromium.launchPersistentContext(profile, {
   executablePath: values.chromium,
@@ -85,11 +91,22 @@ try {
       reload = { at: reloadAt, stepBefore };
     }
   }
-  await page.waitForFunction(
-    () => ['done', 'error'].includes(window.spliteasyResult?.status),
-    undefined,
-    { timeout, polling: 200 },
-  );
+  let startOver = null;
+  if (startOverAt !== null) {
+    await page.click('#start');
+    await page.waitForFunction((n) => window.spliteasyResult?.step >= n, startOverAt, { timeout, polling: 50 });
+    await page.click('#restart');
+    await page.waitForFunction(() => window.spliteasyResult?.status === 'idle', undefined, { timeout, polling: 100 });
+    startOver = { at: startOverAt, status: await page.textContent('#status') };
+    await page.reload({ waitUntil: 'load', timeout });
+    await page.waitForTimeout(2000); // time for a saved run, if any, to resume
+  } else {
+    await page.waitForFunction(
+      () => ['done', 'error'].includes(window.spliteasyResult?.status),
+      undefined,
+      { timeout, polling: 200 },
+    );
+  }
   const result = await page.evaluate(() => window.spliteasyResult);
   const dom = await page.evaluate(() => ({
     status: document.getElementById('status').textContent,
@@ -100,7 +117,7 @@ try {
     progress: document.getElementById('progress').value,
     resume: document.getElementById('resume')?.hidden ? '' : document.getElementById('resume')?.textContent ?? '',
   }));
-  console.log(JSON.stringify({ result, dom, reload, console: consoleLines, errors }));
+  console.log(JSON.stringify({ result, dom, reload, startOver, console: consoleLines, errors }));
 } catch (err) {
   console.log(JSON.stringify({ result: null, fatal: String(err), console: consoleLines, errors }));
 } finally {
