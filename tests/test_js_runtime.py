@@ -31,6 +31,7 @@ from converters.export.tfjs import TFJS_LAYER_CLASSES, export_tfjs  # noqa: E402
 from device_tf.keras_util import named_variables  # noqa: E402
 
 RTOL = 1e-4
+NOISE_FACTOR = 3.0  # as test_zoo_equivalence: within 3x Keras' own one-ulp noise
 BATCH, STEPS = 16, 5
 
 
@@ -266,19 +267,37 @@ def test_inceptionv3_slices_with_scale_free_batchnorm_train_in_tfjs(tmp_path: Pa
     run_node(["tools/slice_step.mjs", str(tmp_path / "cfg.json")], timeout=600)
     js = {f.name: f.array for f in decode((tmp_path / "out.frames").read_bytes())}
 
-    opt_a, opt_c = _optimizer(cfg), _optimizer(cfg)
+    # A's stem holds three ReLUs over 160k+ pre-activations per sample: a value within
+    # float32 rounding of 0 falls on either side in two computations, and its gradient
+    # entry then lands in one update and not the other. That is ReLU's kink, not a runtime
+    # difference: Keras disagrees with *itself* that much when A's input moves by one ulp.
+    # So A's updated variables (and A's outputs after an update) are held to 1e-4 or, where
+    # that kink noise is larger, to NOISE_FACTOR times what Keras shows against itself
+    # with the input moved by one ulp (as test_zoo_equivalence does). The exact check of
+    # BN(scale=False) in A is test_tfjs_slices_train_like_unsplit_keras.
+    a_moved = keras.models.clone_model(a_model)
+    a_moved.set_weights(a_model.get_weights())
+    x_moved = (x * (1 + 2.0**-23 * rng.choice([-1.0, 1.0], size=x.shape))).astype(np.float32)
+    opt_a, opt_c, opt_moved = _optimizer(cfg), _optimizer(cfg), _optimizer(cfg)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
-    errors, a_errors = {}, {}
-    for s in range(steps):
+
+    def a_step(model, opt, inputs):
         with tf.GradientTape() as tape:
-            a = a_model(x, training=True)
-        grads = tape.gradient(a, a_model.trainable_weights, output_gradients=tf.constant(g_a))
-        opt_a.apply_gradients(zip(grads, a_model.trainable_weights, strict=True))
+            out = model(inputs, training=True)
+        grads = tape.gradient(out, model.trainable_weights, output_gradients=tf.constant(g_a))
+        opt.apply_gradients(zip(grads, model.trainable_weights, strict=True))
+        return out.numpy()
+
+    errors, a_errors, a_noise = {}, {}, {}
+    for s in range(steps):
+        a = a_step(a_model, opt_a, x)
+        a_other = a_step(a_moved, opt_moved, x_moved)
         got_a = js[f"a.{s}"].reshape(a.shape)
         if s == 0:
-            errors["a.0"] = _rel(got_a, a.numpy())
-        else:  # after an update of A: see the ReLU note below
+            errors["a.0"] = _rel(got_a, a)
+        else:  # after an update of A: the ReLU kink above
             a_errors[f"a.{s}"] = float(np.linalg.norm(got_a - a) / np.linalg.norm(a))
+            a_noise[f"a.{s}"] = float(np.linalg.norm(a_other - a) / np.linalg.norm(a))
 
         b_t = tf.constant(b)
         with tf.GradientTape() as tape:
@@ -290,21 +309,21 @@ def test_inceptionv3_slices_with_scale_free_batchnorm_train_in_tfjs(tmp_path: Pa
         errors[f"g_b.{s}"] = _rel(js[f"g_b.{s}"].reshape(g_b.shape), g_b.numpy())
     for name, var in named_variables(c_model).items():
         errors[f"C:{name}"] = _rel(js[f"C:{name}"].reshape(var.shape), var.numpy())
-    # A's stem holds three ReLUs over 160k+ pre-activations per sample: a value within
-    # float32 rounding of 0 falls on either side in the two runtimes, and its gradient entry
-    # then lands in one runtime's update and not the other's -- about 1/sqrt(4 x 35 x 35)
-    # of a channel's sum. That is ReLU's kink, not a runtime difference, so A's variables
-    # (and A's outputs after an update) are compared in norm: a few percent at most here,
-    # where a wrong BatchNormalization or pooling gradient is off by tens of percent. The
-    # exact check of BN(scale=False) in A is test_tfjs_slices_train_like_unsplit_keras.
+    moved_vars = named_variables(a_moved)
     for name, var in named_variables(a_model).items():
         got, ref = js[f"A:{name}"].reshape(var.shape), var.numpy()
-        a_errors[f"A:{name}"] = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-2))
+        scale = max(np.linalg.norm(ref), 1e-2)
+        a_errors[f"A:{name}"] = float(np.linalg.norm(got - ref) / scale)
+        a_noise[f"A:{name}"] = float(np.linalg.norm(moved_vars[name].numpy() - ref) / scale)
     worst = max(errors, key=errors.get)
-    a_worst = max(a_errors, key=a_errors.get)
+    limits = {k: max(RTOL, NOISE_FACTOR * a_noise[k]) for k in a_errors}
+    a_worst = max(a_errors, key=lambda k: a_errors[k] / limits[k])
+    over_rtol = sorted(k for k in a_errors if a_errors[k] > RTOL)
     print(
         f"\ninceptionv3 slices: worst {errors[worst]:.1e} ({worst}) of {len(errors)} checks; "
-        f"A's variables in norm {a_errors[a_worst]:.1e} ({a_worst})"
+        f"A: worst {a_errors[a_worst]:.1e} ({a_worst}) against Keras' own one-ulp noise "
+        f"{a_noise[a_worst]:.1e}; {len(over_rtol)} of {len(a_errors)} beyond 1e-4"
     )
     assert errors[worst] <= RTOL, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
-    assert a_errors[a_worst] <= 5e-2, sorted(a_errors.items(), key=lambda kv: -kv[1])[:5]
+    bad = {k: (a_errors[k], a_noise[k]) for k in a_errors if a_errors[k] > limits[k]}
+    assert not bad, bad
