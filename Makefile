@@ -9,7 +9,7 @@ STAMP := $(VENV)/.spliteasy-installed
 JS := device_tf/js
 JS_STAMP := $(JS)/node_modules/.spliteasy-installed
 
-.PHONY: install demo test bench lint js browser schema clean
+.PHONY: install demo test bench fuzz lint js browser schema clean
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ demo: install
 
 test: install js browser
 	$(BIN)/python -m pytest
+
+# the hostile-input suite at 10x its test-time size (~10,000 generated requests)
+fuzz: install
+	SPLITEASY_FUZZ_SCALE=10 $(BIN)/python -m pytest tests/test_server_fuzz.py -q -s -p no:randomly -n 0
 
 bench: install
 	$(BIN)/python -m pytest benchmarks -q -p no:cacheprovider --benchmark-only --benchmark-json=runs/bench.json

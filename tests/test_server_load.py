@@ -184,3 +184,9 @@ def test_waiting_queue_is_bounded_503_with_retry_after(serve_app):
     while len(results) < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sorted(r.status_code for r in results.values())[:3] == [200, 503, 503]
+    for d in (holder, *waiting):  # the last waiter learns its session is gone, at once
+        d.http.delete(f"/v1/sessions/{d.sid}", headers=d.headers)
+    deadline = time.monotonic() + 5
+    while len(results) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(results) == 4 and app.state.waiter.waiting == 0
