@@ -15,7 +15,8 @@ the one killed), and the device page in headless Chromium.
 - The page reloaded mid-step resumes from IndexedDB at the step it had reached, finishes,
   and leaves B where the uninterrupted Node run leaves it.
 
-The bundles come from the session cache (``digits_bundle(None, ...)``): no conversion here.
+The model is ``digits-bn`` (BatchNormalization in A, B and C), the bundles those of the
+other TF.js tests, from the on-disk cache (``digits_bundle(None, ...)``): no conversion here.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ pytestmark = pytest.mark.js
 
 STEPS, BATCH = 30, 32
 TOL = 1e-6
+MODEL = "digits-bn"  # BatchNormalization in A, B and C: moving statistics must survive too
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def reference_runs(tmp_path_factory, train_data):
     def get(split: str, opt: dict) -> dict:
         key = (split, opt["name"])
         if key not in done:
-            bundle, _ = digits_bundle(None, split, opt, ALL_RUNTIMES)
+            bundle, _ = digits_bundle(None, split, opt, ALL_RUNTIMES, MODEL)
             out = tmp_path_factory.mktemp(f"ref-{split}-{opt['name']}")
             app = create_app(bundle)
             with ServerThread(app) as srv:
@@ -170,7 +172,7 @@ def test_node_device_killed_and_restarted_ends_as_uninterrupted(
     from server_torch.app import create_app
 
     node()
-    bundle, _ = digits_bundle(None, split, opt, ALL_RUNTIMES)
+    bundle, _ = digits_bundle(None, split, opt, ALL_RUNTIMES, MODEL)
     ref = reference_runs(split, opt)  # the uninterrupted run, against its own fresh B
     ref_state, ref_b = ref["state"], ref["b"]
 
@@ -205,7 +207,10 @@ def test_node_device_killed_and_restarted_ends_as_uninterrupted(
     # Run again: the finished run trains nothing. Another bundle's state dir is refused.
     again = run_node(_args(bundle, srv.url, train_data, state)).stdout
     assert f"holds this run, finished at step {STEPS}: nothing to train" in again, again
-    other, _ = digits_bundle(None, "single" if split == "double" else "double", opt, ALL_RUNTIMES)
+    # (the Adam bundles of the other split: in the cache already)
+    other, _ = digits_bundle(
+        None, "single" if split == "double" else "double", ADAM_CFG, ALL_RUNTIMES, MODEL
+    )
     proc = subprocess.run(
         [node(), *_args(other, srv.url, train_data, state)],
         cwd=JS_DIR,
@@ -228,7 +233,7 @@ def served_reference(tmp_path_factory, train_data) -> dict:
     {"state": the device's state dir, "b": B from the server's final checkpoint}."""
     from server_torch.serving import ServerProcess
 
-    bundle, _ = digits_bundle(None, "double", ADAM_CFG, ALL_RUNTIMES)
+    bundle, _ = digits_bundle(None, "double", ADAM_CFG, ALL_RUNTIMES, MODEL)
     tmp = tmp_path_factory.mktemp("served-ref")
     with ServerProcess(bundle, _serve_args(tmp / "server", 0)) as srv:
         run_node(_args(bundle, srv.url, train_data, tmp / "device"))
@@ -245,7 +250,7 @@ def test_server_killed_and_restarted_device_rolls_back_and_ends_as_uninterrupted
     step_conflict; a restarted device learns it from GET /v1/sessions/{sid}. Either way it
     rolls back to its durable/ snapshot of step 10 and replays."""
     node()
-    bundle, _ = digits_bundle(None, "double", ADAM_CFG, ALL_RUNTIMES)
+    bundle, _ = digits_bundle(None, "double", ADAM_CFG, ALL_RUNTIMES, MODEL)
     srv_dir = tmp_path / "server"
     srv = serve_bundle(bundle, *_serve_args(srv_dir, free_port))
     state = tmp_path / "device"
@@ -307,7 +312,7 @@ def test_browser_page_reloaded_mid_run_resumes_from_indexeddb(
 
     node()
     browser = _chromium()
-    bundle, _ = digits_bundle(None, "double", SGD_CFG, ALL_RUNTIMES)
+    bundle, _ = digits_bundle(None, "double", SGD_CFG, ALL_RUNTIMES, MODEL)
     ref = reference_runs("double", SGD_CFG)  # the uninterrupted Node run
     ref_b, node_losses = ref["b"], ref["losses"]
 
@@ -355,7 +360,7 @@ def test_node_device_through_a_faulty_link_ends_as_a_clean_run(
     from server_torch.app import create_app
 
     node()
-    bundle, _ = digits_bundle(None, "double", SGD_CFG, ALL_RUNTIMES)
+    bundle, _ = digits_bundle(None, "double", SGD_CFG, ALL_RUNTIMES, MODEL)
     ref = reference_runs("double", SGD_CFG)
     app = create_app(bundle)
     srv = serve_app(app)
@@ -396,7 +401,7 @@ def test_browser_start_over_forgets_the_saved_run_and_ends_its_session(
 
     node()
     browser = _chromium()
-    bundle, _ = digits_bundle(None, "double", SGD_CFG, ALL_RUNTIMES)
+    bundle, _ = digits_bundle(None, "double", SGD_CFG, ALL_RUNTIMES, MODEL)
     data_dir = JS_DIR / "data"
     data_dir.mkdir(exist_ok=True)
     page_data = data_dir / f"test-{uuid.uuid4().hex[:12]}.frames"
