@@ -304,12 +304,17 @@ class TurnWaiter:
         t0 = time.monotonic()
         try:
             seen, deadline = service.handovers, time.monotonic() + patience
+            first = True
             while True:
                 event = self._event
                 assert event is not None
-                result = await run_in_threadpool(service.try_turn, sid, token, attempt)
-                if result is not None:
-                    return result
+                # ask under the lock (a worker thread) only when B may be ours: a handover
+                # wakes every waiter, and most of them would only find B taken again
+                if first or service.may_go(sid) or service.draining:
+                    first = False
+                    result = await run_in_threadpool(service.try_turn, sid, token, attempt)
+                    if result is not None:
+                        return result
                 if not registered:
                     if self.waiting >= self.max_waiting:
                         raise Busy(

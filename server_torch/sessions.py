@@ -235,6 +235,12 @@ class SplitService:
         """Leases granted and released so far: progress, for waiters' patience."""
         return self._handovers
 
+    def may_go(self, session_id: str) -> bool:
+        """Without the lock: False when another session surely still holds B (its lease
+        has not expired), so a waiter need not ask under the lock yet."""
+        lease = self._lease
+        return lease is None or lease.session_id == session_id or lease.expires <= time.monotonic()
+
     def lease_left(self) -> float | None:
         """Seconds until the held lease may be revoked (None: B is free)."""
         lease = self._lease
@@ -310,6 +316,7 @@ class SplitService:
         deadline = time.monotonic() + timeout
         with self._cond:
             self.draining = True
+            self._notify()  # waiting forwards learn now that they will not get B
             while self._lease is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
