@@ -271,6 +271,12 @@ def test_cli_error_is_one_line(digits_run, tmp_path):
     )  # fmt: skip
     assert code == 2
     assert not (tmp_path / "o").exists()
+    for precious in ("bundle", "server_state", "device_state"):  # --force never eats them
+        args = ["export", str(digits_run["bundle"]), "--server-state",
+                str(digits_run["server_state"]), "--device-state",
+                str(digits_run["device_state"]), "--out", str(digits_run[precious]), "--force"]  # fmt: skip
+        assert main(args) == 2
+        assert digits_run[precious].is_dir() and any(digits_run[precious].iterdir())
 
 
 def test_old_bundle_without_the_unsplit_model(digits_run, tmp_path):

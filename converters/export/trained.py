@@ -391,6 +391,15 @@ def parse_formats(formats: str | Iterable[str]) -> list[str]:
     return ["savedmodel", *[f for f in FORMATS[1:] if f in chosen]]
 
 
+def _check_out(out: Path, keep: Mapping[str, Path | str]) -> None:
+    """``--out`` (replaced with ``--force``) must not be, or hold, what export reads."""
+    target = out.resolve()
+    for what, path in keep.items():
+        p = Path(path).resolve()
+        if p == target or target in p.parents:
+            raise ExportError(f"--out {out} would replace {what} ({path}); choose another")
+
+
 def write_trained(
     bundle: Path | str,
     b_state: Mapping[str, Any],
@@ -413,6 +422,7 @@ def write_trained(
 
     bundle, out = Path(bundle), Path(out)
     chosen = parse_formats(formats)
+    _check_out(out, {"the bundle": bundle})
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ExportError(f"{out} exists and is not empty (use --force to replace it)")
     manifest = load_manifest(bundle)
@@ -489,6 +499,7 @@ def export_trained(
     """``spliteasy export``: the trained unsplit model from a run's two state dirs."""
     bundle = Path(bundle)
     formats = parse_formats(formats)  # a typo fails before anything is read
+    _check_out(Path(out), {"the server state": server_state, "the device state": device_state})
     manifest = load_manifest(bundle)
     _unsplit_config(bundle, manifest)  # so does an old bundle
     digest = manifest_digest(bundle)
