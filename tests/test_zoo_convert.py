@@ -25,6 +25,16 @@ from converters._exceptions import InvalidCut, UnsupportedLayer
 
 FORWARD_TOL = 1e-4
 GRAD_TOL = 1e-3
+FLOAT32_FACTOR = (
+    4.0  # torch float32 vs Keras' own float32 gradient error (test_convert_verification)
+)
+FLOAT32_FLOOR = 1e-6
+# Where one float32 pre-activation of B sits within rounding of a ReLU's kink, torch and
+# Keras in float32 take different sides and a gradient moves by percents while the float64
+# check agrees to ~1e-15 (the conversion is exact); Keras' own float32 run may happen not
+# to flip. Measured, by cut pair (README: "a float32 ReLU-kink flip moved InceptionV3
+# mixed2..mixed5 by 2e-2"); every other bundle is held to 4x Keras' own float32 error.
+KINK_FLIPS = {("mixed2", "mixed5"): 5e-2}
 CASES = [(name, pair) for name, pairs in CUT_PAIRS.items() for pair in pairs]
 SPLITEASY = str(Path(sys.executable).with_name("spliteasy"))
 
@@ -45,6 +55,15 @@ def check_bundle(path: Path, model, cuts: tuple[str, ...]) -> dict:
     assert v["input_grad_rel_err"] <= GRAD_TOL
     assert v["max_param_grad_rel_err"] <= GRAD_TOL
     assert v["max_moving_stat_rel_err"] <= FORWARD_TOL
+    # Torch B in float32 is as close to the float64 reference as Keras B in float32 is:
+    # both are float32 roundings of one computation (README's table).
+    keras32 = v["keras_float32_max_grad_rel_err"]
+    assert keras32 is not None and keras32 > 0
+    limit = max(FLOAT32_FACTOR * keras32, FLOAT32_FLOOR, KINK_FLIPS.get(tuple(cuts), 0.0))
+    assert v["float32"]["max_param_grad_rel_err"] <= limit, (v["float32"], keras32)
+    if tuple(cuts) in KINK_FLIPS:  # the float32 excess is rounding: float64 agrees exactly
+        assert v["max_param_grad_rel_err"] <= 1e-10 and v["input_grad_rel_err"] <= 1e-10
+    assert v["float32"]["input_grad_rel_err"] <= limit, (v["float32"], keras32)
 
     layers = slice_layers(model, cuts)
     keras_bn = {
