@@ -88,12 +88,15 @@ def _args(bundle: Path, url: str, data: Path, state: Path, *extra: str) -> list[
 class NodeDevice:
     """``node train.mjs`` as a child whose output goes to a file we can watch."""
 
+    running: list[NodeDevice] = []  # killed at the end of each test (a failed one included)
+
     def __init__(self, args: list[str], log: Path) -> None:
         self.log = log
         self._out = log.open("w")
         self.proc = subprocess.Popen(
             [node(), *args], cwd=JS_DIR, stdout=self._out, stderr=subprocess.STDOUT, text=True
         )
+        NodeDevice.running.append(self)
 
     def text(self) -> str:
         return self.log.read_text()
@@ -118,6 +121,17 @@ class NodeDevice:
         if code != 0:
             pytest.fail(f"node exited {code}:\n{self.text()}")
         return self.text()
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_devices():
+    yield
+    while NodeDevice.running:
+        dev = NodeDevice.running.pop()
+        if dev.proc.poll() is None:
+            dev.proc.kill()
+            dev.proc.wait(30)
+        dev._out.close()
 
 
 def _device_state(state: Path) -> dict[str, dict[str, np.ndarray]]:
