@@ -147,6 +147,11 @@ class HttpTransport(Transport):
             try:
                 response = self._client.request(method, path, **kwargs)
             except httpx.TransportError as exc:
+                if "CERTIFICATE_VERIFY_FAILED" in str(exc):  # waiting will not fix it
+                    raise ServerUnreachable(
+                        f"{self.base_url}: the server's TLS certificate is not trusted ({exc}); "
+                        "pass the CA that signed it (spliteasy train --ca-file)"
+                    ) from None
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             else:
                 code = _error_code(response) if response.status_code in (429, 503) else ""
