@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,22 +114,37 @@ class Device:
             )
         return self
 
-    def steps_logged(self) -> int:
+    def records(self) -> list[dict]:
+        """The step log's complete lines, every start of this device in order."""
         try:
-            return self.log.read_bytes().count(b"\n")
+            text = self.log.read_text()
         except FileNotFoundError:
-            return 0
+            return []
+        return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+
+    def steps_done(self) -> int:
+        """Steps completed on the device's current timeline: the last logged step + 1
+        (a rollback and replay goes back, then forward again)."""
+        records = self.records()
+        return records[-1]["step"] + 1 if records else 0
 
     def wait_for_step(self, n: int, timeout: float = 300.0) -> None:
-        """Until the log shows ``n`` more completed steps (counting from this start)."""
+        """Until the device's current timeline has completed step ``n - 1`` (``n`` steps)."""
+        self.wait_for(lambda: self.steps_done() >= n, f"step {n}", timeout)
+
+    def wait_for_records(self, n: int, timeout: float = 300.0) -> None:
+        """Until the log holds ``n`` records (replays and every start counted)."""
+        self.wait_for(lambda: len(self.records()) >= n, f"{n} log records", timeout)
+
+    def wait_for(self, done: Callable[[], bool], what: str, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
-        while self.steps_logged() < n:
+        while not done():
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"device exited ({self.proc.returncode}):\n{self.output()}")
             if time.monotonic() > deadline:
-                raise AssertionError(f"device did not reach step {n}:\n{self.output()}")
-            time.sleep(0.02)
+                raise AssertionError(f"device did not reach {what}:\n{self.output()}")
+            time.sleep(0.01)
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -144,8 +160,10 @@ class Device:
             raise AssertionError(f"device did not finish:\n{self.output()}") from None
         assert code == 0, f"device exited with {code}:\n{self.output()}"
 
-    def output(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in self.outputs if p.exists())
+    def output(self, start: int | None = None) -> str:
+        """What every start printed, or only start number ``start`` (1-based)."""
+        outs = self.outputs if start is None else self.outputs[start - 1 : start]
+        return "\n".join(p.read_text(errors="replace") for p in outs if p.exists())
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -203,20 +221,53 @@ def compare(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> float:
     return worst
 
 
+def segments(records: list[dict]) -> list[list[int]]:
+    """The logged steps cut into runs of consecutive steps: every rollback (a restarted
+    server) or resume (a restarted device) that goes back starts a new run."""
+    runs: list[list[int]] = []
+    for r in records:
+        if runs and r["step"] == runs[-1][-1] + 1:
+            runs[-1].append(r["step"])
+        else:
+            runs.append([r["step"]])
+    return runs
+
+
 def uninterrupted(bundle: Path, work: Path, steps=STEPS_30, runtime: str = "tf") -> dict:
-    """The reference: the same configuration run without any fault."""
+    """The reference: the same configuration run without any fault, in this process.
+
+    The same code as the processes of a crashed run (``spliteasy train``'s ``main`` with
+    the same arguments; the app ``spliteasy serve`` builds, served by uvicorn in a thread,
+    with as many torch threads as ``serve`` takes), without two process start-ups (TF and
+    torch imports, ~10 s). Final state read back the same way: the device's ``latest/``
+    and the server's final checkpoint (``ServerThread.stop`` writes it, as SIGTERM does).
+    The crashed runs compare with it at 1e-6 (the 100-step fault run: exactly), which also
+    shows that in-process and child-process training agree.
+    """
+    import torch
+
+    from server_torch.app import create_app
+    from server_torch.serving import ServerThread, configure_threads
+    from spliteasy_cli.main import main
+
     work.mkdir(parents=True, exist_ok=True)
-    server = Server(bundle, work / "server-state").start()
-    device = Device(bundle, work, steps, runtime)
+    threads = torch.get_num_threads()
+    configure_threads()  # what `spliteasy serve` does: the same intra-op threads
     try:
-        device.start(server.url).finish()
-        assert server.health()["steps"] == _expected_steps(steps)
-        return final_state(server, device)
+        app = create_app(bundle, state_dir=work / "server-state", checkpoint_every=5)
+        with ServerThread(app) as srv:
+            code = main(
+                ["train", str(bundle), "--server", srv.url, "--runtime", runtime, *steps,
+                 "--state-dir", str(work / "device-state"), "--log", str(work / "steps.jsonl"),
+                 "--no-progress"]
+            )  # fmt: skip
+            assert code == 0
+            assert app.state.trainer.steps == expected_steps(steps)
     finally:
-        device.stop()
-        server.stop()
+        torch.set_num_threads(threads)
+    return {**device_state(work / "device-state"), **server_state(work / "server-state")}
 
 
-def _expected_steps(steps: tuple[str, ...]) -> int:
+def expected_steps(steps: tuple[str, ...]) -> int:
     epochs, batch = int(steps[1]), int(steps[3])
     return epochs * -(-1437 // batch)

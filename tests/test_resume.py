@@ -1,13 +1,30 @@
 """Crash recovery end to end: real ``spliteasy serve`` / ``spliteasy train`` processes on
-127.0.0.1 killed with SIGKILL at a random step of a 30-step run and restarted on their
+127.0.0.1 killed with SIGKILL at random steps of a 30-step run and restarted on their
 state dirs. The final A, B and C (and both sides' optimizer state, Adam's step counts
 included) must equal an uninterrupted run's within 1e-6 relative: the same batches in
 the same order, no step lost, none applied twice.
 
-The server checkpoints every 5 steps, so a killed server comes back a few steps behind
-the device, which must roll back to its snapshot of that step and replay. Each
-configuration's uninterrupted run is computed once (``reference``), bundles come from
-the shared conversion cache.
+One run per configuration (double and single split x SGD with momentum and Adam) suffers
+every kind of kill in turn, each at a random step, and each restart is checked to have
+resumed the way it must before the next kill:
+
+1. the server is SIGKILLed and restarted on its state dir: it comes back from its newest
+   checkpoint (every 5 steps), a few steps behind the device, which waits for it
+   (bounded backoff), rolls back to its snapshot of that step and replays from there;
+2. the device is SIGKILLed and restarted: it takes up its session at the step its
+   ``latest/`` snapshot holds; a step the server had applied already is answered from
+   the retry store (nothing applied twice);
+3. (double SGD, single Adam) the device dies after the server applied a step and before
+   saving it (``SPLITEASY_DEVICE_CRASH_BEFORE_SAVING``): that step is answered from the
+   retry store, byte for byte;
+4. both are SIGKILLed: the restarted device learns the server's checkpointed step from
+   the session and rolls back to it.
+
+One kill per run would need 12 runs to show the same (and 12 times the TF/torch process
+start-ups, which are most of a run's cost). The uninterrupted reference is the same
+``train``/``serve`` code in this process (``resume_helpers.uninterrupted``): the crashed
+runs equal it within 1e-6, which shows in-process and child-process training agree too.
+Bundles come from the shared conversion cache.
 """
 
 from __future__ import annotations
@@ -18,67 +35,180 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from resume_helpers import STEPS_30, Device, Server, compare, final_state, uninterrupted
+from resume_helpers import (
+    STEPS_30,
+    Device,
+    Server,
+    compare,
+    final_state,
+    segments,
+    uninterrupted,
+)
 
 from split_helpers import ADAM_CFG, ALL_RUNTIMES, SGD_CFG
 
 OPTIMIZERS = {"sgd": SGD_CFG, "adam": ADAM_CFG}
 CONFIGS = [("double", "sgd"), ("double", "adam"), ("single", "sgd"), ("single", "adam")]
 TOL = 1e-6
+CHECKPOINT_EVERY = 5  # resume_helpers.Server's --checkpoint-every
+# Kill steps the server's checkpoints do not hold (k % 5 in (1, 2)): a killed server comes
+# back behind the device, which must roll back.
+BEHIND = [k for k in range(3, 30) if k % CHECKPOINT_EVERY in (1, 2)]
 
 
-@pytest.fixture(scope="module")
-def reference(digits_bundles, tmp_path_factory) -> Callable[..., tuple[Path, dict]]:
-    """``get(split, opt, runtime="tf")`` -> (bundle, final state of an uninterrupted run)."""
-    done: dict[tuple[str, str, str], tuple[Path, dict]] = {}
-
-    def get(split: str, opt: str, runtime: str = "tf") -> tuple[Path, dict]:
-        key = (split, opt, runtime)
-        if key not in done:
-            bundle, _ = digits_bundles(split, OPTIMIZERS[opt], runtimes=ALL_RUNTIMES)
-            work = tmp_path_factory.mktemp(f"ref-{split}-{opt}-{runtime}")
-            done[key] = (bundle, uninterrupted(bundle, work, STEPS_30, runtime))
-        return done[key]
-
-    return get
+def _plan(split: str, opt: str, crash: bool) -> list[tuple[str, int]]:
+    """(kill, after step) in order: the server, the device, (the crash hook,) both."""
+    rng = random.Random(f"{split}-{opt}")
+    server_at = rng.choice([k for k in BEHIND if k <= 12])
+    device_at = rng.randint(server_at + 4, server_at + 8)
+    plan = [("server", server_at), ("device", device_at)]
+    last = device_at
+    if crash:
+        last = rng.randint(device_at + 2, device_at + 4)
+        plan.append(("crash", last))  # dies before saving step `last`
+    plan.append(("both", rng.choice([k for k in BEHIND if k >= last + 3])))
+    return plan
 
 
-def _crash_run(bundle: Path, work: Path, kill: str, at: int, runtime: str = "tf") -> dict:
-    """A 30-step run with ``kill`` ("server", "device" or "both") SIGKILLed after step ``at``."""
-    server = Server(bundle, work / "server-state").start()
-    device = Device(bundle, work, STEPS_30, runtime)
-    try:
-        device.start(server.url)
-        device.wait_for_step(at)
-        if kill in ("server", "both"):
-            server.kill()
-        if kill in ("device", "both"):
-            device.kill()
-        if kill != "device":
-            time.sleep(0.5)  # the device (if alive) meets a dead server and waits
-            server.start()
-        if kill != "server":
-            device.start(server.url)
-        device.finish()
-        assert server.health()["steps"] == 30, server.health()
-        state = final_state(server, device)
-    finally:
-        device.stop()
-        server.stop()
-    out = device.output()
-    print(f"--- device output ({kill} killed after step {at}) ---\n{out}")
-    if kill == "server":
+def _newest_checkpoint(state_dir: Path) -> int:
+    """The step of the newest checkpoint a restarted server will resume from."""
+    from server_torch.checkpoint import read_state_dir
+
+    return read_state_dir(state_dir).step
+
+
+def _latest_step(device: Device) -> int:
+    from resume_helpers import device_state
+
+    return int(device_state(device.state_dir)["dev/step"])
+
+
+class Run:
+    """A 30-step run whose server and device are killed according to a plan; after each
+    restart, the way the run resumed is checked against what the state dirs held."""
+
+    def __init__(self, bundle: Path, work: Path, runtime: str = "tf") -> None:
+        self.server = Server(bundle, work / "server-state")
+        self.device = Device(bundle, work, STEPS_30, runtime)
+        self.work = work
+        self.starts: list[int] = [0]  # the step each restart resumed at, checked in the log
+        self.replays: set[int] = set()  # steps a restarted device may get from the store
+
+    def run(self, plan: list[tuple[str, int]]) -> dict:
+        from device_tf.state import CRASH_ENV
+
+        kinds = [kind for kind, _ in plan]
+        crash_env = {CRASH_ENV: str(at) for kind, at in plan if kind == "crash"}  # noqa: B035
+        self.server.start()
+        # the device that the crash hook is to end is the one restarted just before it
+        self.device.start(self.server.url, crash_env if kinds[0] == "crash" else None)
+        try:
+            for i, (kind, at) in enumerate(plan):
+                env = crash_env if kinds[i + 1 : i + 2] == ["crash"] else None
+                getattr(self, f"_{kind}")(at, env)
+                print(f"after {kind} at {at}: resumed at steps {self.starts}")
+            self.device.finish()
+            assert self.server.health()["steps"] == 30, self.server.health()
+            state = final_state(self.server, self.device)
+        finally:
+            self.device.stop()
+            self.server.stop()
+        print(f"--- device output ---\n{self.device.output()}")
+        # From the last restart the run went on in order to the end, and only a restarted
+        # device's first step was ever answered from the server's store.
+        records = self.device.records()
+        last_run = segments(records)[-1]
+        assert last_run[0] == self.starts[-1] and last_run[-1] == 29, (last_run, self.starts)
+        replayed = {r["step"] for r in records if r["replayed"]}
+        assert replayed <= self.replays, (replayed, self.replays)
+        _no_plain_token(self.work)
+        return state
+
+    def _server(self, at: int, env: dict | None) -> None:
+        """SIGKILL the server after step ``at``; the device keeps running, waits for it."""
+        self.device.wait_for_step(at)
+        self.server.kill()
+        resume = _newest_checkpoint(self.server.state_dir)
+        seen = len(self.device.records())
+        done = self.device.steps_done()
+        time.sleep(0.5)  # the device (alive) meets a dead server and waits
+        self.server.start()
+        health = self.server.health()
+        assert health["resumed_from"] == resume, (health, resume)
+        assert resume < done, (resume, done)  # it came back behind the device
+        back = lambda: self._went_back(seen) is not None  # noqa: E731
+        self.device.wait_for(back, "a rollback in the log")
+        out = self.device.output(self.device.starts)
         assert "unreachable" in out and "is back" in out, out
-    if kill != "server":
-        assert "resuming session" in out, out
-    if kill != "device":
+        assert f"the server holds step {resume} of this session" in out, out
         assert "rolling back" in out, out
-    _no_plain_token(work)
-    return state
+        assert self._went_back(seen) == resume  # the log goes back to the server's step
+        self.starts.append(resume)
+
+    def _went_back(self, seen: int) -> int | None:
+        """The first step logged after record ``seen`` that is not after the one before."""
+        steps = [r["step"] for r in self.device.records()[seen - 1 :]]
+        return next((b for a, b in zip(steps, steps[1:], strict=False) if b <= a), None)
+
+    def _device(self, at: int, env: dict | None) -> None:
+        """SIGKILL the device after step ``at`` and restart it; the server stays up."""
+        self.device.wait_for_step(at)
+        self.device.kill()
+        latest, applied = _latest_step(self.device), self.server.health()["steps"]
+        # the server is at most one step ahead (applied, then the device died unsaved)
+        assert applied in (latest, latest + 1), (latest, applied)
+        self._restart_device(latest, applied, env)
+
+    def _crash(self, at: int, env: dict | None) -> None:
+        """The device ends itself just before saving step ``at``: the server applied step
+        ``at - 1``, the device never recorded it. Restarted, it redoes that step and the
+        server answers from its retry store (same request bytes: A's forward is
+        deterministic), applying nothing twice."""
+        from device_tf.state import CRASH_EXIT_CODE
+
+        assert self.device.proc is not None
+        assert self.device.proc.wait(300) == CRASH_EXIT_CODE, self.device.output()
+        applied = self.server.health()["steps"]
+        assert (_latest_step(self.device), applied) == (at - 1, at)
+        self._restart_device(at - 1, applied, env)  # its first step: replayed
+
+    def _restart_device(self, latest: int, applied: int, env: dict | None) -> None:
+        records_before = len(self.device.records())
+        self.device.start(self.server.url, env)
+        self.device.wait_for_records(records_before + 1)
+        out = self.device.output(self.device.starts)
+        assert f"at step {latest} of 30" in out, out
+        assert f"the server expects step {applied}" in out, out
+        assert "rolling back" not in out, out
+        first = self.device.records()[records_before]
+        assert first["step"] == latest, first  # it goes on from its saved step
+        if applied == latest + 1:  # the server had applied it: answered from the store
+            assert first["replayed"], first
+        self.starts.append(latest)
+        self.replays.add(latest)  # (a double split's forward may be, if B was leased to it)
+
+    def _both(self, at: int, env: dict | None) -> None:
+        """SIGKILL the server and the device; restart both on their state dirs."""
+        self.device.wait_for_step(at)
+        self.server.kill()
+        self.device.kill()
+        resume, latest = _newest_checkpoint(self.server.state_dir), _latest_step(self.device)
+        assert resume < latest, (resume, latest)
+        self.server.start()
+        assert self.server.health()["resumed_from"] == resume
+        records_before = len(self.device.records())
+        self.device.start(self.server.url, env)
+        self.device.wait_for_records(records_before + 1)
+        out = self.device.output(self.device.starts)
+        assert "resuming session" in out and f"at step {latest} of 30" in out, out
+        assert f"the server expects step {resume}, its checkpoint holds step {resume}" in out
+        assert f"the server holds step {resume} of this session" in out, out
+        assert f"rolling back from step {latest}" in out, out
+        assert self.device.records()[records_before]["step"] == resume
+        self.starts.append(resume)
 
 
 def _no_plain_token(work: Path) -> None:
@@ -92,12 +222,12 @@ def _no_plain_token(work: Path) -> None:
 
 
 @pytest.mark.parametrize(("split", "opt"), CONFIGS, ids=[f"{s}-{o}" for s, o in CONFIGS])
-@pytest.mark.parametrize("kill", ["server", "device", "both"])
-def test_killed_run_equals_uninterrupted(split, opt, kill, reference, tmp_path) -> None:
-    bundle, want = reference(split, opt)
-    # a step the server's checkpoints (every 5) do not hold: a killed server comes back behind
-    at = random.Random(f"{split}-{opt}-{kill}").choice([k for k in range(3, 26) if k % 5 in (1, 2)])
-    got = _crash_run(bundle, tmp_path, kill, at)
+def test_killed_run_equals_uninterrupted(split, opt, digits_bundles, tmp_path) -> None:
+    bundle, _ = digits_bundles(split, OPTIMIZERS[opt], runtimes=ALL_RUNTIMES)
+    want = uninterrupted(bundle, tmp_path / "reference")
+    plan = _plan(split, opt, crash=(split, opt) in (("double", "sgd"), ("single", "adam")))
+    print(f"\n{split} {opt}: kills {plan}")
+    got = Run(bundle, tmp_path / "crashed").run(plan)
     assert got["dev/step"] == 30
     if opt == "adam":  # Adam's step count survived on both sides
         assert got["dev-opt/A/iterations"] == 30
@@ -105,40 +235,11 @@ def test_killed_run_equals_uninterrupted(split, opt, kill, reference, tmp_path) 
     assert compare(got, want) <= TOL
 
 
-@pytest.mark.parametrize(("split", "opt"), [("double", "sgd"), ("single", "adam")])
-def test_device_dies_after_the_server_applied_a_step(split, opt, reference, tmp_path) -> None:
-    """The device dies after step 12's reply and before saving it: the restarted device
-    redoes step 12 from its snapshot, and the server answers it from its retry store
-    (the same request bytes: A's forward is deterministic), applying nothing twice."""
-    from device_tf.state import CRASH_ENV, CRASH_EXIT_CODE
-
-    bundle, want = reference(split, opt)
-    server = Server(bundle, tmp_path / "server-state").start()
-    device = Device(bundle, tmp_path, STEPS_30)
-    try:
-        device.start(server.url, env={CRASH_ENV: "13"})
-        assert device.proc.wait(300) == CRASH_EXIT_CODE, device.output()
-        assert server.health()["steps"] == 13  # steps 0..12 applied, 12 unknown to the device
-        device.start(server.url)
-        device.finish()
-        assert server.health()["steps"] == 30
-        got = final_state(server, device)
-    finally:
-        device.stop()
-        server.stop()
-    out = device.output()
-    print(out)
-    assert "resuming session" in out and "at step 12 of 30" in out and "expects step 13" in out
-    records = [json.loads(line) for line in device.log.read_text().splitlines()]
-    assert [r["step"] for r in records] == [*range(12), *range(12, 30)]
-    assert [r["step"] for r in records if r["replayed"]] == [12]
-    assert compare(got, want) <= TOL
-
-
-def test_tflite_device_resumes(reference, tmp_path) -> None:
+def test_tflite_device_resumes(digits_bundles, tmp_path) -> None:
     """The TFLite runtime's state (save/restore signatures) survives both sides dying."""
-    bundle, want = reference("double", "adam", runtime="tflite")
-    got = _crash_run(bundle, tmp_path, "both", 17, runtime="tflite")
+    bundle, _ = digits_bundles("double", ADAM_CFG, runtimes=ALL_RUNTIMES)
+    want = uninterrupted(bundle, tmp_path / "reference", runtime="tflite")
+    got = Run(bundle, tmp_path / "crashed", runtime="tflite").run([("both", 17)])
     assert got["dev-opt/A/iterations"] == got["dev-opt/C/iterations"] == 30
     assert compare(got, want) <= TOL
 
