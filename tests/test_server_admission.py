@@ -3,6 +3,7 @@ device, connection limits, the exposure refusal of ``spliteasy serve``, and /met
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
@@ -243,3 +244,84 @@ def test_metrics_in_prometheus_format(serve_app):
         "spliteasy_lease_wait_seconds_bucket",
     ):
         assert line in text, line
+
+
+# -- the TF.js device (Node): Retry-After, enrolment key, TLS verification ------------------
+
+JS_SRC = Path(__file__).resolve().parents[1] / "device_tf" / "js" / "src" / "transport.mjs"
+
+
+def _node(script: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    if shutil.which("node") is None:
+        pytest.skip("node not installed")
+    import os
+
+    return subprocess.run(
+        ["node", "--input-type=module", "-e", script],
+        capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def test_js_device_honours_retry_after_and_sends_its_key():
+    """A stub server: 503 busy with Retry-After: 1, then 429 rate_limited with Retry-After: 1,
+    then 201. The JS transport waits as told and sends the enrolment key."""
+    import http.server
+    import json as _json
+    import threading
+
+    seen: list[tuple[float, str | None]] = []
+
+    class Stub(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's naming
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            seen.append((time.monotonic(), self.headers.get("Authorization")))
+            status, body = [
+                (503, {"error": "busy", "detail": "wait"}),
+                (429, {"error": "rate_limited", "detail": "wait"}),
+                (201, {"session_id": "ab" * 16, "token": "t", "next_step": 0, "durable_step": 0}),
+            ][min(len(seen) - 1, 2)]
+            raw = _json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            if status != 201:
+                self.send_header("Retry-After", "1")
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stub)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        r = _node(
+            f"import {{ HttpTransport }} from '{JS_SRC.as_uri()}';\n"
+            f"const t = new HttpTransport('{url}', {{ authKey: '{KEY}' }});\n"
+            "const s = await t.openSession({ manifestSha256: '0'.repeat(64) });\n"
+            "console.log(s.sessionId);"
+        )
+    finally:
+        srv.shutdown()
+    assert r.returncode == 0, r.stderr
+    assert len(seen) == 3 and all(auth == f"Bearer {KEY}" for _, auth in seen)
+    assert seen[1][0] - seen[0][0] >= 0.95 and seen[2][0] - seen[1][0] >= 0.95  # as told
+
+
+def test_js_device_verifies_the_servers_certificate(tmp_path, serve_app):
+    ca, cert, key = _make_ca_and_cert(tmp_path)
+    app = _app()
+    srv = serve_app(app, ssl_certfile=str(cert), ssl_keyfile=str(key))
+    script = (
+        f"import {{ HttpTransport }} from '{JS_SRC.as_uri()}';\n"
+        f"const t = new HttpTransport('{srv.url}');\n"
+        "const h = await t.getJson('/v1/health');\n"
+        "console.log(h.status);"
+    )
+    trusted = _node(script, {"NODE_EXTRA_CA_CERTS": str(ca)})
+    assert trusted.returncode == 0 and trusted.stdout.strip() == "ok", trusted.stderr
+    untrusted = _node(script, {"NODE_EXTRA_CA_CERTS": ""})
+    assert untrusted.returncode != 0
+    assert re.search("UNABLE_TO_VERIFY|SELF_SIGNED|CERT_", untrusted.stderr), untrusted.stderr
+    assert "not trusted" in untrusted.stderr  # at once, with the hint, not as "unreachable"

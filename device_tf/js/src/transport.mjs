@@ -86,6 +86,13 @@ export class HttpTransport {
         reply = new Reply(response.status, response.headers, new Uint8Array(await response.arrayBuffer()));
       } catch (err) {
         why = err?.cause?.code ?? err?.cause?.message ?? err?.message ?? 'no answer';
+        if (/CERT|UNABLE_TO_VERIFY|SELF_SIGNED/.test(String(why))) {
+          // an untrusted TLS certificate: waiting will not fix it
+          throw new ProtocolError(
+            `${this.baseUrl}: the server's TLS certificate is not trusted (${why}); ` +
+              'give Node the CA that signed it (NODE_EXTRA_CA_CERTS=ca.pem, or spliteasy train --ca-file)',
+          );
+        }
       }
       if (reply) {
         // 503 busy: B is another device's for now; 503 shutting_down: the server is writing
