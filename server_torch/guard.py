@@ -35,6 +35,25 @@ AUTH_KEYS_ENV = "SPLITEASY_AUTH_KEYS"  # enrolment keys, comma-separated (or --a
 _GENERIC_500 = b'{"error":"internal_error","detail":"internal server error","request_id":"%s"}'
 
 
+class JsonLines(logging.Formatter):
+    """One JSON object a line (``spliteasy serve --log-format json``): time, level, logger,
+    message, and the request's fields (request_id, route, status, error, ...) when given."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        out = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            **getattr(record, "fields", {}),
+        }
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
 class RequestGuard:
     """ASGI wrapper around the whole app (outside Starlette's own error middleware).
 
@@ -95,12 +114,17 @@ class RequestGuard:
             code = status["code"]
             route = _route_of(scope)
             err = scope.get("spliteasy.error_code")
-            if code >= 400 or code == 0:
-                access.info(
-                    "request_id=%s method=%s route=%s status=%s error=%s ms=%.1f client=%s",
-                    rid, scope.get("method"), route, code or "none", err, seconds * 1e3,
-                    _client_of(scope),
-                )  # fmt: skip
+            if code >= 400 or code == 0 or access.isEnabledFor(logging.DEBUG):
+                fields = {
+                    "request_id": rid, "method": scope.get("method"), "route": route,
+                    "status": code or None, "error": err, "ms": round(seconds * 1e3, 1),
+                    "client": _client_of(scope),
+                }  # fmt: skip
+                access.log(
+                    logging.INFO if code >= 400 or code == 0 else logging.DEBUG,
+                    " ".join(f"{k}={v if v is not None else '-'}" for k, v in fields.items()),
+                    extra={"fields": fields},
+                )
             if self.observe is not None:
                 with contextlib.suppress(Exception):
                     self.observe(scope.get("method", ""), route, code, seconds, err)

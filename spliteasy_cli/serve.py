@@ -29,6 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="uvicorn log level (default %(default)s; debug also logs each request)",
     )
     parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="spliteasy's log lines as text or as one JSON object a line; each failed request "
+        "is one line with its request id (default %(default)s)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -179,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
             raise SpliteasyError(f"--{name.replace('_', '-')} must be at least 1")
     if args.checkpoint_every < 0:
         raise SpliteasyError("--checkpoint-every must be 0 or more")
-    _log_to_stdout(args.log_level)
+    _log_to_stdout(args.log_level, args.log_format)
     from server_torch.guard import load_auth_keys
 
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
@@ -268,7 +275,7 @@ def _check_exposure(host: str, tls: bool, keys: bool, insecure: bool) -> None:
     )
 
 
-def _log_to_stdout(level: str) -> None:
+def _log_to_stdout(level: str, fmt: str = "text") -> None:
     """spliteasy's own log lines (checkpoints, resume, skipped checkpoints) as CLI lines."""
     import logging
     import sys
@@ -278,10 +285,14 @@ def _log_to_stdout(level: str) -> None:
             msg = record.getMessage()
             if record.levelno >= logging.WARNING:
                 msg = f"{record.levelname.lower()}: {msg}"
+            if record.exc_info:  # a server bug: its traceback, once, under its request id
+                msg += "\n" + self.formatException(record.exc_info)
             return f"spliteasy serve: {msg}"
 
+    from server_torch.guard import JsonLines
+
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(Lines())
+    handler.setFormatter(JsonLines() if fmt == "json" else Lines())
     logger = logging.getLogger("spliteasy")
     logger.handlers[:] = [handler]
     logger.propagate = False

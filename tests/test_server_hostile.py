@@ -276,3 +276,19 @@ def test_large_finite_update_that_overflows_is_rolled_back(served):
     r = dev.post("backward", dev.body(GRAD, B_CUT, np.full((4, 4, 4, 8), 1e20, np.float32), 0))
     assert_refused(r, 422, "non_finite_step")
     assert snapshot(app) == before
+
+
+def test_failed_requests_are_one_structured_line_with_request_id(served, caplog):
+    import json
+
+    from server_torch.guard import JsonLines
+
+    url, app, dev = served()
+    with caplog.at_level(logging.INFO, logger="spliteasy.access"):
+        r = dev.post("forward", b"not frames")
+    rid = r.headers["x-request-id"]
+    (rec,) = [x for x in caplog.records if rid in x.getMessage()]
+    assert rec.fields["status"] == 400 and rec.fields["error"] == "bad_magic"
+    assert rec.fields["route"] == "/v1/sessions/{sid}/forward"  # the template, not the path
+    line = json.loads(JsonLines().format(rec))
+    assert line["request_id"] == rid and line["level"] == "info" and line["error"] == "bad_magic"
