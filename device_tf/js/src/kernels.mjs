@@ -1,0 +1,644 @@
+/**
+ * Fast float32 kernels for TF.js' cpu backend (tfjs-backend-cpu 4.22), registered over the
+ * backend's own through TF.js' kernel registry (issue #12).
+ *
+ * Why: the cpu backend writes its convolution gradients as one dot product per output entry
+ * through TensorBuffer.get (an index computation and bounds check per multiply-add), so the
+ * filter gradient of ResNet's 7x7/2 stem convolution at 128 px, batch 16, took ~90x its own
+ * forward (185 s against 2 s), and max-pooling's gradient and every reduction over leading
+ * axes (BatchNormalization's moments and the sums that undo its broadcasts) went through
+ * per-element index arithmetic too. Every convolutional slice A paid that on every step.
+ *
+ * How: convolutions become im2col + a register-tiled matrix product (gemmNT below: C = A B^T
+ * with both operands contiguous along the shared axis, 2x4 accumulators), chunked over output
+ * positions so the patch matrix stays in cache; gradients w.r.t. the filter accumulate in
+ * float64, so their error is float32 rounding of the exact sum (TensorFlow's Eigen kernels
+ * accumulate in float32: these results are at least as close to the exact gradient).
+ * Reductions and transposes walk memory in order with counters instead of per-element
+ * index conversions. Max pooling's gradient routes each dy to the first maximal input of
+ * its window, as the backend's own (and TensorFlow's) does.
+ *
+ * Only NHWC float32 without dilation is handled here (the layouts Keras' zoo networks use);
+ * any other call goes to the backend's original kernel, saved at registration.
+ */
+
+import * as tf from '@tensorflow/tfjs';
+
+const { backend_util: bu } = tf;
+
+/** The backend's original kernels, by name (fallbacks for what is not handled here). */
+const originals = new Map();
+
+/** Chunk of output positions per im2col block: patch rows of K floats each. */
+function chunkFor(k) {
+  return Math.max(8, Math.min(256, Math.floor(65536 / Math.max(k, 1)))) & ~3;
+}
+
+/**
+ * C[i*ldc + j] (+)= sum_k A[aOff + i*lda + k] * B[bOff + j*ldb + k] for i < m, j < n.
+ * Sums are taken in float64 (JS arithmetic) and stored into C (float64 or float32).
+ */
+export function gemmNT(A, aOff, lda, B, bOff, ldb, C, cOff, ldc, m, n, k, accumulate) {
+  let i = 0;
+  for (; i + 1 < m; i += 2) {
+    const a0 = aOff + i * lda;
+    const a1 = a0 + lda;
+    const c0 = cOff + i * ldc;
+    const c1 = c0 + ldc;
+    let j = 0;
+    for (; j + 3 < n; j += 4) {
+      const b0 = bOff + j * ldb;
+      const b1 = b0 + ldb;
+      const b2 = b1 + ldb;
+      const b3 = b2 + ldb;
+      let s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
+      for (let p = 0; p < k; p++) {
+        const x0 = A[a0 + p];
+        const x1 = A[a1 + p];
+        const y0 = B[b0 + p];
+        const y1 = B[b1 + p];
+        const y2 = B[b2 + p];
+        const y3 = B[b3 + p];
+        s00 += x0 * y0;
+        s01 += x0 * y1;
+        s02 += x0 * y2;
+        s03 += x0 * y3;
+        s10 += x1 * y0;
+        s11 += x1 * y1;
+        s12 += x1 * y2;
+        s13 += x1 * y3;
+      }
+      if (accumulate) {
+        C[c0 + j] += s00; C[c0 + j + 1] += s01; C[c0 + j + 2] += s02; C[c0 + j + 3] += s03;
+        C[c1 + j] += s10; C[c1 + j + 1] += s11; C[c1 + j + 2] += s12; C[c1 + j + 3] += s13;
+      } else {
+        C[c0 + j] = s00; C[c0 + j + 1] = s01; C[c0 + j + 2] = s02; C[c0 + j + 3] = s03;
+        C[c1 + j] = s10; C[c1 + j + 1] = s11; C[c1 + j + 2] = s12; C[c1 + j + 3] = s13;
+      }
+    }
+    for (; j < n; j++) {
+      const b0 = bOff + j * ldb;
+      let s0 = 0, s1 = 0;
+      for (let p = 0; p < k; p++) {
+        const y = B[b0 + p];
+        s0 += A[a0 + p] * y;
+        s1 += A[a1 + p] * y;
+      }
+      if (accumulate) {
+        C[c0 + j] += s0;
+        C[c1 + j] += s1;
+      } else {
+        C[c0 + j] = s0;
+        C[c1 + j] = s1;
+      }
+    }
+  }
+  for (; i < m; i++) {
+    const a0 = aOff + i * lda;
+    const c0 = cOff + i * ldc;
+    for (let j = 0; j < n; j++) {
+      const b0 = bOff + j * ldb;
+      let s = 0;
+      for (let p = 0; p < k; p++) s += A[a0 + p] * B[b0 + p];
+      if (accumulate) C[c0 + j] += s;
+      else C[c0 + j] = s;
+    }
+  }
+}
+
+/** The geometry of an NHWC, undilated 2-D convolution, or null for anything else. */
+function convGeometry(xShape, filterShape, strides, pad, dimRoundingMode, dataFormat, dilations, depthwise = false) {
+  if (dataFormat && dataFormat !== 'NHWC' && dataFormat !== 'channelsLast') return null;
+  const d = dilations == null ? [1, 1] : typeof dilations === 'number' ? [dilations, dilations] : dilations;
+  if (d[0] !== 1 || d[1] !== 1) return null;
+  const info = bu.computeConv2DInfo(xShape, filterShape, strides, 1, pad, dimRoundingMode, depthwise, 'channelsLast');
+  return {
+    batch: info.batchSize,
+    inH: info.inHeight,
+    inW: info.inWidth,
+    inC: info.inChannels,
+    outH: info.outHeight,
+    outW: info.outWidth,
+    outC: info.outChannels,
+    kH: info.filterHeight,
+    kW: info.filterWidth,
+    sH: info.strideHeight,
+    sW: info.strideWidth,
+    top: info.padInfo.top,
+    left: info.padInfo.left,
+    outShape: info.outShape,
+    inShape: info.inShape,
+    filterShape: info.filterShape,
+  };
+}
+
+/**
+ * Rows m0 .. m0+rows-1 of the patch matrix (output position m = (b*outH + oy)*outW + ox,
+ * column (ky*kW + kx)*inC + c) into P (row-major, K columns); padding reads as 0.
+ */
+function im2col(x, g, m0, rows, P) {
+  const { inH, inW, inC, outH, outW, kH, kW, sH, sW, top, left } = g;
+  const K = kH * kW * inC;
+  const hw = outH * outW;
+  for (let r = 0; r < rows; r++) {
+    const m = m0 + r;
+    const b = (m / hw) | 0;
+    const rem = m - b * hw;
+    const oy = (rem / outW) | 0;
+    const ox = rem - oy * outW;
+    const iy0 = oy * sH - top;
+    const ix0 = ox * sW - left;
+    let p = r * K;
+    for (let ky = 0; ky < kH; ky++) {
+      const iy = iy0 + ky;
+      if (iy < 0 || iy >= inH) {
+        P.fill(0, p, p + kW * inC);
+        p += kW * inC;
+        continue;
+      }
+      const rowBase = (b * inH + iy) * inW;
+      for (let kx = 0; kx < kW; kx++) {
+        const ix = ix0 + kx;
+        if (ix < 0 || ix >= inW) {
+          P.fill(0, p, p + inC);
+        } else {
+          const s = (rowBase + ix) * inC;
+          for (let c = 0; c < inC; c++) P[p + c] = x[s + c];
+        }
+        p += inC;
+      }
+    }
+  }
+}
+
+/** Scatter-add of patch rows (the adjoint of im2col) into dx. */
+function col2im(dP, g, m0, rows, dx) {
+  const { inH, inW, inC, outH, outW, kH, kW, sH, sW, top, left } = g;
+  const K = kH * kW * inC;
+  const hw = outH * outW;
+  for (let r = 0; r < rows; r++) {
+    const m = m0 + r;
+    const b = (m / hw) | 0;
+    const rem = m - b * hw;
+    const oy = (rem / outW) | 0;
+    const ox = rem - oy * outW;
+    const iy0 = oy * sH - top;
+    const ix0 = ox * sW - left;
+    let p = r * K;
+    for (let ky = 0; ky < kH; ky++) {
+      const iy = iy0 + ky;
+      if (iy < 0 || iy >= inH) {
+        p += kW * inC;
+        continue;
+      }
+      const rowBase = (b * inH + iy) * inW;
+      for (let kx = 0; kx < kW; kx++) {
+        const ix = ix0 + kx;
+        if (ix >= 0 && ix < inW) {
+          const s = (rowBase + ix) * inC;
+          for (let c = 0; c < inC; c++) dx[s + c] += dP[p + c];
+        }
+        p += inC;
+      }
+    }
+  }
+}
+
+/** A 1x1, stride-1, unpadded convolution: the patch matrix is x itself. */
+function isPointwise(g) {
+  return g.kH === 1 && g.kW === 1 && g.sH === 1 && g.sW === 1 && g.top === 0 && g.left === 0;
+}
+
+/** y = conv(x, w) as float32 NHWC values; bias (length outC or 1) added before rounding. */
+export function conv2dForward(x, w, g, bias = null) {
+  const K = g.kH * g.kW * g.inC;
+  const N = g.outC;
+  const M = g.batch * g.outH * g.outW;
+  const wt = new Float32Array(N * K); // W^T: [outC, K]
+  for (let k = 0; k < K; k++) for (let n = 0; n < N; n++) wt[n * K + k] = w[k * N + n];
+  const y = new Float32Array(M * N);
+  const chunk = chunkFor(K);
+  const acc = new Float64Array(chunk * N);
+  const pointwise = isPointwise(g);
+  const P = pointwise ? null : new Float32Array(chunk * K);
+  for (let m0 = 0; m0 < M; m0 += chunk) {
+    const rows = Math.min(chunk, M - m0);
+    if (pointwise) gemmNT(x, m0 * K, K, wt, 0, K, acc, 0, N, rows, N, K, false);
+    else {
+      im2col(x, g, m0, rows, P);
+      gemmNT(P, 0, K, wt, 0, K, acc, 0, N, rows, N, K, false);
+    }
+    const base = m0 * N;
+    if (bias) {
+      const bl = bias.length;
+      for (let i = 0; i < rows * N; i++) y[base + i] = acc[i] + bias[bl === 1 ? 0 : i % N];
+    } else {
+      for (let i = 0; i < rows * N; i++) y[base + i] = acc[i];
+    }
+  }
+  return y;
+}
+
+/** dL/dW = sum over positions of patch^T dy, accumulated in float64. */
+export function conv2dFilterGrad(x, dy, g) {
+  const K = g.kH * g.kW * g.inC;
+  const N = g.outC;
+  const M = g.batch * g.outH * g.outW;
+  const chunk = chunkFor(Math.max(K, N));
+  const P = new Float32Array(chunk * K);
+  const pt = new Float32Array(K * chunk); // patch chunk transposed: [K, rows]
+  const dyt = new Float32Array(N * chunk); // dy chunk transposed: [N, rows]
+  const dw = new Float64Array(K * N);
+  const pointwise = isPointwise(g);
+  for (let m0 = 0; m0 < M; m0 += chunk) {
+    const rows = Math.min(chunk, M - m0);
+    let src = P;
+    let srcOff = 0;
+    if (pointwise) {
+      src = x;
+      srcOff = m0 * K;
+    } else im2col(x, g, m0, rows, P);
+    for (let r = 0; r < rows; r++) {
+      const s = srcOff + r * K;
+      for (let k = 0; k < K; k++) pt[k * rows + r] = src[s + k];
+      const d = (m0 + r) * N;
+      for (let n = 0; n < N; n++) dyt[n * rows + r] = dy[d + n];
+    }
+    gemmNT(pt, 0, rows, dyt, 0, rows, dw, 0, N, K, N, rows, true);
+  }
+  return Float32Array.from(dw);
+}
+
+/** dL/dx = col2im(dy W^T). */
+export function conv2dInputGrad(dy, w, g) {
+  const K = g.kH * g.kW * g.inC;
+  const N = g.outC;
+  const M = g.batch * g.outH * g.outW;
+  const inSize = g.batch * g.inH * g.inW * g.inC;
+  if (isPointwise(g)) {
+    const dx = new Float32Array(inSize);
+    const chunk = chunkFor(N);
+    const acc = new Float64Array(chunk * K);
+    for (let m0 = 0; m0 < M; m0 += chunk) {
+      const rows = Math.min(chunk, M - m0);
+      gemmNT(dy, m0 * N, N, w, 0, N, acc, 0, K, rows, K, N, false);
+      const base = m0 * K;
+      for (let i = 0; i < rows * K; i++) dx[base + i] = acc[i];
+    }
+    return dx;
+  }
+  const dx = new Float64Array(inSize);
+  const chunk = chunkFor(Math.max(K, N));
+  const dP = new Float64Array(chunk * K);
+  for (let m0 = 0; m0 < M; m0 += chunk) {
+    const rows = Math.min(chunk, M - m0);
+    gemmNT(dy, m0 * N, N, w, 0, N, dP, 0, K, rows, K, N, false);
+    col2im(dP, g, m0, rows, dx);
+  }
+  return Float32Array.from(dx);
+}
+
+/** Depthwise (channel multiplier 1) filter gradient: [kH, kW, C, 1], float64 sums. */
+export function depthwiseFilterGrad(x, dy, g) {
+  const { batch, inH, inW, inC: C, outH, outW, kH, kW, sH, sW, top, left } = g;
+  const dw = new Float64Array(kH * kW * C);
+  for (let b = 0; b < batch; b++) {
+    for (let oy = 0; oy < outH; oy++) {
+      for (let ox = 0; ox < outW; ox++) {
+        const d = ((b * outH + oy) * outW + ox) * C;
+        for (let ky = 0; ky < kH; ky++) {
+          const iy = oy * sH - top + ky;
+          if (iy < 0 || iy >= inH) continue;
+          for (let kx = 0; kx < kW; kx++) {
+            const ix = ox * sW - left + kx;
+            if (ix < 0 || ix >= inW) continue;
+            const s = ((b * inH + iy) * inW + ix) * C;
+            const o = (ky * kW + kx) * C;
+            for (let c = 0; c < C; c++) dw[o + c] += x[s + c] * dy[d + c];
+          }
+        }
+      }
+    }
+  }
+  return Float32Array.from(dw);
+}
+
+/** Depthwise (channel multiplier 1) input gradient. */
+export function depthwiseInputGrad(dy, w, g) {
+  const { batch, inH, inW, inC: C, outH, outW, kH, kW, sH, sW, top, left } = g;
+  const dx = new Float64Array(batch * inH * inW * C);
+  for (let b = 0; b < batch; b++) {
+    for (let oy = 0; oy < outH; oy++) {
+      for (let ox = 0; ox < outW; ox++) {
+        const d = ((b * outH + oy) * outW + ox) * C;
+        for (let ky = 0; ky < kH; ky++) {
+          const iy = oy * sH - top + ky;
+          if (iy < 0 || iy >= inH) continue;
+          for (let kx = 0; kx < kW; kx++) {
+            const ix = ox * sW - left + kx;
+            if (ix < 0 || ix >= inW) continue;
+            const s = ((b * inH + iy) * inW + ix) * C;
+            const o = (ky * kW + kx) * C;
+            for (let c = 0; c < C; c++) dx[s + c] += w[o + c] * dy[d + c];
+          }
+        }
+      }
+    }
+  }
+  return Float32Array.from(dx);
+}
+
+/** Depthwise (channel multiplier 1) forward. */
+export function depthwiseForward(x, w, g) {
+  const { batch, inH, inW, inC: C, outH, outW, kH, kW, sH, sW, top, left } = g;
+  const y = new Float32Array(batch * outH * outW * C);
+  const acc = new Float64Array(C);
+  for (let b = 0; b < batch; b++) {
+    for (let oy = 0; oy < outH; oy++) {
+      for (let ox = 0; ox < outW; ox++) {
+        acc.fill(0);
+        for (let ky = 0; ky < kH; ky++) {
+          const iy = oy * sH - top + ky;
+          if (iy < 0 || iy >= inH) continue;
+          for (let kx = 0; kx < kW; kx++) {
+            const ix = ox * sW - left + kx;
+            if (ix < 0 || ix >= inW) continue;
+            const s = ((b * inH + iy) * inW + ix) * C;
+            const o = (ky * kW + kx) * C;
+            for (let c = 0; c < C; c++) acc[c] += x[s + c] * w[o + c];
+          }
+        }
+        const d = ((b * outH + oy) * outW + ox) * C;
+        for (let c = 0; c < C; c++) y[d + c] = acc[c];
+      }
+    }
+  }
+  return y;
+}
+
+/** Max pooling's gradient: each dy to the first maximal input of its window. */
+export function maxPoolGrad(x, dy, info) {
+  const { batchSize, inHeight: inH, inWidth: inW, inChannels: C, outHeight: outH, outWidth: outW } = info;
+  const { strideHeight: sH, strideWidth: sW, filterHeight: kH, filterWidth: kW } = info;
+  const top = info.padInfo.top;
+  const left = info.padInfo.left;
+  const dx = new Float64Array(batchSize * inH * inW * C);
+  const best = new Float64Array(C);
+  const where = new Int32Array(C);
+  for (let b = 0; b < batchSize; b++) {
+    for (let oy = 0; oy < outH; oy++) {
+      for (let ox = 0; ox < outW; ox++) {
+        best.fill(-Infinity);
+        where.fill(-1);
+        for (let ky = 0; ky < kH; ky++) {
+          const iy = oy * sH - top + ky;
+          if (iy < 0 || iy >= inH) continue;
+          for (let kx = 0; kx < kW; kx++) {
+            const ix = ox * sW - left + kx;
+            if (ix < 0 || ix >= inW) continue;
+            const s = ((b * inH + iy) * inW + ix) * C;
+            for (let c = 0; c < C; c++) {
+              const v = x[s + c];
+              if (v > best[c]) {
+                best[c] = v;
+                where[c] = s + c;
+              }
+            }
+          }
+        }
+        const d = ((b * outH + oy) * outW + ox) * C;
+        for (let c = 0; c < C; c++) if (where[c] >= 0) dx[where[c]] += dy[d + c];
+      }
+    }
+  }
+  return Float32Array.from(dx);
+}
+
+/** Sum of float32 values over `axes` (any set), in float64, walking memory in order. */
+export function reduceSum(x, shape, axes) {
+  const rank = shape.length;
+  const reduced = new Array(rank).fill(false);
+  for (const a of axes) reduced[a] = true;
+  // Output strides for kept axes (0 for reduced ones).
+  const outStrides = new Array(rank).fill(0);
+  let outSize = 1;
+  for (let d = rank - 1; d >= 0; d--) {
+    if (!reduced[d]) {
+      outStrides[d] = outSize;
+      outSize *= shape[d];
+    }
+  }
+  const acc = new Float64Array(outSize);
+  const inner = rank ? shape[rank - 1] : 1;
+  const outer = inner ? x.length / inner : 0;
+  const innerReduced = rank ? reduced[rank - 1] : true;
+  const idx = new Array(Math.max(rank - 1, 0)).fill(0);
+  let o = 0;
+  let s = 0;
+  for (let n = 0; n < outer; n++) {
+    if (innerReduced) {
+      let t = 0;
+      for (let j = 0; j < inner; j++) t += x[s + j];
+      acc[o] += t;
+    } else {
+      for (let j = 0; j < inner; j++) acc[o + j] += x[s + j];
+    }
+    s += inner;
+    for (let d = rank - 2; d >= 0; d--) {
+      idx[d]++;
+      o += outStrides[d];
+      if (idx[d] < shape[d]) break;
+      o -= outStrides[d] * shape[d];
+      idx[d] = 0;
+    }
+  }
+  return acc;
+}
+
+/** x transposed by perm, walking the output in order. */
+export function transpose(x, shape, perm, out) {
+  const rank = shape.length;
+  const strides = new Array(rank);
+  let st = 1;
+  for (let d = rank - 1; d >= 0; d--) {
+    strides[d] = st;
+    st *= shape[d];
+  }
+  const outShape = perm.map((p) => shape[p]);
+  const inStr = perm.map((p) => strides[p]);
+  const inner = outShape[rank - 1];
+  const innerStride = inStr[rank - 1];
+  const outer = inner ? out.length / inner : 0;
+  const idx = new Array(rank - 1).fill(0);
+  let base = 0;
+  let o = 0;
+  for (let n = 0; n < outer; n++) {
+    for (let j = 0, s = base; j < inner; j++, s += innerStride) out[o++] = x[s];
+    for (let d = rank - 2; d >= 0; d--) {
+      idx[d]++;
+      base += inStr[d];
+      if (idx[d] < outShape[d]) break;
+      base -= inStr[d] * outShape[d];
+      idx[d] = 0;
+    }
+  }
+  return out;
+}
+
+// ---- kernel functions (the registry's calling convention) ----
+
+const vals = (backend, t) => backend.data.get(t.dataId).values;
+const isF32 = (...ts) => ts.every((t) => t.dtype === 'float32');
+
+function conv2DKernel(args) {
+  const { inputs, backend, attrs } = args;
+  const { x, filter } = inputs;
+  const g = isF32(x, filter) && convGeometry(x.shape, filter.shape, attrs.strides, attrs.pad, attrs.dimRoundingMode, attrs.dataFormat, attrs.dilations);
+  if (!g) return originals.get(tf.Conv2D).kernelFunc(args);
+  return backend.makeTensorInfo(g.outShape, 'float32', conv2dForward(vals(backend, x), vals(backend, filter), g));
+}
+
+const FUSED_ACTIVATIONS = new Set([undefined, null, 'linear', 'relu', 'relu6']);
+
+function fusedConv2DKernel(args) {
+  const { inputs, backend, attrs } = args;
+  const { x, filter, bias } = inputs;
+  const fast =
+    isF32(x, filter) &&
+    FUSED_ACTIVATIONS.has(attrs.activation) &&
+    (!bias || (bias.dtype === 'float32' && bias.shape.length <= 1 && (bias.shape.length === 0 || bias.shape[0] === filter.shape[3] || bias.shape[0] === 1)));
+  const g = fast && convGeometry(x.shape, filter.shape, attrs.strides, attrs.pad, attrs.dimRoundingMode, attrs.dataFormat, attrs.dilations);
+  if (!g) return originals.get(tf.FusedConv2D).kernelFunc(args);
+  const y = conv2dForward(vals(backend, x), vals(backend, filter), g, bias ? vals(backend, bias) : null);
+  if (attrs.activation === 'relu') {
+    for (let i = 0; i < y.length; i++) if (y[i] < 0) y[i] = 0;
+  } else if (attrs.activation === 'relu6') {
+    for (let i = 0; i < y.length; i++) y[i] = y[i] < 0 ? 0 : y[i] > 6 ? 6 : y[i];
+  }
+  return backend.makeTensorInfo(g.outShape, 'float32', y);
+}
+
+function conv2DBackpropFilterKernel(args) {
+  const { inputs, backend, attrs } = args;
+  const { x, dy } = inputs;
+  const g = isF32(x, dy) && convGeometry(x.shape, attrs.filterShape, attrs.strides, attrs.pad, attrs.dimRoundingMode, attrs.dataFormat, 1);
+  if (!g) return originals.get(tf.Conv2DBackpropFilter).kernelFunc(args);
+  return backend.makeTensorInfo(g.filterShape, 'float32', conv2dFilterGrad(vals(backend, x), vals(backend, dy), g));
+}
+
+function conv2DBackpropInputKernel(args) {
+  const { inputs, backend, attrs } = args;
+  const { dy, filter } = inputs;
+  const g = isF32(dy, filter) && convGeometry(attrs.inputShape, filter.shape, attrs.strides, attrs.pad, attrs.dimRoundingMode, attrs.dataFormat, 1);
+  if (!g) return originals.get(tf.Conv2DBackpropInput).kernelFunc(args);
+  return backend.makeTensorInfo(g.inShape, 'float32', conv2dInputGrad(vals(backend, dy), vals(backend, filter), g));
+}
+
+function depthwiseGeometry(xShape, filterShape, attrs) {
+  if (filterShape[3] !== 1) return null; // channel multiplier 1 only (MobileNet's)
+  return convGeometry(xShape, filterShape, attrs.strides, attrs.pad, attrs.dimRoundingMode, attrs.dataFormat, attrs.dilations, true);
+}
+
+function depthwiseKernel(args) {
+  const { inputs, backend, attrs } = args;
+  const { x, filter } = inputs;
+  const g = isF32(x, filter) && depthwiseGeometry(x.shape, filter.shape, attrs);
+  if (!g) return originals.get(tf.DepthwiseConv2dNative).kernelFunc(args);
+  return backend.makeTensorInfo(g.outShape, 'float32', depthwiseForward(vals(backend, x), vals(backend, filter), g));
+}
+
+function depthwiseFilterKernel(args) {
+  const { inputs, backend, attrs } = args;
+  const { x, dy } = inputs;
+  const g = isF32(x, dy) && depthwiseGeometry(x.shape, attrs.filterShape, attrs);
+  if (!g) return originals.get(tf.DepthwiseConv2dNativeBackpropFilter).kernelFunc(args);
+  return backend.makeTensorInfo(g.filterShape, 'float32', depthwiseFilterGrad(vals(backend, x), vals(backend, dy), g));
+}
+
+function depthwiseInputKernel(args) {
+  const { inputs, backend, attrs } = args;
+  const { dy, filter } = inputs;
+  const g = isF32(dy, filter) && depthwiseGeometry(attrs.inputShape, filter.shape, attrs);
+  if (!g) return originals.get(tf.DepthwiseConv2dNativeBackpropInput).kernelFunc(args);
+  return backend.makeTensorInfo(g.inShape, 'float32', depthwiseInputGrad(vals(backend, dy), vals(backend, filter), g));
+}
+
+function maxPoolGradKernel(args) {
+  const { inputs, backend, attrs } = args;
+  const { dy, input } = inputs;
+  const { filterSize, strides, pad, dimRoundingMode } = attrs;
+  if (!isF32(dy, input) || input.shape.length !== 4) return originals.get(tf.MaxPoolGrad).kernelFunc(args);
+  const info = bu.computePool2DInfo(input.shape, filterSize, strides, 1, pad, dimRoundingMode);
+  return backend.makeTensorInfo(input.shape, 'float32', maxPoolGrad(vals(backend, input), vals(backend, dy), info));
+}
+
+function reduction(name, scale) {
+  return (args) => {
+    const { inputs, backend, attrs } = args;
+    const { x } = inputs;
+    if (x.dtype !== 'float32') return originals.get(name).kernelFunc(args);
+    const axes = tf.util.parseAxisParam(attrs.axis, x.shape);
+    const [outShape, reduceShape] = bu.computeOutAndReduceShapes(x.shape, axes);
+    const n = tf.util.sizeFromShape(reduceShape);
+    const acc = reduceSum(vals(backend, x), x.shape, axes);
+    const out = new Float32Array(acc.length);
+    for (let i = 0; i < acc.length; i++) out[i] = scale ? acc[i] / n : acc[i];
+    const shape = attrs.keepDims ? bu.expandShapeToKeepDim(outShape, axes) : outShape;
+    return backend.makeTensorInfo(shape, 'float32', out);
+  };
+}
+
+function transposeKernel(args) {
+  const { inputs, backend, attrs } = args;
+  const { x } = inputs;
+  if (x.dtype === 'string' || x.dtype === 'complex64' || x.shape.length < 2) {
+    return originals.get(tf.Transpose).kernelFunc(args);
+  }
+  const values = vals(backend, x);
+  const out = new values.constructor(values.length);
+  transpose(values, x.shape, attrs.perm, out);
+  return backend.makeTensorInfo(
+    attrs.perm.map((p) => x.shape[p]),
+    x.dtype,
+    out,
+  );
+}
+
+/** kernel name -> replacement, in the order registered. */
+export const FAST_KERNELS = {
+  [tf.Conv2D]: conv2DKernel,
+  [tf.FusedConv2D]: fusedConv2DKernel,
+  [tf.Conv2DBackpropFilter]: conv2DBackpropFilterKernel,
+  [tf.Conv2DBackpropInput]: conv2DBackpropInputKernel,
+  [tf.DepthwiseConv2dNative]: depthwiseKernel,
+  [tf.DepthwiseConv2dNativeBackpropFilter]: depthwiseFilterKernel,
+  [tf.DepthwiseConv2dNativeBackpropInput]: depthwiseInputKernel,
+  [tf.MaxPoolGrad]: maxPoolGradKernel,
+  [tf.Sum]: reduction(tf.Sum, false),
+  [tf.Mean]: reduction(tf.Mean, true),
+  [tf.Transpose]: transposeKernel,
+};
+
+/**
+ * Put the fast kernels in place of the cpu backend's (idempotent). `only` limits the set
+ * (the kernel tests and the benchmark compare each one against the original).
+ */
+export function registerFastKernels(only = Object.keys(FAST_KERNELS)) {
+  for (const name of only) {
+    const current = tf.getKernel(name, 'cpu');
+    if (current?.fast) continue;
+    originals.set(name, current);
+    tf.unregisterKernel(name, 'cpu');
+    tf.registerKernel({ kernelName: name, backendName: 'cpu', kernelFunc: FAST_KERNELS[name], fast: true });
+  }
+}
+
+/** Put the backend's own kernels back (for measurements against them). */
+export function restoreKernels(only = [...originals.keys()]) {
+  for (const name of only) {
+    const orig = originals.get(name);
+    if (!orig) continue;
+    tf.unregisterKernel(name, 'cpu');
+    tf.registerKernel(orig);
+  }
+}
