@@ -485,6 +485,65 @@ export function transpose(x, shape, perm, out) {
   return out;
 }
 
+/** The inner loop of one binary op (one copy per op, so each stays monomorphic). */
+function binaryRow(code, a, x, ai, b, y, bi, out, o, n) {
+  switch (code) {
+    case 0:
+      for (let j = 0; j < n; j++, x += ai, y += bi) out[o + j] = a[x] + b[y];
+      break;
+    case 1:
+      for (let j = 0; j < n; j++, x += ai, y += bi) out[o + j] = a[x] - b[y];
+      break;
+    case 2:
+      for (let j = 0; j < n; j++, x += ai, y += bi) out[o + j] = a[x] * b[y];
+      break;
+    default:
+      for (let j = 0; j < n; j++, x += ai, y += bi) out[o + j] = a[x] / b[y];
+  }
+}
+
+/**
+ * out = op(a, b) with numpy broadcasting (code: 0 add, 1 sub, 2 mul, 3 div), walking the
+ * output in order with counters (the backend's broadcasting path converts every index to
+ * coordinates and back, and its same-shape path calls the op through a closure).
+ */
+export function broadcastBinary(code, a, aShape, b, bShape, outShape, out) {
+  const rank = outShape.length;
+  if (rank === 0) {
+    binaryRow(code, a, 0, 0, b, 0, 0, out, 0, 1);
+    return out;
+  }
+  const stridesOf = (shape) => {
+    const st = new Array(rank).fill(0);
+    let acc = 1;
+    for (let d = rank - 1, sd = shape.length - 1; d >= 0; d--, sd--) {
+      if (sd >= 0 && shape[sd] !== 1) st[d] = acc;
+      if (sd >= 0) acc *= shape[sd];
+    }
+    return st;
+  };
+  const as = stridesOf(aShape);
+  const bs = stridesOf(bShape);
+  const inner = outShape[rank - 1];
+  const outer = inner ? out.length / inner : 0;
+  const idx = new Array(rank - 1).fill(0);
+  let pa = 0;
+  let pb = 0;
+  for (let n = 0, o = 0; n < outer; n++, o += inner) {
+    binaryRow(code, a, pa, as[rank - 1], b, pb, bs[rank - 1], out, o, inner);
+    for (let d = rank - 2; d >= 0; d--) {
+      idx[d]++;
+      pa += as[d];
+      pb += bs[d];
+      if (idx[d] < outShape[d]) break;
+      pa -= as[d] * outShape[d];
+      pb -= bs[d] * outShape[d];
+      idx[d] = 0;
+    }
+  }
+  return out;
+}
+
 // ---- kernel functions (the registry's calling convention) ----
 
 const vals = (backend, t) => backend.data.get(t.dataId).values;
@@ -604,6 +663,22 @@ function transposeKernel(args) {
   );
 }
 
+function binary(name, code) {
+  return (args) => {
+    const { inputs, backend } = args;
+    const { a, b } = inputs;
+    if (!isF32(a, b)) return originals.get(name).kernelFunc(args);
+    const outShape = bu.assertAndGetBroadcastShape(a.shape, b.shape);
+    const size = tf.util.sizeFromShape(outShape);
+    const out = new Float32Array(size);
+    const av = vals(backend, a);
+    const bv = vals(backend, b);
+    if (av.length === size && bv.length === size) binaryRow(code, av, 0, 1, bv, 0, 1, out, 0, size);
+    else broadcastBinary(code, av, a.shape, bv, b.shape, outShape, out);
+    return backend.makeTensorInfo(outShape, 'float32', out);
+  };
+}
+
 /** kernel name -> replacement, in the order registered. */
 export const FAST_KERNELS = {
   [tf.Conv2D]: conv2DKernel,
@@ -617,6 +692,10 @@ export const FAST_KERNELS = {
   [tf.Sum]: reduction(tf.Sum, false),
   [tf.Mean]: reduction(tf.Mean, true),
   [tf.Transpose]: transposeKernel,
+  [tf.Add]: binary(tf.Add, 0),
+  [tf.Sub]: binary(tf.Sub, 1),
+  [tf.Multiply]: binary(tf.Multiply, 2),
+  [tf.RealDiv]: binary(tf.RealDiv, 3),
 };
 
 /**
