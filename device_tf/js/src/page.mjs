@@ -1,6 +1,8 @@
 /**
  * The browser device: the page at /device/web/ trains A and C against the server that
  * served it, with the same modules as the Node CLI (slices, loop, codec, transport).
+ * The training runs in a module worker (page_worker.mjs, started through worker_boot.mjs),
+ * so the page stays responsive while a step computes; this module is the page's UI.
  *
  * Query parameters (all optional):
  *   data=URL    training data, a spliteasy frames file with x and y (default: the server's
@@ -8,35 +10,40 @@
  *   schema=URL  the manifest JSON Schema (default /v1/schema)
  *   server=URL  the spliteasy server (default: this page's origin)
  *   batch=B epochs=E steps=N seed=S   as the CLI's --batch-size --epochs --steps --seed
+ *   backend=cpu|webgl|webgpu          TF.js backend (default cpu: the Node device's numbers)
+ *   f16=1       accept a float16-only GPU (otherwise webgl there falls back to cpu)
+ *   simulate=float16   pretend this GPU cannot render float32 textures (tests, previews)
  *   aux=1       auxiliary-label form of the backward messages
  *   auto=1      start training on load
  * Progress and loss are shown in the page; window.spliteasyResult holds
  * {status: "idle"|"loading"|"running"|"done"|"error"|"stopped", losses, records, error,
- *  resumedAt, step, weights (A's and C's variables once done)} for automation.
+ *  resumedAt, step, backend ({name, requested, note, float32, drift, refused}),
+ *  ui ({ticks, maxGapMs}: the page's own timer, to show it was never blocked),
+ *  weights (A's and C's variables once done)} for automation.
  *
- * The run survives a reload: after every step the page keeps A, C, their optimizer state,
+ * The run survives a reload: after every step the worker keeps A, C, their optimizer state,
  * the position in the data and its session (id, token) in IndexedDB (state_idb.mjs, the
  * same files as the Node state dir). Loading the page with an unfinished run saved resumes
- * it at the step it had reached, with the settings it was started with, and says so
- * ("resumed at step N"); "Start over" forgets it and ends its server session. A server
- * restarted from its checkpoint is followed as in Node (rollback to its step, replay).
+ * it at the step it had reached, with the settings it was started with (backend included),
+ * and says so ("resumed at step N"); "Start over" forgets it and ends its server session.
+ * A server restarted from its checkpoint is followed as in Node (rollback to its step, replay).
  */
 
-import { initBackend } from './backend.mjs';
-import { fetchDeviceModels, fetchManifest } from './bundle_http.mjs';
-import { parseData, schedule } from './data.mjs';
-import { sha256Hex } from './digest.mjs';
-import { DeviceError } from './errors.mjs';
-import { SplitTrainer, startRun, train } from './loop.mjs';
-import { SHUFFLE_RULE, shuffled } from './shuffle.mjs';
-import { TfjsSlices } from './slices.mjs';
-import { RunState } from './state.mjs';
 import { IdbStateStore } from './state_idb.mjs';
-import { HttpTransport, describeWait } from './transport.mjs';
+import { HttpTransport } from './transport.mjs';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
-const result = { status: 'idle', losses: [], records: [], error: null, resumedAt: null, step: 0 };
+const result = {
+  status: 'idle',
+  losses: [],
+  records: [],
+  error: null,
+  resumedAt: null,
+  step: 0,
+  backend: null,
+  ui: { ticks: 0, maxGapMs: 0 },
+};
 window.spliteasyResult = result;
 
 const settings = {
@@ -48,7 +55,10 @@ const settings = {
   steps: params.has('steps') ? Number(params.get('steps')) : undefined,
   seed: params.has('seed') ? Number(params.get('seed')) : undefined,
   aux: params.get('aux') === '1',
+  backend: params.get('backend') ?? 'cpu',
+  f16: params.get('f16') === '1',
 };
+const simulateFloat16 = params.get('simulate') === 'float16';
 showSettings(settings);
 
 function showSettings(st) {
@@ -57,28 +67,43 @@ function showSettings(st) {
   $('epochs').value = st.epochs;
   $('steps').value = st.steps ?? '';
   $('seed').value = st.seed ?? '';
+  $('backend').value = st.backend ?? 'cpu';
+  $('f16').checked = Boolean(st.f16);
 }
 
 // One saved run per server in this browser profile.
-const store = new IdbStateStore(`run:${new URL(settings.server || location.origin, location.href).origin}`);
+const serverOrigin = new URL(settings.server || location.origin, location.href).origin;
+const store = new IdbStateStore(`run:${serverOrigin}`);
 let storeWorks = true; // false where IndexedDB is unavailable (some private windows)
-let stopRequested = false;
-let running = null; // the promise of the current run
+let running = null; // the promise of the current run (resolves when the worker has ended it)
+let worker = null;
 
 function setStatus(text, error = false) {
   $('status').textContent = text;
   $('status').className = error ? 'error' : '';
 }
 
-async function fetchBytes(url, what) {
-  let r;
-  try {
-    r = await fetch(url);
-  } catch (err) {
-    throw new DeviceError(`cannot fetch ${what} from ${url}: ${err.message}`);
-  }
-  if (!r.ok) throw new DeviceError(`cannot fetch ${what} from ${url}: HTTP ${r.status}`);
-  return new Uint8Array(await r.arrayBuffer());
+// The page's own clock: a timer that stalls while anything blocks the main thread. Training
+// runs in the worker, so it keeps ticking through every step (the browser test checks).
+let lastTick = performance.now();
+setInterval(() => {
+  const t = performance.now();
+  result.ui.ticks += 1;
+  if (result.status === 'running') result.ui.maxGapMs = Math.max(result.ui.maxGapMs, t - lastTick);
+  lastTick = t;
+}, 10);
+
+/** The training worker (started once; page_worker.mjs behind worker_boot.mjs's loader). */
+function trainingWorker() {
+  if (worker) return worker;
+  worker = new Worker(new URL('./worker_boot.mjs', import.meta.url), { type: 'module', name: 'spliteasy-training' });
+  // The worker cannot see this page's import map: hand it over, as absolute URLs.
+  const map = JSON.parse(document.querySelector('script[type="importmap"]')?.textContent || '{}');
+  const imports = Object.fromEntries(
+    Object.entries(map.imports ?? {}).map(([name, url]) => [name, new URL(url, document.baseURI).href]),
+  );
+  worker.postMessage({ type: 'init', imports });
+  return worker;
 }
 
 function drawChart(losses) {
@@ -125,9 +150,9 @@ function showStep(r, done, total, records) {
 
 /**
  * Train: a new run from the form, or (`saved`: the stored session record) the saved run
- * resumed with the settings it was started with.
+ * resumed with the settings it was started with. Resolves when the worker has ended it.
  */
-async function run(saved = null) {
+function run(saved = null) {
   const form = new FormData($('controls'));
   const st = saved?.page ?? {
     data: String(form.get('data')),
@@ -136,128 +161,117 @@ async function run(saved = null) {
     steps: form.get('steps') ? Number(form.get('steps')) : null,
     seed: form.get('seed') !== '' && form.get('seed') !== null ? Number(form.get('seed')) : null,
     aux: settings.aux,
+    backend: String(form.get('backend') ?? 'cpu'),
+    f16: form.get('f16') === 'on',
   };
   showSettings(st);
-  const plan = { batchSize: st.batch, epochs: st.epochs, steps: st.steps ?? Infinity };
-  if (st.seed !== null) plan.order = (d, epoch) => shuffled(d, st.seed, epoch);
   $('start').disabled = true;
   $('restart').hidden = false;
-  stopRequested = false;
-  Object.assign(result, { status: 'loading', losses: [], records: [], error: null, resumedAt: null, step: 0 });
+  Object.assign(result, {
+    status: 'loading',
+    losses: [],
+    records: [],
+    error: null,
+    resumedAt: null,
+    step: 0,
+    backend: null,
+    ui: { ticks: result.ui.ticks, maxGapMs: 0 },
+  });
+  delete result.weights;
   $('log').replaceChildren();
+  $('resume').hidden = true;
   drawChart([]);
-  let trainer = null;
-  let finished = false;
-  try {
-    if (!saved && storeWorks) await store.clear(); // a new run replaces whatever was saved
-    setStatus('loading TF.js, the manifest and slices A/C…');
-    await initBackend();
-    let waiting = false;
-    const transport = new HttpTransport(settings.server || location.origin, {
-      onWait: (w) => {
-        waiting = true;
-        setStatus(describeWait(w), true);
-      },
-    });
-    const schema = JSON.parse(new TextDecoder().decode(await fetchBytes(settings.schema, 'the manifest schema')));
-    const { manifest, digest } = await fetchManifest(transport, schema);
-    $('model').textContent =
-      `${manifest.model}, ${manifest.split_mode} split at ${manifest.cuts.map((c) => c.name).join(' | ')}; ` +
-      `${manifest.optimizer.name} lr ${manifest.optimizer.learning_rate}`;
-    const models = await fetchDeviceModels(transport, manifest);
-    const dataBytes = await fetchBytes(st.data, 'the training data');
-    const data = parseData(dataBytes, manifest.input);
-    const rt = new TfjsSlices(manifest, models);
-    trainer = new SplitTrainer(rt, transport, manifest, digest, { auxLabel: st.aux });
-    const sched = schedule(data, plan);
-    const total = sched.total;
-    $('total').textContent = total;
-    const state = new RunState(storeWorks ? store : null);
-    const runSpec = {
-      manifest_sha256: digest,
-      runtime: 'tfjs',
-      aux_label: st.aux,
-      data_sha256: await sha256Hex(dataBytes),
-      n_samples: data.count,
-      epochs: st.epochs,
-      batch_size: st.batch,
-      steps: st.steps,
-      seed: st.seed,
-      shuffle: st.seed === null ? 'file order' : SHUFFLE_RULE,
+  let total = 0;
+  let stepStartTicks = result.ui.ticks;
+  const w = trainingWorker();
+  return new Promise((resolve) => {
+    w.onmessage = ({ data: m }) => {
+      switch (m.type) {
+        case 'status':
+          setStatus(m.text, m.error);
+          break;
+        case 'model':
+          $('model').textContent = m.text;
+          break;
+        case 'backend': {
+          const { type, gpu, ...info } = m;
+          result.backend = info;
+          $('backend-note').textContent = m.note;
+          $('backend-note').className = m.refused ? 'error' : '';
+          $('backend-used').textContent = m.name;
+          break;
+        }
+        case 'total':
+          total = m.total;
+          $('total').textContent = total;
+          break;
+        case 'resumed':
+          result.resumedAt = m.at;
+          $('resume').hidden = false;
+          $('resume').textContent = m.text;
+          $('step').textContent = m.at;
+          $('progress').value = m.at / total;
+          break;
+        case 'running':
+          result.step = m.step;
+          result.status = 'running';
+          break;
+        case 'stepStart':
+          stepStartTicks = result.ui.ticks;
+          break;
+        case 'step': {
+          const r = m.record;
+          r.ui_ticks = result.ui.ticks - stepStartTicks; // page timer ticks while this step ran
+          result.step = r.step + 1;
+          result.losses.push(r.loss);
+          result.records.push(r);
+          showStep(r, r.step + 1, total, result.records);
+          break;
+        }
+        case 'done':
+          result.weights = m.weights;
+          setStatus(m.text);
+          result.status = 'done';
+          break;
+        case 'stopped':
+          result.status = 'stopped';
+          break;
+        case 'error':
+          result.error = m.error;
+          result.status = 'error';
+          setStatus(m.text, true);
+          break;
+        case 'ended':
+          if (m.finished) $('restart').hidden = true;
+          $('start').disabled = false;
+          if (result.status === 'loading' || result.status === 'running') result.status = 'stopped';
+          resolve();
+          break;
+        default:
+          console.warn(`unknown message from the training worker: ${m.type}`);
+      }
     };
-    const onEvent = (e) => {
-      console.warn(e.message);
-      setStatus(e.message);
+    w.onerror = (ev) => {
+      result.error = `Error: ${ev.message}`;
+      result.status = 'error';
+      setStatus(`error: the training worker failed: ${ev.message}`, true);
+      $('start').disabled = false;
+      resolve();
     };
-    const start = await startRun(trainer, state, { server: transport.baseUrl, run: runSpec, extra: { page: st } }, sched, {
-      onEvent,
+    w.postMessage({
+      type: 'start',
+      settings: st,
+      resume: Boolean(saved),
+      server: settings.server ? new URL(settings.server, location.href).href : location.origin,
+      schema: new URL(settings.schema, location.href).href,
+      simulateFloat16,
     });
-    if (start.resumed) {
-      result.resumedAt = start.at;
-      $('resume').hidden = false;
-      $('resume').textContent =
-        `resumed at step ${start.at} of ${total} from this browser's saved run ` +
-        `(session ${trainer.sessionId.slice(0, 8)}…${start.at !== start.from ? `; saved at step ${start.from}, the server's checkpoint is at ${start.at}` : ''})`;
-      $('step').textContent = start.at;
-      $('progress').value = start.at / total;
-    }
-    result.step = trainer.nextStep;
-    result.status = 'running';
-    const training = `training: ${data.count} samples, ${total} steps of ${st.batch}`;
-    setStatus(training);
-    const records = await train(trainer, sched, {
-      state,
-      onEvent,
-      shouldStop: () => stopRequested,
-      onStep: async (r) => {
-        result.step = r.step + 1;
-        result.losses.push(r.loss);
-        result.records.push(r);
-        showStep(r, r.step + 1, total, result.records);
-        if (waiting) setStatus(training); // the server is back
-        waiting = false;
-        await new Promise((resolve) => setTimeout(resolve, 0)); // let the page repaint
-      },
-    });
-    if (stopRequested) {
-      result.status = 'stopped';
-      return;
-    }
-    finished = true;
-    const first = records[0]?.loss;
-    const last = records.at(-1)?.loss;
-    setStatus(
-      `done: ${total} steps` + (records.length ? `, loss ${first.toFixed(4)} → ${last.toFixed(4)}` : '') +
-        (start.resumed ? ` (resumed at step ${start.at})` : ''),
-    );
-    // A's and C's final variables (weights() of the Node CLI's --weights-out), so a test can
-    // compare what the page trained with unsplit Keras, not only its losses.
-    result.weights = Object.fromEntries(
-      Object.entries(rt.weights()).map(([part, vars]) => [
-        part,
-        Object.fromEntries(Object.entries(vars).map(([k, w]) => [k, { shape: w.shape, data: Array.from(w.data) }])),
-      ]),
-    );
-    result.status = 'done';
-  } catch (err) {
-    console.error(err);
-    result.error = `${err.name}: ${err.message}`;
-    result.status = 'error';
-    setStatus(`error: ${err.message}`, true);
-  } finally {
-    // a finished run ends its session and forgets its state; an interrupted one keeps both
-    if (finished) {
-      await trainer?.close();
-      if (storeWorks) await store.clear();
-      $('restart').hidden = true;
-    }
-    $('start').disabled = false;
-  }
+  });
 }
 
 /** Forget the saved run: stop training, end its server session, clear IndexedDB. */
 async function startOver() {
-  stopRequested = true;
+  worker?.postMessage({ type: 'stop' });
   $('restart').disabled = true;
   try {
     await running;

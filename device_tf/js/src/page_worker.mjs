@@ -1,0 +1,195 @@
+/**
+ * The page's training, in a module worker (started through worker_boot.mjs), so that a step's
+ * computation never blocks the page: its UI, progress and chart update while A and C compute.
+ * The same modules as the Node device (slices, loop, codec, transport, state); the run is kept
+ * in IndexedDB (state_idb.mjs), which a worker reaches like the page.
+ *
+ * Messages from the page:
+ *   {type: 'start', settings: {data, batch, epochs, steps, seed, aux, backend, f16},
+ *    resume: bool, server, schema, simulateFloat16}
+ *   {type: 'stop'}            finish the current step, save it, stop (Start over)
+ * Messages to the page (all {type, ...}):
+ *   status {text, error}  model {text}  backend {name, requested, note, float32, drift, refused}
+ *   total {total}  resumed {at, from, text}  running {step}  stepStart {step}
+ *   step {record}  done {text, weights}  stopped  error {error, text}  ended {finished}
+ */
+
+import { fetchDeviceModels, fetchManifest } from './bundle_http.mjs';
+import { parseData, schedule } from './data.mjs';
+import { sha256Hex } from './digest.mjs';
+import { DeviceError } from './errors.mjs';
+import { SplitTrainer, startRun, train } from './loop.mjs';
+import { SHUFFLE_RULE, shuffled } from './shuffle.mjs';
+import { TfjsSlices } from './slices.mjs';
+import { RunState } from './state.mjs';
+import { IdbStateStore } from './state_idb.mjs';
+import { HttpTransport, describeWait } from './transport.mjs';
+import { chooseBackend } from './web_backend.mjs';
+
+const post = (type, fields = {}) => self.postMessage({ type, ...fields });
+let stopRequested = false;
+let busy = false;
+
+/** The page's messages (worker_boot.mjs forwards them here). */
+export function handle(msg) {
+  if (msg?.type === 'stop') stopRequested = true;
+  else if (msg?.type === 'start') {
+    if (busy) {
+      post('error', { error: 'DeviceError: a run is already going', text: 'a run is already going' });
+      return;
+    }
+    busy = true;
+    run(msg).finally(() => {
+      busy = false;
+    });
+  }
+}
+
+async function fetchBytes(url, what) {
+  let r;
+  try {
+    r = await fetch(url);
+  } catch (err) {
+    throw new DeviceError(`cannot fetch ${what} from ${url}: ${err.message}`);
+  }
+  if (!r.ok) throw new DeviceError(`cannot fetch ${what} from ${url}: HTTP ${r.status}`);
+  return new Uint8Array(await r.arrayBuffer());
+}
+
+/** One run: a new one, or (`resume`) the one saved in IndexedDB, with the settings `st`. */
+async function run({ settings: st, resume, server, schema: schemaUrl, simulateFloat16 = false }) {
+  stopRequested = false;
+  const status = (text, error = false) => post('status', { text, error });
+  const store = new IdbStateStore(`run:${new URL(server).origin}`);
+  let storeWorks = true;
+  let trainer = null;
+  let rt = null;
+  let finished = false;
+  try {
+    try {
+      if (!resume) await store.clear(); // a new run replaces whatever was saved
+    } catch (err) {
+      storeWorks = false;
+      console.warn(`IndexedDB unavailable, the run will not survive a reload: ${err.message}`);
+    }
+    status(`loading TF.js (${st.backend ?? 'cpu'} backend), the manifest and slices A/C…`);
+    const backend = await chooseBackend(st.backend ?? 'cpu', { acceptFloat16: Boolean(st.f16), simulateFloat16 });
+    post('backend', {
+      name: backend.name,
+      requested: backend.requested,
+      note: backend.note,
+      float32: backend.float32,
+      drift: backend.drift,
+      refused: backend.refused ?? null,
+      gpu: backend.gpu,
+    });
+    let waiting = false;
+    const transport = new HttpTransport(server, {
+      onWait: (w) => {
+        waiting = true;
+        status(describeWait(w), true);
+      },
+    });
+    const schema = JSON.parse(new TextDecoder().decode(await fetchBytes(schemaUrl, 'the manifest schema')));
+    const { manifest, digest } = await fetchManifest(transport, schema);
+    post('model', {
+      text:
+        `${manifest.model}, ${manifest.split_mode} split at ${manifest.cuts.map((c) => c.name).join(' | ')}; ` +
+        `${manifest.optimizer.name} lr ${manifest.optimizer.learning_rate}`,
+    });
+    const models = await fetchDeviceModels(transport, manifest);
+    const dataBytes = await fetchBytes(st.data, 'the training data');
+    const data = parseData(dataBytes, manifest.input);
+    rt = new TfjsSlices(manifest, models);
+    trainer = new SplitTrainer(rt, transport, manifest, digest, { auxLabel: st.aux });
+    const plan = { batchSize: st.batch, epochs: st.epochs, steps: st.steps ?? Infinity };
+    if (st.seed !== null && st.seed !== undefined) plan.order = (d, epoch) => shuffled(d, st.seed, epoch);
+    const sched = schedule(data, plan);
+    const total = sched.total;
+    post('total', { total });
+    const state = new RunState(storeWorks ? store : null);
+    const runSpec = {
+      manifest_sha256: digest,
+      runtime: 'tfjs',
+      aux_label: st.aux,
+      data_sha256: await sha256Hex(dataBytes),
+      n_samples: data.count,
+      epochs: st.epochs,
+      batch_size: st.batch,
+      steps: st.steps,
+      seed: st.seed,
+      shuffle: st.seed === null || st.seed === undefined ? 'file order' : SHUFFLE_RULE,
+    };
+    const onEvent = (e) => {
+      console.warn(e.message);
+      status(e.message);
+    };
+    const start = await startRun(trainer, state, { server: transport.baseUrl, run: runSpec, extra: { page: st } }, sched, {
+      onEvent,
+    });
+    if (start.resumed) {
+      post('resumed', {
+        at: start.at,
+        from: start.from,
+        text:
+          `resumed at step ${start.at} of ${total} from this browser's saved run ` +
+          `(session ${trainer.sessionId.slice(0, 8)}…${start.at !== start.from ? `; saved at step ${start.from}, the server's checkpoint is at ${start.at}` : ''})`,
+      });
+    }
+    post('running', { step: trainer.nextStep });
+    const training = `training on ${backend.name}: ${data.count} samples, ${total} steps of ${st.batch}`;
+    status(training);
+    post('stepStart', { step: trainer.nextStep });
+    const records = await train(trainer, sched, {
+      state,
+      onEvent,
+      shouldStop: () => stopRequested,
+      onStep: async (r) => {
+        post('step', { record: { ...r, backend: backend.name } });
+        if (waiting) status(training); // the server is back
+        waiting = false;
+        // let the page's messages (stop) in before the next step
+        await new Promise((resolve) => setTimeout(resolve, 0));
+        if (trainer.nextStep < total && !stopRequested) post('stepStart', { step: trainer.nextStep });
+      },
+    });
+    if (stopRequested) {
+      post('stopped');
+      return;
+    }
+    finished = true;
+    const first = records[0]?.loss;
+    const last = records.at(-1)?.loss;
+    // A's and C's final variables (weights() of the Node CLI's --weights-out), so a test can
+    // compare what the page trained with unsplit Keras, not only its losses.
+    const weights = Object.fromEntries(
+      Object.entries(rt.weights()).map(([part, vars]) => [
+        part,
+        Object.fromEntries(Object.entries(vars).map(([k, w]) => [k, { shape: w.shape, data: Array.from(w.data) }])),
+      ]),
+    );
+    post('done', {
+      weights,
+      text:
+        `done: ${total} steps` +
+        (records.length ? `, loss ${first.toFixed(4)} → ${last.toFixed(4)}` : '') +
+        (start.resumed ? ` (resumed at step ${start.at})` : '') +
+        `, on ${backend.name}`,
+    });
+  } catch (err) {
+    console.error(err);
+    post('error', { error: `${err.name}: ${err.message}`, text: `error: ${err.message}` });
+  } finally {
+    // a finished run ends its session and forgets its state; an interrupted one keeps both
+    try {
+      if (finished) {
+        await trainer?.close();
+        if (storeWorks) await store.clear();
+      }
+    } catch (err) {
+      console.warn(`could not end the finished run's session: ${err.message}`);
+    }
+    rt?.dispose();
+    post('ended', { finished });
+  }
+}
