@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +33,12 @@ STEPS_30 = ("--epochs", "1", "--batch-size", "48")
 STEPS_100 = ("--epochs", "2", "--batch-size", "29")
 
 
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @dataclass
 class Server:
     """``spliteasy serve`` on a state dir, restartable on the same port after a kill."""
@@ -41,21 +49,43 @@ class Server:
     port: int = 0
     proc: ServerProcess | None = None
     starts: int = 0
+    _starting: threading.Thread | None = None
+    _error: BaseException | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> Server:
-        args = ["--state-dir", str(self.state_dir), *self.extra]
-        if self.port:
-            args += ["--port", str(self.port)]  # the last --port wins over ServerProcess' 0
-        self.proc = ServerProcess(self.bundle, args).start(timeout=180)
-        self.port = int(self.proc.url.rsplit(":", 1)[1])
+    def start(self, wait: bool = True) -> Server:
+        """Start (on the port of the last start, else a free one: its URL is known at
+        once). ``wait=False`` returns while it loads, so a device can start (import TF)
+        at the same time; it waits for an unreachable server anyway. ``wait()`` joins."""
+        self.port = self.port or _free_port()
+        args = ["--state-dir", str(self.state_dir), *self.extra, "--port", str(self.port)]
+        self.proc = ServerProcess(self.bundle, args)  # the last --port wins over its 0
         self.starts += 1
+        self._error = None
+        self._starting = threading.Thread(target=self._start, daemon=True)
+        self._starting.start()
+        return self.wait() if wait else self
+
+    def _start(self) -> None:
+        try:
+            assert self.proc is not None
+            self.proc.start(timeout=180)
+        except BaseException as exc:  # raised by wait()
+            self._error = exc
+
+    def wait(self) -> Server:
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
+        if self._error is not None:
+            raise self._error
         return self
 
     def kill(self) -> None:
+        self.wait()
         assert self.proc is not None and self.proc.proc is not None
         self.proc.proc.send_signal(signal.SIGKILL)
         self.proc.proc.wait(30)
@@ -63,10 +93,13 @@ class Server:
     def health(self) -> dict:
         import httpx
 
+        self.wait()
         return httpx.get(f"{self.url}/v1/health", timeout=10).json()
 
     def stop(self) -> None:
         """SIGTERM: the server writes its final checkpoint and exits."""
+        if self._starting is not None:
+            self._starting.join()
         if self.proc is not None:
             self.proc.stop(timeout=60)
 
@@ -96,6 +129,7 @@ class Device:
 
     def start(self, url: str, env: dict[str, str] | None = None) -> Device:
         self.starts += 1
+        self.work.mkdir(parents=True, exist_ok=True)
         out = self.work / f"device-{self.starts}.out"
         self.outputs.append(out)
         cmd = [
