@@ -23,6 +23,7 @@ BatchNorm statistics and its optimizer state are bit for bit what they were.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -252,9 +253,11 @@ class Trainer:
     def _finish(self, leaf: torch.Tensor, target: bool) -> np.ndarray:
         params = self._params()
         grads = [p.grad for p in params if p.grad is not None]
-        if leaf.grad is None or not _all_finite([leaf.grad, *grads]):
+        # one pass each: a max-norm is NaN or Inf as soon as one element is
+        top = _abs_max([leaf.grad, *grads]) if leaf.grad is not None else float("nan")
+        if not math.isfinite(top):
             self._refuse("the gradients of this batch")
-        risky = _abs_max(grads) > SAFE_GRADIENT or _abs_max(params) > SAFE_PARAMETER
+        risky = top > SAFE_GRADIENT or _abs_max(params) > SAFE_PARAMETER
         saved = self._copy_update_state(params) if risky else None
         self.optimizer.step()
         if saved is not None and not (
@@ -400,6 +403,12 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
 
 @torch.no_grad()
 def _abs_max(tensors: list[torch.Tensor]) -> float:
-    if not tensors:
-        return 0.0
-    return float(torch.stack(torch._foreach_norm(tensors, float("inf"))).max())
+    """max |x| over all tensors; NaN if any element is NaN, Inf if any is infinite. One
+    aminmax pass per tensor (a 9M-element B: ~10 ms on one core; the inf-norm of
+    ``_foreach_norm`` takes ~60 ms)."""
+    tops = []
+    for t in tensors:
+        if t.numel():
+            lo, hi = torch.aminmax(t.detach())
+            tops.append(torch.maximum(-lo, hi))
+    return float(torch.stack(tops).max()) if tops else 0.0
