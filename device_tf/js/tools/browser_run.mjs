@@ -116,6 +116,8 @@ try {
     rows: document.getElementById('log').children.length,
     progress: document.getElementById('progress').value,
     resume: document.getElementById('resume')?.hidden ? '' : document.getElementById('resume')?.textContent ?? '',
+    backendUsed: document.getElementById('backend-used')?.textContent ?? null,
+    backendNote: document.getElementById('backend-note')?.textContent ?? null,
   }));
   console.log(JSON.stringify({ result, dom, reload, startOver, console: consoleLines, errors }));
 } catch (err) {
