@@ -66,20 +66,33 @@ def is_loopback(host: str) -> bool:
 
 # Per-connection limits (``spliteasy serve`` flags): h11 is uvicorn's HTTP parser here.
 DEFAULT_LIMITS: dict[str, Any] = {
-    "limit_concurrency": 512,  # connections + requests in flight; past it uvicorn answers 503
     "timeout_keep_alive": 15,  # an idle keep-alive connection is closed after this many s
     "h11_max_incomplete_event_size": 16 * 1024,  # request line + headers, bytes
     "timeout_graceful_shutdown": 5,  # then open requests (waiting for B) are cancelled
     "proxy_headers": False,  # X-Forwarded-For would let any client pick its per-IP limit
 }
 DEFAULT_HEADER_TIMEOUT = 10.0
+DEFAULT_MAX_CONNECTIONS = 512
+_FULL = (
+    b'{"error":"busy","detail":"the server has as many connections open as it takes; '
+    b'retry shortly"}'
+)
+_FULL_REPLY = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+    b"retry-after: 1\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+) % (len(_FULL), _FULL)
 
 
-def _guarded_h11(header_timeout: float) -> type:
-    """uvicorn's h11 protocol with a header timeout: a connection must complete its request
-    line and headers within ``header_timeout`` s of its first byte (or of opening), else it
-    is closed. uvicorn has only an idle timeout between requests, so a client trickling
-    headers (slowloris) would hold its connection slot for ever."""
+def _guarded_h11(header_timeout: float, max_connections: int | None) -> type:
+    """uvicorn's h11 protocol with a header timeout and a connection cap.
+
+    A connection must complete its request line and headers within ``header_timeout`` s
+    of its first byte (or of opening), else it is closed: uvicorn has only an idle timeout
+    between requests, so a client trickling headers (slowloris) would hold its slot for
+    ever. Past ``max_connections`` open connections a new one is answered 503 busy (the
+    protocol's JSON, ``Retry-After``) and closed; HTTP/1.1 runs one request at a time per
+    connection, so this also caps requests in flight (uvicorn's own ``limit_concurrency``
+    answers a plain-text 503 without Retry-After)."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -88,6 +101,10 @@ def _guarded_h11(header_timeout: float) -> type:
 
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            if max_connections is not None and len(self.connections) > max_connections:
+                transport.write(_FULL_REPLY)
+                transport.close()
+                return
             self._arm()
 
         def _arm(self) -> None:
@@ -170,12 +187,13 @@ def _uvicorn_server(app: Any, log_level: str, **options: Any) -> Any:
             threading.Thread(target=drain, name="spliteasy final checkpoint", daemon=True).start()
 
     header_timeout = options.pop("header_timeout", DEFAULT_HEADER_TIMEOUT)
+    max_connections = options.pop("max_connections", DEFAULT_MAX_CONNECTIONS)
     config = uvicorn.Config(
         app,
         log_level=log_level,
         lifespan="off",
         access_log=log_level == "debug",
-        http=_guarded_h11(header_timeout),
+        http=_guarded_h11(header_timeout, max_connections),
         **{**DEFAULT_LIMITS, **options},
     )
     return Server(config)

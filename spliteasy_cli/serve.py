@@ -135,7 +135,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=512,
         metavar="N",
-        help="concurrent connections and requests; past it 503 (default %(default)s)",
+        help="open connections at most (one request each at a time); past it 503 busy + "
+        "Retry-After (default %(default)s)",
     )
     expose.add_argument(
         "--max-buffered-mb",
@@ -234,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
                 f"spliteasy serve: session creation needs one of {len(auth_keys)} enrolment key(s)"
             )
         options = {
-            "limit_concurrency": args.max_connections,
+            "max_connections": args.max_connections,
             "timeout_keep_alive": args.keep_alive_timeout,
             "header_timeout": args.header_timeout,
         }

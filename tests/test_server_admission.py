@@ -3,6 +3,7 @@ device, connection limits, the exposure refusal of ``spliteasy serve``, and /met
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import socket
@@ -325,3 +326,31 @@ def test_js_device_verifies_the_servers_certificate(tmp_path, serve_app):
     assert untrusted.returncode != 0
     assert re.search("UNABLE_TO_VERIFY|SELF_SIGNED|CERT_", untrusted.stderr), untrusted.stderr
     assert "not trusted" in untrusted.stderr  # at once, with the hint, not as "unreachable"
+
+
+def test_connection_cap_answers_503_busy_json(serve_app):
+    app = _app()
+    url = serve_app(app, max_connections=4).url
+    host, port = url.removeprefix("http://").split(":")
+    held = [socket.create_connection((host, int(port)), timeout=5) for _ in range(4)]
+    try:
+        time.sleep(0.2)
+        with socket.create_connection((host, int(port)), timeout=5) as extra:
+            reply = b""
+            while chunk := extra.recv(4096):
+                reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in head
+        assert json.loads(body)["error"] == "busy"
+    finally:
+        for s in held:
+            s.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the slots are free again
+        try:
+            assert httpx.get(f"{url}/v1/health", timeout=2).status_code == 200
+            break
+        except (httpx.HTTPError, AssertionError):
+            time.sleep(0.1)
+    else:
+        raise AssertionError("health did not answer after the connections closed")
