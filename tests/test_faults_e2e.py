@@ -6,6 +6,9 @@ server applied them (the reply is lost), and resets 5 % mid-request and 5 % mid-
 The device retries each identically; the server answers a repeated step from its retry
 store. The final A, B and C must equal the fault-free run's exactly, and B must have
 taken exactly 100 optimizer steps.
+
+The fault-free run is the same ``train``/``serve`` code in this process
+(``resume_helpers.uninterrupted``): bit-equal to child processes, without their start-up.
 """
 
 from __future__ import annotations
@@ -32,12 +35,14 @@ def test_hundred_steps_through_dropped_connections(digits_bundles, tmp_path) -> 
 
     work = tmp_path / "faulty"
     work.mkdir()
-    server = Server(bundle, work / "server-state", extra=()).start()
+    server = Server(bundle, work / "server-state", extra=()).start(wait=False)  # its port: known
     schedule = FaultSchedule(FAULTS, seed=7, applies_to=path_matches(r"^/v1/sessions"))
     proxy = FaultProxy(("127.0.0.1", server.port), schedule).start()
     device = Device(bundle, work, STEPS_100)
     try:
-        device.start(proxy.url).finish(timeout=900)
+        device.start(proxy.url)  # imports TF while the server loads B
+        server.wait()
+        device.finish(timeout=900)
         steps = server.health()["steps"]  # asked directly, not through the proxy
         got = final_state(server, device)
     finally:
