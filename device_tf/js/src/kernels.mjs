@@ -10,7 +10,7 @@
  * per-element index arithmetic too. Every convolutional slice A paid that on every step.
  *
  * How: convolutions become im2col + a register-tiled matrix product (gemmNT below: C = A B^T
- * with both operands contiguous along the shared axis, 2x4 accumulators), chunked over output
+ * with both operands contiguous along the shared axis, 4x4 accumulators), chunked over output
  * positions so the patch matrix stays in cache; gradients w.r.t. the filter accumulate in
  * float64, so their error is float32 rounding of the exact sum (TensorFlow's Eigen kernels
  * accumulate in float32: these results are at least as close to the exact gradient).
@@ -40,11 +40,12 @@ function chunkFor(k) {
  */
 export function gemmNT(A, aOff, lda, B, bOff, ldb, C, cOff, ldc, m, n, k, accumulate) {
   let i = 0;
-  for (; i + 1 < m; i += 2) {
+  // 4x4 tiles: 16 float64 accumulators, 8 loads per 16 multiply-adds.
+  for (; i + 3 < m; i += 4) {
     const a0 = aOff + i * lda;
     const a1 = a0 + lda;
-    const c0 = cOff + i * ldc;
-    const c1 = c0 + ldc;
+    const a2 = a1 + lda;
+    const a3 = a2 + lda;
     let j = 0;
     for (; j + 3 < n; j += 4) {
       const b0 = bOff + j * ldb;
@@ -52,44 +53,52 @@ export function gemmNT(A, aOff, lda, B, bOff, ldb, C, cOff, ldc, m, n, k, accumu
       const b2 = b1 + ldb;
       const b3 = b2 + ldb;
       let s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
+      let s20 = 0, s21 = 0, s22 = 0, s23 = 0, s30 = 0, s31 = 0, s32 = 0, s33 = 0;
       for (let p = 0; p < k; p++) {
-        const x0 = A[a0 + p];
-        const x1 = A[a1 + p];
         const y0 = B[b0 + p];
         const y1 = B[b1 + p];
         const y2 = B[b2 + p];
         const y3 = B[b3 + p];
-        s00 += x0 * y0;
-        s01 += x0 * y1;
-        s02 += x0 * y2;
-        s03 += x0 * y3;
-        s10 += x1 * y0;
-        s11 += x1 * y1;
-        s12 += x1 * y2;
-        s13 += x1 * y3;
+        let x = A[a0 + p];
+        s00 += x * y0; s01 += x * y1; s02 += x * y2; s03 += x * y3;
+        x = A[a1 + p];
+        s10 += x * y0; s11 += x * y1; s12 += x * y2; s13 += x * y3;
+        x = A[a2 + p];
+        s20 += x * y0; s21 += x * y1; s22 += x * y2; s23 += x * y3;
+        x = A[a3 + p];
+        s30 += x * y0; s31 += x * y1; s32 += x * y2; s33 += x * y3;
       }
+      const c0 = cOff + i * ldc + j;
+      const c1 = c0 + ldc;
+      const c2 = c1 + ldc;
+      const c3 = c2 + ldc;
       if (accumulate) {
-        C[c0 + j] += s00; C[c0 + j + 1] += s01; C[c0 + j + 2] += s02; C[c0 + j + 3] += s03;
-        C[c1 + j] += s10; C[c1 + j + 1] += s11; C[c1 + j + 2] += s12; C[c1 + j + 3] += s13;
+        C[c0] += s00; C[c0 + 1] += s01; C[c0 + 2] += s02; C[c0 + 3] += s03;
+        C[c1] += s10; C[c1 + 1] += s11; C[c1 + 2] += s12; C[c1 + 3] += s13;
+        C[c2] += s20; C[c2 + 1] += s21; C[c2 + 2] += s22; C[c2 + 3] += s23;
+        C[c3] += s30; C[c3 + 1] += s31; C[c3 + 2] += s32; C[c3 + 3] += s33;
       } else {
-        C[c0 + j] = s00; C[c0 + j + 1] = s01; C[c0 + j + 2] = s02; C[c0 + j + 3] = s03;
-        C[c1 + j] = s10; C[c1 + j + 1] = s11; C[c1 + j + 2] = s12; C[c1 + j + 3] = s13;
+        C[c0] = s00; C[c0 + 1] = s01; C[c0 + 2] = s02; C[c0 + 3] = s03;
+        C[c1] = s10; C[c1 + 1] = s11; C[c1 + 2] = s12; C[c1 + 3] = s13;
+        C[c2] = s20; C[c2 + 1] = s21; C[c2 + 2] = s22; C[c2 + 3] = s23;
+        C[c3] = s30; C[c3 + 1] = s31; C[c3 + 2] = s32; C[c3 + 3] = s33;
       }
     }
     for (; j < n; j++) {
       const b0 = bOff + j * ldb;
-      let s0 = 0, s1 = 0;
+      let s0 = 0, s1 = 0, s2 = 0, s3 = 0;
       for (let p = 0; p < k; p++) {
         const y = B[b0 + p];
         s0 += A[a0 + p] * y;
         s1 += A[a1 + p] * y;
+        s2 += A[a2 + p] * y;
+        s3 += A[a3 + p] * y;
       }
+      const c0 = cOff + i * ldc + j;
       if (accumulate) {
-        C[c0 + j] += s0;
-        C[c1 + j] += s1;
+        C[c0] += s0; C[c0 + ldc] += s1; C[c0 + 2 * ldc] += s2; C[c0 + 3 * ldc] += s3;
       } else {
-        C[c0 + j] = s0;
-        C[c1 + j] = s1;
+        C[c0] = s0; C[c0 + ldc] = s1; C[c0 + 2 * ldc] = s2; C[c0 + 3 * ldc] = s3;
       }
     }
   }

@@ -1,0 +1,249 @@
+"""Device-runtime benchmark (issue #12; ``make bench-device``, part of ``make bench``).
+
+Per-step device compute of the same bundle -- A's forward, C's forward + loss + backward +
+update, A's backward + update, on fixed random inputs and without a server -- in Python TF,
+TFLite and TF.js in Node (cpu backend), for the stem/head splits of ResNet50 and MobileNetV2
+(``tests/zoo_helpers.DEVICE_SPLITS``) at 96-128 px, batch 16; the ratios to Python TF; and
+the kernel-by-kernel gaps on the stems' own shapes (``device_tf/js/tools/profile_kernels.mjs``
+against the same ops in TensorFlow), including the stem convolution's filter gradient
+against its forward. The TF.js page (cpu and webgl) is measured by the browser tooling.
+
+Speed is reported, never asserted. Usage::
+
+    python benchmarks/device_runtimes.py [--nets resnet50 mobilenetv2] [--sizes 96 128]
+        [--batch 16] [--steps 3] [--out runs/bench-device.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+REPO = Path(__file__).resolve().parents[1]
+JS_DIR = REPO / "device_tf" / "js"
+sys.path.insert(0, str(REPO / "tests"))  # zoo_helpers: the cached stem/head bundles
+
+
+def _inputs(rt_shapes: dict[str, tuple[int, ...]], batch: int, classes: int) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    out = {
+        "x": rng.random((batch, *rt_shapes["x"]), dtype=np.float32),
+        "g_a": (rng.standard_normal((batch, *rt_shapes["a"])) * 1e-3).astype(np.float32),
+        "y": (np.arange(batch) % classes).astype(np.int32),
+    }
+    if "b" in rt_shapes:
+        out["b"] = rng.random((batch, *rt_shapes["b"]), dtype=np.float32)
+    return out
+
+
+def time_python_runtime(runtime: Any, inputs: dict[str, Any], steps: int) -> dict[str, float]:
+    """Median seconds of each phase of a device step (after one warm-up step)."""
+
+    def step() -> dict[str, float]:
+        t0 = time.perf_counter()
+        runtime.a_forward(inputs["x"])
+        t1 = time.perf_counter()
+        if "b" in inputs:
+            runtime.c_train(inputs["b"], inputs["y"])
+        t2 = time.perf_counter()
+        runtime.a_backward(inputs["g_a"])
+        t3 = time.perf_counter()
+        return {
+            "a_forward_s": t1 - t0,
+            "c_train_s": t2 - t1,
+            "a_backward_s": t3 - t2,
+            "step_s": t3 - t0,
+        }
+
+    step()
+    runs = [step() for _ in range(steps)]
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def time_tfjs(bundle: Path, batch: int, steps: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "tfjs.json"
+        subprocess.run(
+            ["node", "tools/bench_device.mjs", str(bundle), "--batch", str(batch),
+             "--steps", str(steps), "--profile", "--json", str(out)],
+            cwd=JS_DIR, check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        return json.loads(out.read_text())
+
+
+def tf_op_times(size: int, batch: int) -> dict[str, dict[str, float]]:
+    """Forward and gradient seconds of profile_kernels.mjs' ops in TensorFlow (tf.function)."""
+    import tensorflow as tf
+
+    half = lambda n, s: -(-n // s)  # noqa: E731
+    s2, s4 = half(size, 2), half(half(size, 2), 2)
+    rnd = lambda *shape: tf.random.uniform(shape, -1, 1, seed=7)  # noqa: E731
+
+    def moments(v: Any) -> Any:
+        mean, var = tf.nn.moments(v, [0, 1, 2])
+        return tf.reduce_sum((v - mean) * tf.math.rsqrt(var + 1e-3))
+
+    conv = lambda s, p: lambda a, w: tf.reduce_sum(tf.nn.conv2d(a, w, s, p))  # noqa: E731
+
+    def dconv(s: int, p: str) -> Callable:
+        return lambda a, w: tf.reduce_sum(tf.nn.depthwise_conv2d(a, w, [1, s, s, 1], p))
+
+    cases: dict[str, tuple[Callable, list, list[int]]] = {
+        # name: (f, inputs, indices of the inputs the gradient is taken for) -- as the JS side
+        "resnet50 conv1 7x7/2 3->64": (conv(2, "VALID"), [rnd(batch, size + 6, size + 6, 3), rnd(7, 7, 3, 64)], [1]),
+        "resnet50 pool1 maxpool 3x3/2": (lambda a: tf.reduce_sum(tf.nn.max_pool2d(a, 3, 2, "VALID")), [rnd(batch, s2 + 2, s2 + 2, 64)], [0]),
+        "resnet50 conv1_bn moments": (moments, [rnd(batch, s2, s2, 64)], [0]),
+        "resnet50 conv2 3x3 same 64->64": (conv(1, "SAME"), [rnd(batch, s4, s4, 64), rnd(3, 3, 64, 64)], [0, 1]),
+        "resnet50 conv2 1x1 64->256": (conv(1, "SAME"), [rnd(batch, s4, s4, 64), rnd(1, 1, 64, 256)], [0, 1]),
+        "mobilenetv2 Conv1 3x3/2 3->32": (conv(2, "SAME"), [rnd(batch, size, size, 3), rnd(3, 3, 3, 32)], [1]),
+        "mobilenetv2 depthwise 3x3 32": (dconv(1, "SAME"), [rnd(batch, s2, s2, 32), rnd(3, 3, 32, 1)], [0, 1]),
+        "mobilenetv2 block_1 depthwise 3x3/2 96": (dconv(2, "VALID"), [rnd(batch, s2 + 1, s2 + 1, 96), rnd(3, 3, 96, 1)], [0, 1]),
+        "mobilenetv2 Conv_1 1x1 320->1280": (conv(1, "VALID"), [rnd(batch, half(size, 32), half(size, 32), 320), rnd(1, 1, 320, 1280)], [0, 1]),
+    }  # fmt: skip
+    out = {}
+    for name, (f, args, wrt) in cases.items():
+        fwd = tf.function(f)
+
+        @tf.function
+        def both(*a: Any, f: Callable = f, wrt: list[int] = wrt) -> Any:
+            with tf.GradientTape() as tape:
+                for i in wrt:
+                    tape.watch(a[i])
+                y = f(*a)
+            return tape.gradient(y, [a[i] for i in wrt])
+
+        def best(fn: Callable, args: list = args) -> float:
+            fn(*args)  # trace
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                res = fn(*args)
+                _ = [r.numpy() for r in (res if isinstance(res, list) else [res])]
+                times.append(time.perf_counter() - t0)
+            return min(times)
+
+        f_s, b_s = best(fwd), best(both)
+        out[name] = {"forward_s": f_s, "grad_s": max(b_s - f_s, 0.0)}
+    return out
+
+
+def js_op_times(size: int, batch: int) -> dict[str, dict[str, float]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "ops.json"
+        subprocess.run(
+            ["node", "tools/profile_kernels.mjs", "--size", str(size), "--batch", str(batch),
+             "--orig-batch", "1", "--json", str(out)],
+            cwd=JS_DIR, check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        return {r["op"]: r for r in json.loads(out.read_text())["rows"]}
+
+
+def bench_net(net: str, size: int, batch: int, steps: int) -> dict[str, Any]:
+    import zoo_helpers
+
+    from device_tf.tf_runtime import TFRuntime
+    from shared_schema import load_manifest
+
+    bundle = zoo_helpers.device_bundle(net, size)
+    manifest = load_manifest(bundle)
+    tf_rt = TFRuntime.from_bundle(bundle)
+    shapes = {"x": tuple(tf_rt.a.input_shape[1:]), "a": tuple(tf_rt.a.output_shape[1:])}
+    if tf_rt.c is not None:
+        shapes["b"] = tuple(tf_rt.c.input_shape[1:])
+    inputs = _inputs(shapes, batch, manifest.num_classes)
+    res: dict[str, Any] = {
+        "net": net,
+        "size": size,
+        "batch": batch,
+        "cuts": zoo_helpers.DEVICE_SPLITS[net],
+    }
+    res["tf"] = time_python_runtime(tf_rt, inputs, steps)
+    try:
+        from device_tf.tflite_runtime import TFLiteRuntime
+
+        res["tflite"] = time_python_runtime(TFLiteRuntime.from_bundle(bundle), inputs, steps)
+    except Exception as err:  # a bundle without TFLite artefacts, or a TFLite refusal
+        res["tflite"] = {"error": f"{type(err).__name__}: {err}"}
+    res["tfjs_node"] = time_tfjs(bundle, batch, steps)
+    return res
+
+
+def report(results: list[dict[str, Any]], ops: dict[int, dict[str, Any]]) -> str:
+    lines = [
+        "| network (px, batch) | runtime | A fwd s | C train s | A bwd s | step s | x Python TF |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        base = r["tf"]["step_s"]
+        for rt in ("tf", "tflite", "tfjs_node"):
+            t = r[rt]
+            if "error" in t:
+                lines.append(
+                    f"| {r['net']} ({r['size']}, {r['batch']}) | {rt} | {t['error'][:60]} | | | | |"
+                )
+                continue
+            lines.append(
+                f"| {r['net']} ({r['size']}, {r['batch']}) | {rt} | {t['a_forward_s']:.3f} | {t['c_train_s']:.3f} "
+                f"| {t['a_backward_s']:.3f} | {t['step_s']:.3f} | {t['step_s'] / base:.1f}x |"
+            )
+        kernels = r["tfjs_node"].get("kernels_s", {})
+        top = ", ".join(f"{k} {v:.2f} s" for k, v in list(kernels.items())[:6])
+        lines.append(f"\n{r['net']} {r['size']} px: TF.js kernels of one step: {top}\n")
+    for size, o in ops.items():
+        lines += [
+            f"\nKernels at {size} px (TF.js cpu before -> after, and Python TF): forward s, gradient s",
+            "| op | TF.js own fwd / grad | TF.js fast fwd / grad (grad/fwd) | TF fwd / grad | fast / TF (fwd+grad) |",
+            "|---|---|---|---|---|",
+        ]
+        gaps = []
+        for name, js in o["js"].items():
+            t = o["tf"][name]
+            ratio = (js["fast_forward_s"] + js["fast_grad_s"]) / max(
+                t["forward_s"] + t["grad_s"], 1e-9
+            )
+            gaps.append((ratio, name))
+            lines.append(
+                f"| {name} | {js['orig_forward_s']:.3f} / {js['orig_grad_s']:.2f} | {js['fast_forward_s']:.3f} / "
+                f"{js['fast_grad_s']:.3f} ({js['fast_grad_s'] / js['fast_forward_s']:.1f}x) | {t['forward_s']:.4f} / "
+                f"{t['grad_s']:.4f} | {ratio:.0f}x |"
+            )
+        gaps.sort(reverse=True)
+        lines.append("largest gaps to TF: " + ", ".join(f"{n} {g:.0f}x" for g, n in gaps[:3]))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--nets", nargs="+", default=["resnet50", "mobilenetv2"])
+    ap.add_argument("--sizes", nargs="+", type=int, default=[96])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--no-ops", action="store_true", help="skip the kernel-by-kernel table")
+    ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench-device.json")
+    args = ap.parse_args()
+    results = [bench_net(n, s, args.batch, args.steps) for s in args.sizes for n in args.nets]
+    ops = {}
+    if not args.no_ops:
+        for s in args.sizes:
+            ops[s] = {"js": js_op_times(s, args.batch), "tf": tf_op_times(s, args.batch)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"results": results, "ops": ops}, indent=1, default=str))
+    print(report(results, ops))
+    print(f"\n(written to {args.out})")
+
+
+if __name__ == "__main__":
+    main()
