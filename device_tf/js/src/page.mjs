@@ -57,6 +57,7 @@ const settings = {
   aux: params.get('aux') === '1',
   backend: params.get('backend') ?? 'cpu',
   f16: params.get('f16') === '1',
+  key: params.get('key'), // enrolment key for a server started with --auth-keys
 };
 const simulateFloat16 = params.get('simulate') === 'float16';
 showSettings(settings);
@@ -277,7 +278,7 @@ async function startOver() {
     await running;
     const saved = storeWorks ? await store.readSession() : null;
     if (saved?.session_id) {
-      const t = new HttpTransport(saved.server ?? (settings.server || location.origin));
+      const t = new HttpTransport(saved.server ?? (settings.server || location.origin), { authKey: settings.key });
       t.attach({ sessionId: saved.session_id, token: saved.token });
       await t.closeSession();
     }
