@@ -184,7 +184,7 @@ class ShuttingDown(ServerError):
     """The server is draining for its final checkpoint; the request changed nothing."""
 
     status, code = 503, "shutting_down"
-    headers = {"Retry-After": "5"}
+    headers = {"Retry-After": "1"}  # devices honour it; a restart takes longer anyway
 
 
 # Frame codec errors: malformed bytes are the client's syntax error (400); a well-formed
