@@ -181,3 +181,15 @@ def test_worker_keeps_the_page_responsive(serve_app, page_files, bundle):
     for q in recs:
         assert q["ui_ticks"] >= q["total_ms"] / 10 / 4, q
     assert r["ui"]["maxGapMs"] < max(longest["device_ms"] / 2, 50), r["ui"]
+
+
+def test_webgpu_request_trains_on_cpu_and_says_why(serve_app, page_files, bundle):
+    data = write_batches(page_files(".frames"), fixed_batches(2, BATCH))
+    out = run_page(serve_app, bundle, page_files, data, f"batch={BATCH}&steps=2&backend=webgpu")
+    r = out["result"]
+    assert r["status"] == "done", json.dumps(out, indent=1)[:4000]
+    b = r["backend"]
+    print(f"\nwebgpu requested: {b['note']}")
+    assert (b["name"], b["requested"]) == ("cpu", "webgpu")
+    assert "training on cpu" in b["note"] and "WebGPU" in b["note"]
+    assert out["dom"]["backendUsed"] == "cpu"

@@ -162,7 +162,7 @@ function run(saved = null) {
     steps: form.get('steps') ? Number(form.get('steps')) : null,
     seed: form.get('seed') !== '' && form.get('seed') !== null ? Number(form.get('seed')) : null,
     aux: settings.aux,
-    backend: String(form.get('backend') ?? 'cpu'),
+    backend: $('backend').value || 'cpu', // even a disabled option: the worker says why it cannot
     f16: form.get('f16') === 'on',
   };
   showSettings(st);
@@ -298,6 +298,25 @@ $('controls').addEventListener('submit', (ev) => {
 });
 $('restart').addEventListener('click', () => startOver());
 $('model').textContent = 'ready';
+markBackends();
+
+/** Mark the backend options this browser cannot offer (the worker checks again, and says why). */
+async function markBackends() {
+  const option = (v) => $('backend').querySelector(`option[value="${v}"]`);
+  const canvas = document.createElement('canvas');
+  if (!(canvas.getContext('webgl2') ?? canvas.getContext('webgl'))) {
+    option('webgl').disabled = true;
+    option('webgl').textContent = 'webgl (no WebGL here)';
+  }
+  let adapter = null;
+  try {
+    adapter = await navigator.gpu?.requestAdapter();
+  } catch {
+    adapter = null;
+  }
+  option('webgpu').disabled = true; // see web_backend.mjs: TF.js 4.22's webgpu backend reads back asynchronously only
+  option('webgpu').textContent = adapter ? 'webgpu (not yet supported)' : 'webgpu (not in this browser)';
+}
 
 // An unfinished run saved in this browser resumes on load; otherwise auto=1 starts one.
 (async () => {

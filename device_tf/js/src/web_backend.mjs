@@ -1,7 +1,8 @@
 /**
  * Which TF.js backend the browser page trains on (issue #12): cpu (the default: the same
  * kernels as the Node device, so the same numbers), webgl where the GPU renders float32
- * textures, webgpu where the browser has an adapter and TF.js' webgpu backend is loaded.
+ * textures, webgpu where the browser has an adapter and a TF.js webgpu backend is registered
+ * (none is yet: see chooseBackend).
  *
  * WebGL keeps tensors in textures. Where the GPU cannot render to float32 textures, TF.js
  * falls back to float16 ones (WEBGL_RENDER_FLOAT32_ENABLED false): 11-bit mantissas, so
@@ -109,7 +110,15 @@ export async function chooseBackend(requested = 'cpu', { acceptFloat16 = false, 
   if (requested === 'cpu') return onCpu('cpu backend: the same kernels and numbers as the Node device');
   if (requested === 'webgpu') {
     if (!gpu.webgpu) return onCpu('this browser has no WebGPU adapter: training on cpu');
-    if (!tf.findBackendFactory('webgpu')) return onCpu("this page's TF.js has no webgpu backend: training on cpu");
+    // TF.js' webgpu backend (a separate package, @tensorflow/tfjs-backend-webgpu 4.22) reads
+    // results back only asynchronously: its dataSync() returns zeros (measured in Chromium
+    // 156), and this device's loop reads A's output, C's loss and the weights synchronously.
+    if (!tf.findBackendFactory('webgpu')) {
+      return onCpu(
+        "WebGPU is available here, but this page's TF.js has no webgpu backend yet (TF.js 4.22's reads results " +
+          'back only asynchronously, the training loop synchronously): training on cpu',
+      );
+    }
   }
   if (requested === 'webgl') {
     if (!gpu.webgl) return onCpu('this browser has no WebGL: training on cpu');

@@ -40,6 +40,7 @@ self.onmessage = async (ev) => {
     for (const msg of pending.splice(0)) handle(msg);
   } catch (err) {
     self.postMessage({ type: 'error', error: `${err.name}: ${err.message}`, text: `cannot start the training worker: ${err.message}` });
+    self.postMessage({ type: 'ended', finished: false });
   }
 };
 
