@@ -1,8 +1,8 @@
 """TF.js' fast cpu kernels (device_tf/js/src/kernels.mjs, issue #12) agree with TensorFlow.
 
 The replaced kernels -- Conv2D and its filter and input gradients, depthwise convolution and
-its gradients, max pooling's gradient, the reductions and broadcasting arithmetic of
-BatchNormalization's moments -- are run by ``tools/check_kernels.mjs`` on the cpu backend as
+its gradients, max pooling's gradient, ZeroPadding2D's pad and its gradient (a strided
+slice), the reductions and broadcasting arithmetic of BatchNormalization's moments -- are run by ``tools/check_kernels.mjs`` on the cpu backend as
 the device runs it, on the geometries the zoo's device slices use (1x1 to 7x7, stride 1 and
 2, 'same' and 'valid', ResNet's 7x7/2 stem and MobileNet's depthwise 3x3/2), and compared
 with ``tf.GradientTape`` gradients of the same functions: within 1e-4 of the reference's
@@ -28,7 +28,7 @@ from shared_schema.frame import Frame, FrameKind, decode, encode  # noqa: E402
 pytestmark = pytest.mark.js
 
 RTOL = 1e-4
-N_FAST = 15  # kernels kernels.mjs replaces (FAST_KERNELS)
+N_FAST = 17  # kernels kernels.mjs replaces (FAST_KERNELS)
 
 
 def _cases() -> list[dict]:
@@ -50,14 +50,18 @@ def _cases() -> list[dict]:
     # stem (3x3/2 same) and its first strided depthwise (ZeroPadding + 3x3/2 valid); the
     # 1x1/2 projection shortcut; BN's moments over N, H, W.
     cases += [
-        dict(name="resnet_stem", op="conv", k=7, stride=2, pad="valid", x=[4, 38, 38, 3], w=[7, 7, 3, 64]),
-        dict(name="resnet_pool1", op="maxpool", k=3, stride=2, pad="valid", x=[4, 18, 18, 64]),
+        dict(name="resnet_stem", op="padconv", zpad=3, k=7, stride=2, pad="valid", x=[4, 32, 32, 3], w=[7, 7, 3, 64]),
+        dict(name="resnet_pool1", op="padmax", zpad=1, k=3, stride=2, pad="valid", x=[4, 16, 16, 64]),
         dict(name="resnet_shortcut", op="conv", k=1, stride=2, pad="valid", x=[2, 8, 8, 64], w=[1, 1, 64, 128]),
         dict(name="mobilenet_stem", op="conv", k=3, stride=2, pad="same", x=[4, 32, 32, 3], w=[3, 3, 3, 32]),
         dict(name="mobilenet_dw2", op="depthwise", k=3, stride=2, pad="valid", x=[4, 17, 17, 96], w=[3, 3, 96, 1]),
         dict(name="bn_moments", op="moments", k=0, stride=0, pad="", x=[4, 16, 16, 64]),
     ]  # fmt: skip
     return cases
+
+
+def _zero_pad(a, p: int):
+    return tf.pad(a, [[0, 0], [p, p], [p, p], [0, 0]])
 
 
 def _tf_fn(case: dict):
@@ -67,6 +71,8 @@ def _tf_fn(case: dict):
         "conv": lambda a, w: tf.nn.conv2d(a, w, s, pad),
         "depthwise": lambda a, w: tf.nn.depthwise_conv2d(a, w, [1, s, s, 1], pad),
         "maxpool": lambda a: tf.nn.max_pool2d(a, k, s, pad),
+        "padconv": lambda a, w: tf.nn.conv2d(_zero_pad(a, case.get("zpad")), w, s, pad),
+        "padmax": lambda a: tf.nn.max_pool2d(_zero_pad(a, case.get("zpad")), k, s, pad),
         "moments": lambda a: (
             (a - tf.reduce_mean(a, [0, 1, 2]))
             * tf.math.rsqrt(tf.math.reduce_variance(a, [0, 1, 2]) + 1e-3)

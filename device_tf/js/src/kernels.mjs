@@ -553,6 +553,49 @@ export function broadcastBinary(code, a, aShape, b, bShape, outShape, out) {
   return out;
 }
 
+/**
+ * Copy the block of shape `size` at `srcBegin` in src (shape srcShape) to `dstBegin` in dst
+ * (shape dstShape), row by row of the last axis (Slice and PadV2 both are such a copy).
+ */
+export function copyBlock(src, srcShape, srcBegin, dst, dstShape, dstBegin, size) {
+  const rank = size.length;
+  const stridesOf = (shape) => {
+    const st = new Array(rank);
+    let acc = 1;
+    for (let d = rank - 1; d >= 0; d--) {
+      st[d] = acc;
+      acc *= shape[d];
+    }
+    return st;
+  };
+  const ss = stridesOf(srcShape);
+  const ds = stridesOf(dstShape);
+  const inner = size[rank - 1];
+  let total = 1;
+  for (const d of size) total *= d;
+  if (total === 0) return dst;
+  let ps = 0;
+  let pd = 0;
+  for (let d = 0; d < rank; d++) {
+    ps += srcBegin[d] * ss[d];
+    pd += dstBegin[d] * ds[d];
+  }
+  const idx = new Array(rank - 1).fill(0);
+  for (let n = 0, rows = total / inner; n < rows; n++) {
+    dst.set(src.subarray(ps, ps + inner), pd);
+    for (let d = rank - 2; d >= 0; d--) {
+      idx[d]++;
+      ps += ss[d];
+      pd += ds[d];
+      if (idx[d] < size[d]) break;
+      ps -= ss[d] * size[d];
+      pd -= ds[d] * size[d];
+      idx[d] = 0;
+    }
+  }
+  return dst;
+}
+
 // ---- kernel functions (the registry's calling convention) ----
 
 const vals = (backend, t) => backend.data.get(t.dataId).values;
@@ -688,6 +731,34 @@ function binary(name, code) {
   };
 }
 
+const NUMERIC = new Set(['float32', 'int32', 'bool']);
+
+function sliceKernel(args) {
+  const { inputs, backend, attrs } = args;
+  const { x } = inputs;
+  if (!NUMERIC.has(x.dtype) || x.shape.length < 2) return originals.get(tf.Slice).kernelFunc(args);
+  const [begin, size] = tf.slice_util.parseSliceParams(x, attrs.begin, attrs.size);
+  if (tf.slice_util.isSliceContinous(x.shape, begin, size)) return originals.get(tf.Slice).kernelFunc(args);
+  tf.slice_util.assertParamsValid(x, begin, size);
+  const values = vals(backend, x);
+  const out = new values.constructor(tf.util.sizeFromShape(size));
+  copyBlock(values, x.shape, begin, out, size, new Array(size.length).fill(0), size);
+  return backend.makeTensorInfo(size, x.dtype, out);
+}
+
+function padKernel(args) {
+  const { inputs, backend, attrs } = args;
+  const { x } = inputs;
+  if (!NUMERIC.has(x.dtype) || x.shape.length < 1) return originals.get(tf.PadV2).kernelFunc(args);
+  const { paddings, constantValue } = attrs;
+  const outShape = paddings.map((p, i) => p[0] + x.shape[i] + p[1]);
+  const values = vals(backend, x);
+  const out = new values.constructor(tf.util.sizeFromShape(outShape));
+  if (constantValue !== 0) out.fill(constantValue);
+  copyBlock(values, x.shape, new Array(x.shape.length).fill(0), out, outShape, paddings.map((p) => p[0]), x.shape);
+  return backend.makeTensorInfo(outShape, x.dtype, out);
+}
+
 /** kernel name -> replacement, in the order registered. */
 export const FAST_KERNELS = {
   [tf.Conv2D]: conv2DKernel,
@@ -701,6 +772,8 @@ export const FAST_KERNELS = {
   [tf.Sum]: reduction(tf.Sum, false),
   [tf.Mean]: reduction(tf.Mean, true),
   [tf.Transpose]: transposeKernel,
+  [tf.Slice]: sliceKernel,
+  [tf.PadV2]: padKernel,
   [tf.Add]: binary(tf.Add, 0),
   [tf.Sub]: binary(tf.Sub, 1),
   [tf.Multiply]: binary(tf.Multiply, 2),

@@ -1,8 +1,8 @@
 // Computes, with TF.js' cpu backend as the device runs it (src/kernels.mjs registered by
 // initBackend), the forward and gradients of the cases tests/test_js_kernels.py wrote with
 // TensorFlow's references. Usage: node tools/check_kernels.mjs CASES.json IN.frames OUT.frames
-// CASES = [{name, op: conv|depthwise|maxpool|avgpool|moments, k, stride, pad, x: shape,
-// w: shape}]; IN holds "<name>.x", "<name>.w", "<name>.dy" (flat); OUT holds "<name>.y",
+// CASES = [{name, op: conv|depthwise|maxpool|padconv|padmax|moments, k, stride, pad, x:
+// shape, w: shape, zpad}]; IN holds "<name>.x", "<name>.w", "<name>.dy" (flat); OUT holds "<name>.y",
 // "<name>.dx", "<name>.dw" (flat) and "kernels.fast" (1 per replaced kernel in use).
 import { readFile, writeFile } from 'node:fs/promises';
 
@@ -19,6 +19,8 @@ const t = (name, shape) => tf.tensor(held[name].data, shape, 'float32');
 const out = [];
 const put = (name, tensor) => out.push(frame(FrameKind.ACTIVATION, name, tensor.dataSync(), [tensor.size], 'N', { dtype: 'float32' }));
 
+const zeroPad = (p) => [[0, 0], [p, p], [p, p], [0, 0]];
+
 for (const c of cases) {
   const x = t(`${c.name}.x`, c.x);
   const w = c.w ? t(`${c.name}.w`, c.w) : null;
@@ -26,7 +28,9 @@ for (const c of cases) {
     conv: (a, v) => tf.conv2d(a, v, c.stride, c.pad),
     depthwise: (a, v) => tf.depthwiseConv2d(a, v, c.stride, c.pad),
     maxpool: (a) => tf.maxPool(a, c.k, c.stride, c.pad),
-    avgpool: (a) => tf.avgPool(a, c.k, c.stride, c.pad),
+    // ZeroPadding2D(c.zpad) in front, as ResNet's conv1_pad and pool1_pad (PadV2, Slice)
+    padconv: (a, v) => tf.conv2d(tf.pad(a, zeroPad(c.zpad)), v, c.stride, c.pad),
+    padmax: (a) => tf.maxPool(tf.pad(a, zeroPad(c.zpad)), c.k, c.stride, c.pad),
     moments: (a) => {
       const { mean, variance } = tf.moments(a, [0, 1, 2]);
       return tf.mul(tf.sub(a, mean), tf.rsqrt(tf.add(variance, 1e-3)));
