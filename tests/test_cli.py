@@ -2,9 +2,11 @@
 
 Each command runs at least once as a real subprocess (``--help``, ``convert``,
 ``train``, ``demo``; ``serve`` through the ``serve_bundle`` fixture), which is what proves
-the entry point, exit status and output streams. The other cases call
+the entry point, exit status and output streams. The convert refusals call
 ``spliteasy_cli.main.main`` in this process: the same parser, ``run`` and error
-translation, without starting another TensorFlow for each.
+translation, without starting another TensorFlow for each. ``train`` stays a subprocess
+(against an in-thread server): run in a pytest-xdist worker, an in-process ``train``
+left the worker's output capture closed for every later test.
 """
 
 from __future__ import annotations
@@ -156,11 +158,9 @@ def test_train_refuses_a_server_with_another_bundle(digits_bundle_dir, serve_app
     manifest["model"] = "something-else"
     (other / "manifest.json").write_text(json.dumps(manifest))
     srv = serve_app(create_app(digits_bundle_dir))
-    code, _, err = in_process(
-        capsys, "train", str(other), "--server", srv.url, "--epochs", "1", "--no-progress"
-    )
-    assert code == 2
-    assert "409" in err and "Traceback" not in err
+    result = spliteasy("train", str(other), "--server", srv.url, "--epochs", "1", "--no-progress")
+    assert result.returncode == 2
+    assert "409" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_demo_learns_and_matches_unsplit(tmp_path):
@@ -191,12 +191,12 @@ def test_train_with_the_tflite_runtime(tmp_path, serve_app, digits_bundles, caps
     assert {"savedmodel", "keras_weights", "tflite"} <= formats
     srv = serve_app(create_app(bundle))
     log = tmp_path / "steps.jsonl"
-    code, out, err = in_process(
-        capsys, "train", str(bundle), "--server", srv.url, "--runtime", "tflite",
+    result = spliteasy(
+        "train", str(bundle), "--server", srv.url, "--runtime", "tflite",
         "--epochs", "1", "--log", str(log), "--no-progress",
     )  # fmt: skip
-    assert code == 0, err
-    assert "runtime tflite" in out
+    assert result.returncode == 0, result.stderr
+    assert "runtime tflite" in result.stdout
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(rows) == 45 and rows[-1]["loss"] < rows[0]["loss"]
 
@@ -207,12 +207,12 @@ def test_train_tflite_on_a_bundle_without_tflite_is_a_clear_error(
     from server_torch.app import create_app
 
     srv = serve_app(create_app(digits_bundle_dir))
-    code, _, err = in_process(
-        capsys, "train", str(digits_bundle_dir), "--server", srv.url, "--runtime", "tflite",
+    result = spliteasy(
+        "train", str(digits_bundle_dir), "--server", srv.url, "--runtime", "tflite",
         "--epochs", "1", "--no-progress",
     )  # fmt: skip
-    assert code == 2 and "tflite" in err.lower()
-    assert "Traceback" not in err
+    assert result.returncode == 2 and "tflite" in result.stderr.lower()
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.js
@@ -222,11 +222,11 @@ def test_train_with_the_tfjs_runtime_in_node(tmp_path, serve_app, digits_bundles
     bundle, _ = digits_bundles("double", SGD, ALL_RUNTIMES)
     srv = serve_app(create_app(bundle))
     log = tmp_path / "steps.jsonl"
-    code, out, err = in_process(
-        capsys, "train", str(bundle), "--server", srv.url, "--runtime", "tfjs",
+    result = spliteasy(
+        "train", str(bundle), "--server", srv.url, "--runtime", "tfjs",
         "--epochs", "1", "--log", str(log), "--no-progress",
     )  # fmt: skip
-    assert code == 0, out + err
+    assert result.returncode == 0, result.stdout + result.stderr
     rows = [json.loads(line) for line in log.read_text().splitlines() if '"loss"' in line]
     assert len(rows) >= 45 and rows[-1]["loss"] < rows[0]["loss"]
     for key in ("device_ms", "server_ms", "codec_ms", "wire_ms"):
