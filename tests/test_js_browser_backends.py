@@ -8,6 +8,9 @@
   (so webgl would really compute in float16). The page refuses webgl, says why (naming the
   measured drift) and trains on cpu -- exactly the cpu numbers; with ``f16=1`` (the user
   accepts the drift) it trains on webgl in float16, and the drift shows.
+- A webgl run reloaded mid-run resumes from IndexedDB at its step, on webgl again.
+- backend=webgpu: not offered yet (TF.js 4.22's webgpu backend reads back asynchronously
+  only); the page trains on cpu and says why.
 - The worker: with batches big enough that a step takes a few hundred ms, the page's own
   10 ms timer keeps ticking through every step (training does not block the page).
 
@@ -67,8 +70,9 @@ def page_files():
         p.unlink(missing_ok=True)
 
 
-def run_page(serve_app, bundle: Path, page_files, data: Path, query: str) -> dict:
-    """Train in the page against a fresh server; returns browser_run's report."""
+def run_page(serve_app, bundle: Path, page_files, data: Path, query: str, *extra: str) -> dict:
+    """Train in the page against a fresh server; returns browser_run's report (``extra``:
+    more browser_run.mjs options)."""
     from server_torch.app import create_app
 
     node()
@@ -77,7 +81,7 @@ def run_page(serve_app, bundle: Path, page_files, data: Path, query: str) -> dic
     shutil.copyfile(SCHEMA, schema)
     url = f"{srv.url}/device/web/?data=../data/{data.name}&schema=../data/{schema.name}&auto=1&{query}"
     proc = run_node(
-        ["tools/browser_run.mjs", url, "--chromium", chromium(), "--timeout", "240000"],
+        ["tools/browser_run.mjs", url, "--chromium", chromium(), "--timeout", "240000", *extra],
         timeout=300,
     )
     srv.stop()
@@ -193,3 +197,28 @@ def test_webgpu_request_trains_on_cpu_and_says_why(serve_app, page_files, bundle
     assert (b["name"], b["requested"]) == ("cpu", "webgpu")
     assert "training on cpu" in b["note"] and "WebGPU" in b["note"]
     assert out["dom"]["backendUsed"] == "cpu"
+
+
+def test_webgl_run_reloaded_mid_run_resumes_on_webgl(serve_app, page_files, bundle):
+    """The worker keeps the run in IndexedDB: a reload in the middle of a webgl run resumes
+    at the step it had reached, on webgl again (the backend is one of the run's settings)."""
+    steps, at = 6, 3
+    data = write_batches(page_files(".frames"), fixed_batches(steps, BATCH))
+    q = f"batch={BATCH}&steps={steps}"
+    cpu = run_page(serve_app, bundle, page_files, data, q)
+    out = run_page(
+        serve_app, bundle, page_files, data, q + "&backend=webgl", "--reload-at-step", str(at)
+    )
+    r = out["result"]
+    assert r["status"] == "done", json.dumps(out, indent=1)[:4000]
+    assert out["reload"] == {"at": at, "stepBefore": at}
+    assert r["resumedAt"] == at and out["dom"]["resume"].startswith(f"resumed at step {at}")
+    assert r["backend"]["name"] == "webgl"
+    assert [q["step"] for q in r["records"]] == list(range(at, steps))
+    assert all(q["backend"] == "webgl" for q in r["records"])
+    want = cpu["result"]["losses"][at:]
+    errs = [abs(a - b) / abs(b) for a, b in zip(r["losses"], want, strict=True)]
+    print(
+        f"\nwebgl resumed at {at}: losses vs an uninterrupted cpu run, max rel err {max(errs):.1e}"
+    )
+    assert max(errs) <= TOL
