@@ -18,6 +18,8 @@
  * are posted as {type: 'error', ...} so the page can show them.
  */
 
+import { importSpecifiers, rewriteImports } from './module_imports.mjs';
+
 const pending = [];
 let handle = null;
 
@@ -33,7 +35,9 @@ self.onmessage = async (ev) => {
     try {
       mod = await import(main);
     } catch (err) {
-      if (!/resolve module specifier/i.test(String(err?.message))) throw err;
+      // a bare name the worker cannot resolve is a TypeError in every browser (with its own
+      // wording: Chromium "Failed to resolve module specifier", Firefox "was a bare specifier")
+      if (!(err instanceof TypeError)) throw err;
       mod = await importMapped(main, ev.data.imports ?? {});
     }
     handle = mod.handle;
@@ -46,14 +50,11 @@ self.onmessage = async (ev) => {
 
 /**
  * Import the module at `entry` with bare names resolved through `imports` (an import map's
- * "imports": {name: absolute URL}). Handles the import forms our modules use: static
- * `import ... from '...'`, `export ... from '...'` and `import '...'` at the start of a line
- * (multi-line `import {\n ...\n} from '...'` included).
+ * "imports": {name: absolute URL}); see module_imports.mjs for the import forms handled.
  */
 export async function importMapped(entry, imports) {
   const loaded = new Map(); // module URL -> Promise<blob URL>
   const loading = new Set(); // for a clear error on an import cycle
-  const statement = /^([ \t]*(?:(?:import|export|\})[^\n'"]*?\bfrom\s*|import\s*))(['"])([^'"\n]+)\2/gm;
 
   async function load(url) {
     if (loading.has(url)) throw new Error(`import cycle through ${url}: the worker loader cannot load it`);
@@ -66,14 +67,12 @@ export async function importMapped(entry, imports) {
           if (!r.ok) throw new Error(`cannot fetch module ${url}: HTTP ${r.status}`);
           const src = await r.text();
           const targets = new Map();
-          for (const m of src.matchAll(statement)) {
-            const spec = m[3];
-            if (targets.has(spec)) continue;
+          for (const spec of importSpecifiers(src)) {
             if (Object.hasOwn(imports, spec)) targets.set(spec, imports[spec]);
             else if (/^(\.{1,2}\/|\/)/.test(spec)) targets.set(spec, await load(new URL(spec, url).href));
             else throw new Error(`${url} imports '${spec}', which the page's import map does not name`);
           }
-          const out = src.replace(statement, (all, head, q, spec) => `${head}${q}${targets.get(spec)}${q}`);
+          const out = rewriteImports(src, (spec) => targets.get(spec));
           loading.delete(url);
           return URL.createObjectURL(new Blob([`${out}\n//# sourceURL=${url}\n`], { type: 'text/javascript' }));
         })(),
