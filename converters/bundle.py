@@ -97,7 +97,7 @@ def _write_unsplit_config(model, slices: Slices, root: Path) -> dict:
     slices hold, would make the trained model unrecoverable, so it is refused here, at
     conversion time, rather than at the end of a training run.
     """
-    from device_tf.keras_util import named_variables
+    from shared_schema.naming import named_variables
 
     full = named_variables(model)
     held: dict[str, str] = {}

@@ -12,8 +12,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from device_tf.keras_util import named_variables  # noqa: F401  (re-exported)
 from shared_schema import TensorSpec
+from shared_schema.naming import named_variables  # noqa: F401  (re-exported)
 
 from ._exceptions import InvalidCut, UnsupportedLayer
 from .cuts import check_supported

@@ -105,7 +105,7 @@ def _keras_step(model, a: np.ndarray, g: np.ndarray) -> _Step:
     """One training-mode forward/backward; the model's variables are restored afterwards."""
     import tensorflow as tf
 
-    from device_tf.keras_util import named_variables
+    from shared_schema.naming import named_variables
 
     variables = named_variables(model)
     trainable_ids = {id(v) for v in model.trainable_weights}
@@ -187,7 +187,7 @@ def _check_structure(b_model, module, spec) -> None:
     holds, in a module the graph actually calls. A step's errors name every tensor the
     fault touches downstream; these name the culprit (a weight changed or laid out
     wrongly, a layer dropped from the graph) first, and alone."""
-    from device_tf.keras_util import named_variables
+    from shared_schema.naming import named_variables
 
     state = module.state_dict()
     missing = [v.keras for v in spec.variables if v.torch not in state]

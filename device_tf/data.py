@@ -1,90 +1,26 @@
-"""Demo data: scikit-learn's bundled digits (real 8x8 images shipped in the wheel).
+"""Demo data for the device: re-exported from ``shared_schema.demo_data``.
 
-Nothing is downloaded. Batches come from a seeded permutation per epoch, so a split
-run and its unsplit baseline see exactly the same batches in the same order.
+The digits, the seeded batches and the frames-file writer live in ``shared_schema``
+because the server hands the same data to the browser page and must not import the
+device package for it.
 """
 
-from __future__ import annotations
+from shared_schema.demo_data import (
+    batch_at,
+    batches,
+    epoch_order,
+    fit_to_input,
+    frames_dataset,
+    load_digits_split,
+    resize_bilinear,
+)
 
-from collections.abc import Iterator
-
-import numpy as np
-
-
-def load_digits_split(test_fraction: float = 0.2, seed: int = 0):
-    """(x_train, y_train, x_test, y_test): x float32 NHWC in [0, 1], y int32."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x = (digits.images.astype(np.float32) / 16.0)[..., None]
-    y = digits.target.astype(np.int32)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=y
-    )
-    return x_tr, y_tr, x_te, y_te
-
-
-def batches(
-    x: np.ndarray, y: np.ndarray, batch_size: int, epoch: int = 0, seed: int = 0
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The batches of one epoch, shuffled by (seed, epoch). The last one may be short."""
-    order = epoch_order(len(x), epoch, seed)
-    for start in range(0, len(x), batch_size):
-        idx = order[start : start + batch_size]
-        yield x[idx], y[idx]
-
-
-def epoch_order(n: int, epoch: int, seed: int = 0) -> np.ndarray:
-    """The shuffled sample order of one epoch: a pure function of (seed, epoch)."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def batch_at(
-    x: np.ndarray, y: np.ndarray, batch_size: int, epoch: int, position: int, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Batch ``position`` of ``epoch``: the one ``batches(...)`` yields at that position,
-    without producing the ones before it (a resumed run starts mid-epoch)."""
-    key = (len(x), epoch, seed)
-    if _order_cache.get("key") != key:
-        _order_cache.update(key=key, order=epoch_order(len(x), epoch, seed))
-    start = position * batch_size
-    if not 0 <= start < len(x):
-        raise IndexError(f"epoch {epoch} has no batch {position} of size {batch_size}")
-    idx = _order_cache["order"][start : start + batch_size]
-    return x[idx], y[idx]
-
-
-_order_cache: dict = {}
-
-
-def fit_to_input(x: np.ndarray, sample_shape: tuple[int, ...]) -> np.ndarray:
-    """Digits (N, 8, 8, 1) resized and tiled to a bundle's input (N, H, W, C).
-
-    Lets any image bundle (the application zoo at any input size) train on real data.
-    """
-    if x.shape[1:] == tuple(sample_shape):
-        return x
-    if len(sample_shape) != 3:
-        raise ValueError(f"digits cannot feed an input of shape {sample_shape}")
-    import tensorflow as tf
-
-    h, w, c = sample_shape
-    resized = tf.image.resize(x, (h, w)).numpy()
-    return np.ascontiguousarray(np.repeat(resized, c, axis=-1)[..., :c].astype(np.float32))
-
-
-def frames_dataset(x: np.ndarray, y: np.ndarray, input_name: str = "image") -> bytes:
-    """A data set as one frames message: an ``x`` ACTIVATION frame (float32, NHWC or NC)
-    and a LABELS frame (int32). The TF.js device (Node and page) reads this format."""
-    from shared_schema import Frame, FrameKind, encode
-
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    y = np.ascontiguousarray(y, dtype=np.int32)
-    layout = {4: "NHWC", 2: "NC"}[x.ndim]
-    return encode(
-        [
-            Frame(FrameKind.ACTIVATION, input_name, x, layout),
-            Frame(FrameKind.LABELS, "labels", y, "N"),
-        ]
-    )
+__all__ = [
+    "batch_at",
+    "batches",
+    "epoch_order",
+    "fit_to_input",
+    "frames_dataset",
+    "load_digits_split",
+    "resize_bilinear",
+]

@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
+from shared_schema.naming import named_variables
 
-def named_variables(model) -> dict[str, object]:
-    """Variables keyed ``layer/variable`` (e.g. ``b_bn1/moving_mean``), in model order.
-
-    Keras' own ``variable.name`` depends on the name scope a layer was built in (a model
-    rebuilt from config loses it), so spliteasy names variables by layer itself; the
-    names are equal in the unsplit model and in the slice that holds the layer.
-    """
-    out: dict[str, object] = {}
-    for layer in model.layers:
-        for var in layer.weights:
-            short = var.name.split("/")[-1].split(":")[0]
-            out[f"{layer.name}/{short}"] = var
-    return out
+__all__ = ["keras_loss", "keras_optimizer", "named_variables"]
 
 
 def keras_optimizer(spec):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from shared_schema import MANIFEST_FILE, MEDIA_TYPE, Manifest, load_manifest
+from shared_schema.assets import device_page_dir
 
 from .errors import (
     BadRequest,
@@ -111,12 +111,8 @@ def default_buffer_budget(body_limit: int) -> int:
 
 
 def find_device_dir() -> Path | None:
-    """``device_tf/js`` of the installed (or checked-out) device package, if present."""
-    spec = importlib.util.find_spec("device_tf")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    js = Path(next(iter(spec.submodule_search_locations))) / "js"
-    return js if js.is_dir() else None
+    """``device_tf/js`` of the installed device package, found without importing it."""
+    return device_page_dir()
 
 
 def _manifest_bytes(bundle_dir: Path | None, manifest: Manifest) -> bytes:
@@ -422,7 +418,7 @@ def create_app(
         if manifest.num_classes < 10 or len(manifest.input.shape) != 4:
             raise NotFound("the digits demo data does not fit this bundle's input or classes")
         if not demo_data:
-            from device_tf.data import fit_to_input, frames_dataset, load_digits_split
+            from shared_schema.demo_data import fit_to_input, frames_dataset, load_digits_split
 
             x, y, _, _ = load_digits_split()
             x = fit_to_input(x, manifest.input.sample_shape)

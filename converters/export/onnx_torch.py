@@ -122,7 +122,7 @@ def export_server_slice(
     from server_torch.spec import BatchNormSpec, TorchSpec, VariableSpec
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    from ..slicing import named_variables
+    from shared_schema.naming import named_variables
 
     variables = named_variables(b_model)
     names = list(variables)

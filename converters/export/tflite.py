@@ -163,7 +163,7 @@ def _build_module(
 ) -> Any:
     import tf_keras
 
-    from device_tf.keras_util import named_variables
+    from shared_schema.naming import named_variables
 
     names = named_variables(model)
     if len(names) != len(model.weights):

@@ -7,7 +7,7 @@ Export rebuilds the whole network from the architecture conversion stored in the
 (``unsplit/model.json``) and fills every one of its variables:
 
 - A and C by name: slicing keeps layer names, so ``A/a_conv/kernel`` is the unsplit
-  model's ``a_conv/kernel`` (``keras_util.named_variables``);
+  model's ``a_conv/kernel`` (``shared_schema.naming.named_variables``);
 - B through the correspondence conversion found by probing (``B/torch_spec.json``,
   ``VariableSpec.to_keras``: torch tensor -> Keras axis order and shape). BatchNorm's
   ``running_var`` needs no conversion: ``KerasBatchNorm`` accumulates exactly Keras'
@@ -265,7 +265,7 @@ def assemble(
     """
     import tf_keras as keras
 
-    from device_tf.keras_util import named_variables
+    from shared_schema.naming import named_variables
 
     bundle = Path(bundle)
     manifest = load_manifest(bundle, verify=False)
@@ -307,9 +307,9 @@ class SplitInference:
         import tf_keras as keras
         import torch
 
-        from device_tf.keras_util import named_variables
         from server_torch.rebuild import load_server_slice
         from server_torch.trainer import Trainer
+        from shared_schema.naming import named_variables
 
         bundle = Path(bundle)
         self.manifest = load_manifest(bundle, verify=False)
