@@ -304,10 +304,15 @@ markBackends();
 async function markBackends() {
   const option = (v) => $('backend').querySelector(`option[value="${v}"]`);
   const canvas = document.createElement('canvas');
-  if (!(canvas.getContext('webgl2') ?? canvas.getContext('webgl'))) {
+  const gl = canvas.getContext('webgl2');
+  if (!(gl ?? canvas.getContext('webgl'))) {
     option('webgl').disabled = true;
     option('webgl').textContent = 'webgl (no WebGL here)';
+  } else if (simulateFloat16 || !gl?.getExtension('EXT_color_buffer_float')) {
+    // TF.js decides from its own test in the worker; this is the page's early hint
+    option('webgl').textContent = 'webgl (float16 only here?)';
   }
+  gl?.getExtension('WEBGL_lose_context')?.loseContext();
   let adapter = null;
   try {
     adapter = await navigator.gpu?.requestAdapter();
