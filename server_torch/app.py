@@ -519,6 +519,10 @@ def create_app(
     for op in ("forward", "backward", "step", "infer"):
         frame_route(op)
 
+    from .ws import add_ws_route
+
+    add_ws_route(app, limit=limit, meter=meter)  # the same calls over one WebSocket
+
     device = find_device_dir() if device_dir == "auto" else device_dir
     if device is not None and Path(device).is_dir():
         import mimetypes

@@ -17,6 +17,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="tf",
         help="device runtime: Python TF, the TFLite interpreter, or TF.js in Node (device_tf/js)",
     )
+    p.add_argument(
+        "--transport",
+        choices=["http", "ws"],
+        default="http",
+        help="how frames travel: one HTTP request per operation, or one WebSocket for the "
+        "whole run (/v1/sessions/{sid}/ws; same frames, same exactly-once retries)",
+    )
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument(
@@ -67,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from device_tf.factory import make_runtime
     from device_tf.fit import fit
     from device_tf.loop import SplitTrainer
-    from device_tf.transport import HttpTransport
+    from device_tf.ws_transport import make_transport
     from shared_schema import SpliteasyError, load_manifest, manifest_digest
 
     if args.reconnect_timeout < 0:
@@ -101,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     runtime = make_runtime(args.runtime, args.bundle, manifest)
     if state is not None:
         state.runtime = runtime
-    transport = HttpTransport(
+    transport = make_transport(
+        args.transport,
         args.server,
         reconnect_timeout=args.reconnect_timeout,
         ca_file=args.ca_file,
@@ -191,6 +199,8 @@ def _run_tfjs(args: argparse.Namespace, manifest, data, log: Path) -> int:
         if args.state_dir is not None:
             cmd += ["--state-dir", str(args.state_dir)]
         cmd += ["--reconnect-timeout", str(args.reconnect_timeout)]
+        if args.transport != "http":
+            cmd += ["--transport", args.transport]
         if args.auth_key:
             cmd += ["--auth-key", args.auth_key]
         env = dict(os.environ)
