@@ -36,11 +36,11 @@ import { SHUFFLE_RULE, shuffled } from './src/shuffle.mjs';
 import { TfjsSlices } from './src/slices.mjs';
 import { RunState } from './src/state.mjs';
 import { FileStateStore } from './src/state_fs.mjs';
-import { HttpTransport, describeWait } from './src/transport.mjs';
+import { describeWait, makeTransport } from './src/transport.mjs';
 
 const USAGE = `usage: node train.mjs --server URL --data FILE [--bundle DIR] [--epochs E] [--batch-size B]
                       [--steps N] [--seed S] [--aux-label] [--log-json FILE] [--weights-out FILE]
-                      [--eval-data FILE] [--state-dir DIR] [--reconnect-timeout S] [--auth-key KEY] [--quiet]`;
+                      [--eval-data FILE] [--state-dir DIR] [--reconnect-timeout S] [--auth-key KEY] [--transport http|ws] [--quiet]`;
 
 function options(argv) {
   const { values } = parseArgs({
@@ -60,6 +60,7 @@ function options(argv) {
       'state-dir': { type: 'string' },
       'reconnect-timeout': { type: 'string', default: '300' },
       'auth-key': { type: 'string' },
+      transport: { type: 'string', default: 'http' },
       quiet: { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
     },
@@ -99,6 +100,12 @@ function options(argv) {
     reconnectTimeout: seconds('reconnect-timeout'),
     // enrolment key (server --auth-keys); a custom CA for https: NODE_EXTRA_CA_CERTS=ca.pem
     authKey: values['auth-key'] ?? process.env.SPLITEASY_AUTH_KEY ?? null,
+    // http: a request per op; ws: one WebSocket for the whole run (same frames, same retries)
+    transport: ['http', 'ws'].includes(values.transport)
+      ? values.transport
+      : (() => {
+          throw new SpliteasyError(`--transport must be http or ws, not ${values.transport}`);
+        })(),
     quiet: values.quiet,
   };
 }
@@ -118,7 +125,7 @@ async function main(argv) {
     if (w.attempt === 2) console.error(`spliteasy-js: ${describeWait(w)}`);
   };
   const onBack = (b) => console.error(`spliteasy-js: ${b.url} is back after ${(b.waitedMs / 1000).toFixed(1)} s; continuing`);
-  const transport = new HttpTransport(opt.server, {
+  const transport = makeTransport(opt.transport, opt.server, {
     reconnectTimeoutMs: opt.reconnectTimeout * 1000,
     onWait,
     onBack,
@@ -195,6 +202,7 @@ async function main(argv) {
   } finally {
     // a finished run ends its session; a failed one keeps it, to be resumed from the state dir
     if (trainer.nextStep >= total || !opt.stateDir) await trainer.close();
+    transport.drop?.(); // a kept session's WebSocket would keep Node running
     await state.store?.unlock();
   }
   const mean = (k) => records.reduce((s, r) => s + r[k], 0) / Math.max(records.length, 1);

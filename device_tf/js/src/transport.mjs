@@ -266,3 +266,243 @@ function rejection(reply) {
   }
   return new ProtocolError(message, { status: reply.status, code, body });
 }
+
+// -- the WebSocket binding (issue #11) ------------------------------------------------------
+
+/** Op codes of the WebSocket envelope (docs/protocol.md, "WebSocket binding"). */
+export const WS_OPS = { forward: 1, backward: 2, step: 3, infer: 4 };
+const WS_WAIT_CODES = new Set(['busy', 'shutting_down', 'rate_limited']);
+
+/** Internal: an attempt that an identical later attempt may get through. */
+class WsRetry extends Error {
+  constructor(message, retryAfterMs = 0) {
+    super(message);
+    this.retryAfterMs = retryAfterMs;
+  }
+}
+
+/**
+ * Frames over one WebSocket (`/v1/sessions/{sid}/ws`) for the whole run; sessions, health
+ * and deletion stay HTTP (the methods inherited from HttpTransport). In Node the `ws`
+ * package sends the token as `Authorization: Bearer`; a browser page or Web Worker uses
+ * the native WebSocket, which cannot set headers, so the token travels as the subprotocol
+ * `bearer.<token>` beside `spliteasy.v1`.
+ *
+ * Exactly-once survives a dropped socket as over HTTP: the same message is sent again on a
+ * new socket and the server answers an applied step from its retry store. Waits follow
+ * the HTTP transport's rule (at once, then 0.1 s doubling to 5 s, for up to
+ * reconnectTimeoutMs; the server's retry_after on busy / shutting_down / rate_limited).
+ * Keepalive: uvicorn pings every 20 s (answered by both clients); in Node the client
+ * pings too (`pingIntervalMs`) and drops a socket whose pong does not come back.
+ */
+export class WsTransport extends HttpTransport {
+  constructor(baseUrl, options = {}) {
+    super(baseUrl, options);
+    this.pingIntervalMs = options.pingIntervalMs ?? 20000;
+    this.ws = null;
+    this.wsSession = '';
+    this.rid = 0;
+    this.pending = null;
+    this.connections = 0; // sockets opened so far: more than 1 means it reconnected
+  }
+
+  wsUrl() {
+    const base = this.baseUrl || globalThis.location?.origin || '';
+    return `${base.replace(/^http/, 'ws')}/v1/sessions/${this.sessionId}/ws`;
+  }
+
+  /** The open socket for this session, connecting when there is none. */
+  async socket() {
+    if (this.ws && this.wsSession === this.sessionId && this.ws.readyState === 1) return this.ws;
+    this.drop();
+    const isNode = Boolean(globalThis.process?.versions?.node) && typeof globalThis.window === 'undefined';
+    let ws;
+    if (isNode) {
+      const { default: NodeWebSocket } = await import('ws');
+      ws = new NodeWebSocket(this.wsUrl(), ['spliteasy.v1'], {
+        headers: { Authorization: `Bearer ${this.token}` },
+        maxPayload: 0,
+        handshakeTimeout: Math.min(this.timeoutMs, 30000),
+      });
+    } else {
+      ws = new globalThis.WebSocket(this.wsUrl(), ['spliteasy.v1', `bearer.${this.token}`]);
+    }
+    ws.binaryType = 'arraybuffer';
+    try {
+      await new Promise((resolve, reject) => {
+        ws.onopen = resolve;
+        ws.onerror = (ev) => reject(new Error(ev?.message ?? ev?.error?.message ?? 'websocket error'));
+        ws.onclose = (ev) => reject(new Error(`websocket closed (${ev?.code ?? '?'})`));
+      });
+    } catch (err) {
+      try {
+        ws.close();
+      } catch {
+        // already gone
+      }
+      // The handshake's refusal (401/403/404) is not visible to a browser: ask over HTTP,
+      // which throws the server's JSON error when the session or token is the problem.
+      try {
+        await this.send('GET', `/v1/sessions/${this.sessionId}`, { headers: this.auth(), patient: false });
+      } catch (httpErr) {
+        if (httpErr instanceof ProtocolError && httpErr.status >= 400 && httpErr.status !== 429 && httpErr.status < 500) throw httpErr;
+      }
+      throw new WsRetry(err.message);
+    }
+    ws.onmessage = (ev) => this.onMessage(ev.data);
+    ws.onclose = (ev) => this.onSocketGone(ws, `websocket closed (${ev?.code ?? '?'} ${ev?.reason ?? ''})`.trim());
+    ws.onerror = () => {}; // a close follows
+    if (typeof ws.ping === 'function' && this.pingIntervalMs > 0) {
+      let alive = true;
+      ws.on('pong', () => {
+        alive = true;
+      });
+      const timer = setInterval(() => {
+        if (!alive) return ws.terminate();
+        alive = false;
+        ws.ping();
+      }, this.pingIntervalMs);
+      timer.unref?.();
+      ws.on('close', () => clearInterval(timer));
+    }
+    this.ws = ws;
+    this.wsSession = this.sessionId;
+    this.connections += 1;
+    return ws;
+  }
+
+  onSocketGone(ws, why) {
+    if (this.ws === ws) this.ws = null;
+    const p = this.pending;
+    if (p) {
+      this.pending = null;
+      p.reject(new WsRetry(why));
+    }
+  }
+
+  onMessage(data) {
+    const p = this.pending;
+    if (!p) return;
+    if (typeof data === 'string') {
+      const err = JSON.parse(data);
+      if (err.id !== p.rid) return; // the answer to an earlier attempt
+      this.pending = null;
+      const { id: _id, status, retry_after: retryAfter, ...body } = err;
+      if ((status === 503 || status === 429) && WS_WAIT_CODES.has(body.error)) {
+        p.reject(new WsRetry(`${status} ${body.error}`, Math.min(Math.max(Number(retryAfter) || 0, 0), 30) * 1000));
+      } else {
+        p.reject(rejection(new Reply(status, new Headers(), new TextEncoder().encode(JSON.stringify(body)))));
+      }
+      return;
+    }
+    const bytes = new Uint8Array(data);
+    const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    if (bytes.byteLength < 7 || bytes[0] !== (0x80 | p.code) || view.getUint32(1) !== p.rid) return;
+    const metaLen = view.getUint16(5);
+    this.pending = null;
+    const meta = JSON.parse(new TextDecoder().decode(bytes.subarray(7, 7 + metaLen)));
+    p.resolve({ meta, frames: bytes.slice(7 + metaLen) });
+  }
+
+  /** One attempt: send the message on the (re)opened socket and wait for its reply. */
+  async once(code, body) {
+    const ws = await this.socket();
+    this.rid = (this.rid + 1) >>> 0;
+    const rid = this.rid;
+    const message = new Uint8Array(5 + body.byteLength);
+    message[0] = code;
+    new DataView(message.buffer).setUint32(1, rid);
+    message.set(body instanceof Uint8Array ? body : new Uint8Array(body), 5);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        if (this.pending?.rid !== rid) return;
+        this.pending = null;
+        this.drop();
+        reject(new WsRetry(`no reply within ${this.timeoutMs / 1000} s`));
+      }, this.timeoutMs);
+      const done = (fn) => (v) => {
+        clearTimeout(timer);
+        fn(v);
+      };
+      this.pending = { rid, code, resolve: done(resolve), reject: done(reject) };
+      ws.send(message);
+    });
+  }
+
+  async exchange(op, body) {
+    const code = WS_OPS[op];
+    if (!code) throw new Error(`unknown operation ${op}`);
+    const t0 = now();
+    let firstFailure = null;
+    let attempt = 0;
+    for (;;) {
+      let why = '';
+      let retryAfterMs = 0;
+      try {
+        const { meta, frames } = await this.once(code, body);
+        if (firstFailure !== null && attempt >= 2) this.onBack?.({ url: this.baseUrl, waitedMs: now() - firstFailure });
+        return {
+          body: frames,
+          serverMs: Number(meta.server_ms) || 0,
+          roundTripMs: now() - t0,
+          durableStep: intOrNull(meta.durable_step),
+          replayed: Boolean(meta.replayed),
+        };
+      } catch (err) {
+        if (!(err instanceof WsRetry)) throw err;
+        why = err.message;
+        retryAfterMs = err.retryAfterMs;
+      }
+      const t = now();
+      firstFailure ??= t;
+      attempt += 1;
+      const waitedMs = t - firstFailure;
+      if (attempt > 1 && waitedMs >= this.reconnectTimeoutMs) {
+        throw new ProtocolError(
+          `${this.wsUrl()}: no answer for ${(waitedMs / 1000).toFixed(1)} s (${attempt} attempts; last: ${why}); ` +
+            'is the server running? Restart the same command to resume where it stopped.',
+        );
+      }
+      let delayMs = Math.max(attempt === 1 ? 0 : Math.min(100 * 2 ** (attempt - 2), 5000), retryAfterMs);
+      delayMs = Math.min(delayMs, Math.max(firstFailure + this.reconnectTimeoutMs - t, 0));
+      if (attempt >= 2) this.onWait?.({ url: this.baseUrl, why, waitedMs, delayMs, limitMs: this.reconnectTimeoutMs, attempt });
+      await sleep(delayMs);
+    }
+  }
+
+  /** Close the socket (a later exchange opens a new one). */
+  drop() {
+    const ws = this.ws;
+    this.ws = null;
+    this.wsSession = '';
+    if (ws) {
+      try {
+        ws.close();
+      } catch {
+        // already gone
+      }
+    }
+  }
+
+  async openSession(args) {
+    this.drop();
+    return super.openSession(args);
+  }
+
+  attach(args) {
+    this.drop();
+    super.attach(args);
+  }
+
+  async closeSession() {
+    this.drop();
+    await super.closeSession();
+  }
+}
+
+/** `http` or `ws`: the transport `--transport` (or the page's setting) names. */
+export function makeTransport(kind, baseUrl, options = {}) {
+  if (kind === 'http' || !kind) return new HttpTransport(baseUrl, options);
+  if (kind === 'ws') return new WsTransport(baseUrl, options);
+  throw new Error(`unknown transport ${kind} (http or ws)`);
+}
