@@ -9,7 +9,7 @@ STAMP := $(VENV)/.spliteasy-installed
 JS := device_tf/js
 JS_STAMP := $(JS)/node_modules/.spliteasy-installed
 
-.PHONY: install demo test bench fuzz lint js browser schema clean
+.PHONY: install demo test bench fuzz lint js browser schema golden clean
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ lint: install
 
 schema: install
 	$(BIN)/python -m shared_schema.export_schema
+
+# golden test data both the Python and the JS side assert (rewrite only on purpose)
+golden: install
+	$(BIN)/python tests/golden/make_frames.py
 
 clean:
 	rm -rf $(VENV) $(JS)/node_modules .pytest_cache .cache

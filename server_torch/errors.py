@@ -1,5 +1,8 @@
 """Every way a request can fail, and the one table that turns failures into HTTP.
 
+Each error names its ``code``; its HTTP status (and Retry-After) is looked up in
+``shared_schema/protocol.json``, the table the JS device is tested against.
+
 The step logic (``sessions``, ``trainer``) raises these exceptions and knows nothing of
 HTTP; ``app`` installs :func:`install_handlers` so each becomes a 4xx/5xx with the JSON
 body ``{"error": code, "detail": message}`` the protocol promises. Another transport
@@ -48,6 +51,7 @@ from shared_schema import (
     TruncatedFrame,
     UnsupportedVersion,
 )
+from shared_schema.protocol import ERROR_STATUS, RETRY_AFTER, status_of
 
 log = logging.getLogger("spliteasy.server")
 
@@ -55,9 +59,17 @@ log = logging.getLogger("spliteasy.server")
 class ServerError(SpliteasyError):
     """Base of the server's deliberate failures; ``status`` and ``code`` make the reply."""
 
-    status: int = 500
+    status: int = status_of("server_error")
     code: str = "server_error"
     headers: dict[str, str] | None = None
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        """Status and Retry-After come from ``shared_schema/protocol.json`` by ``code``,
+        so the table the devices are tested against is the one the server answers with."""
+        super().__init_subclass__(**kwargs)
+        cls.status = ERROR_STATUS.get(cls.code, cls.status)  # tests: every code is listed
+        if cls.code in RETRY_AFTER:
+            cls.headers = {**(cls.headers or {}), "Retry-After": str(RETRY_AFTER[cls.code])}
 
     def __init__(
         self, detail: str = "", *, retry_after: float | None = None, **extra: object
@@ -69,20 +81,20 @@ class ServerError(SpliteasyError):
 
 
 class BadRequest(ServerError):
-    status, code = 400, "bad_request"
+    code = "bad_request"
 
 
 class Unauthorized(ServerError):
-    status, code = 401, "unauthorized"
+    code = "unauthorized"
     headers = {"WWW-Authenticate": "Bearer"}
 
 
 class Forbidden(ServerError):
-    status, code = 403, "forbidden"
+    code = "forbidden"
 
 
 class NotFound(ServerError):
-    status, code = 404, "not_found"
+    code = "not_found"
 
 
 class UnknownSession(NotFound):
@@ -94,21 +106,21 @@ class WrongSplitMode(NotFound):
 
 
 class ManifestMismatch(ServerError):
-    status, code = 409, "manifest_mismatch"
+    code = "manifest_mismatch"
 
 
 class StepConflict(ServerError):
     """The body carries ``next_step``, ``expect`` and ``durable_step`` when a session is known."""
 
-    status, code = 409, "step_conflict"
+    code = "step_conflict"
 
 
 class StaleForward(ServerError):
-    status, code = 409, "stale_forward"
+    code = "stale_forward"
 
 
 class BodyTooLarge(ServerError):
-    status, code = 413, "body_too_large"
+    code = "body_too_large"
 
 
 class BatchTooLarge(BodyTooLarge):
@@ -122,33 +134,32 @@ class JsonTooLarge(BodyTooLarge):
 class KeyRequired(ServerError):
     """Session creation needs an enrolment key (``serve --auth-keys``)."""
 
-    status, code = 401, "key_required"
+    code = "key_required"
     headers = {"WWW-Authenticate": "Bearer"}
 
 
 class RateLimited(ServerError):
-    status, code = 429, "rate_limited"
-    headers = {"Retry-After": "10"}
+    code = "rate_limited"
 
 
 class BodyTimeout(ServerError):
     """No byte of the body arrived for ``--body-timeout`` seconds (a stalled client)."""
 
-    status, code = 408, "body_timeout"
+    code = "body_timeout"
 
 
 class ClientDisconnected(ServerError):
     """The client closed the connection before its body was complete; logged as one line."""
 
-    status, code = 400, "client_disconnected"
+    code = "client_disconnected"
 
 
 class UnsupportedMediaType(ServerError):
-    status, code = 415, "unsupported_media_type"
+    code = "unsupported_media_type"
 
 
 class InvalidTensor(ServerError):
-    status, code = 422, "invalid_tensor"
+    code = "invalid_tensor"
 
 
 class NonFinite(InvalidTensor):
@@ -171,41 +182,42 @@ class UnstableStep(InvalidTensor):
 
 
 class Busy(ServerError):
-    status, code = 503, "busy"
-    headers = {"Retry-After": "1"}
+    code = "busy"
 
 
 class TooManySessions(ServerError):
-    status, code = 503, "too_many_sessions"
-    headers = {"Retry-After": "5"}
+    code = "too_many_sessions"
 
 
 class ShuttingDown(ServerError):
     """The server is draining for its final checkpoint; the request changed nothing."""
 
-    status, code = 503, "shutting_down"
-    headers = {"Retry-After": "1"}  # devices honour it; a restart takes longer anyway
+    code = "shutting_down"
 
 
 # Frame codec errors: malformed bytes are the client's syntax error (400); a well-formed
 # frame that is not the tensor the manifest expects here is a semantic one (422).
-_FRAME_ERRORS: list[tuple[type[FrameError], int, str]] = [
-    (BadMagic, 400, "bad_magic"),
-    (TruncatedFrame, 400, "truncated_frame"),
-    (UnsupportedVersion, 400, "unsupported_version"),
-    (FrameSizeMismatch, 400, "frame_size_mismatch"),
-    (FrameSpecMismatch, 422, "frame_spec_mismatch"),
+_FRAME_ERRORS: list[tuple[type[FrameError], str]] = [
+    (BadMagic, "bad_magic"),
+    (TruncatedFrame, "truncated_frame"),
+    (UnsupportedVersion, "unsupported_version"),
+    (FrameSizeMismatch, "frame_size_mismatch"),
+    (FrameSpecMismatch, "frame_spec_mismatch"),
 ]
 
+# FastAPI's own HTTP errors (routing, validation) by status: our code for each
 _HTTP_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "body_too_large",
-    415: "unsupported_media_type",
-    422: "invalid_request",
+    status_of(code): code
+    for code in (
+        "bad_request",
+        "unauthorized",
+        "forbidden",
+        "not_found",
+        "method_not_allowed",
+        "body_too_large",
+        "unsupported_media_type",
+        "invalid_request",
+    )
 }
 
 
@@ -215,14 +227,13 @@ def error_payload(exc: BaseException) -> tuple[int, dict[str, object], dict[str,
         body = {"error": exc.code, "detail": str(exc), **getattr(exc, "extra", {})}
         return exc.status, body, dict(exc.headers or {})
     if isinstance(exc, FrameError):
-        for cls, status, code in _FRAME_ERRORS:
-            if isinstance(exc, cls):
-                return status, {"error": code, "detail": str(exc)}, {}
-        return 400, {"error": "bad_frame", "detail": str(exc)}, {}
+        code = next((c for cls, c in _FRAME_ERRORS if isinstance(exc, cls)), "bad_frame")
+        return status_of(code), {"error": code, "detail": str(exc)}, {}
     if isinstance(exc, SpliteasyError):
-        return 400, {"error": "bad_request", "detail": str(exc)}, {}
+        return status_of("bad_request"), {"error": "bad_request", "detail": str(exc)}, {}
     # Never the exception's text: it may name files, paths or internals of the server.
-    return 500, {"error": "internal_error", "detail": "internal server error"}, {}
+    body = {"error": "internal_error", "detail": "internal server error"}
+    return status_of("internal_error"), body, {}
 
 
 def request_id_of(request: Any) -> str:
@@ -272,7 +283,8 @@ def install_handlers(app: Any) -> None:
             for e in exc.errors()
         ]
         return JSONResponse(
-            {"error": "invalid_request", "detail": "; ".join(parts)}, status_code=422
+            {"error": "invalid_request", "detail": "; ".join(parts)},
+            status_code=status_of("invalid_request"),
         )
 
     async def unexpected(request: Any, exc: Exception) -> JSONResponse:

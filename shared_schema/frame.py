@@ -42,30 +42,32 @@ from ._exceptions import (
     UnsupportedVersion,
 )
 from .manifest import TensorSpec
+from .protocol import FRAME, FRAME_DTYPES, FRAME_KINDS, FRAME_LAYOUTS
 
-MAGIC = b"SPLT"
-VERSION = 1
-MEDIA_TYPE = "application/x-spliteasy-frames"
-MAX_NDIM = 8
-MAX_NAME = 200
+MAGIC = FRAME["magic"].encode()
+VERSION: int = FRAME["version"]
+MEDIA_TYPE: str = FRAME["media_type"]
+MAX_NDIM: int = FRAME["max_ndim"]
+MAX_NAME: int = FRAME["max_name"]
 MAX_ELEMENTS = 1 << 40  # far beyond any body limit, far below numpy's intp
-_HEADER = struct.Struct("<4sBBBBBBH16sQQ")
+_HEADER = struct.Struct(FRAME["header_struct"])
 HEADER_SIZE = _HEADER.size  # 44
+if FRAME["header_size"] != HEADER_SIZE:  # pragma: no cover - a broken protocol.json
+    raise ImportError(f"protocol.json: header_struct is {HEADER_SIZE} bytes, not header_size")
 
-DTYPES: dict[int, str] = {1: "float32", 2: "float16", 3: "int32", 4: "int64", 5: "uint8"}
+DTYPES: dict[int, str] = FRAME_DTYPES
 _DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 _NP = {"float32": "<f4", "float16": "<f2", "int32": "<i4", "int64": "<i8", "uint8": "u1"}
-LAYOUTS: dict[int, str] = {0: "N", 1: "NC", 2: "NHWC", 3: "NCHW", 4: "scalar"}
+LAYOUTS: dict[int, str] = FRAME_LAYOUTS
 _LAYOUT_CODES = {v: k for k, v in LAYOUTS.items()}
-NO_SESSION = bytes(16)
+NO_SESSION = bytes(FRAME["session_bytes"])
 
 
-class FrameKind(IntEnum):
-    ACTIVATION = 1  # forward: a cut tensor's values
-    GRADIENT = 2  # backward: dL/d(cut tensor)
-    TARGET = 3  # backward, auxiliary-label form: c_hat = c - dL/dc
-    LABELS = 4  # single split: the labels travel up
-    SCALAR = 5  # metrics (loss) riding along a reply
+# ACTIVATION: forward, a cut tensor's values; GRADIENT: backward, dL/d(cut tensor);
+# TARGET: backward, auxiliary-label form c_hat = c - dL/dc; LABELS: single split, the
+# labels travel up; SCALAR: metrics (loss) riding along a reply.
+FrameKind = IntEnum("FrameKind", FRAME_KINDS, module=__name__)
+FrameKind.__doc__ = "What a frame carries (codes from protocol.json)."
 
 
 @dataclass(frozen=True)

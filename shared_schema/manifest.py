@@ -19,6 +19,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ._exceptions import ManifestError
+from .protocol import LAYOUT_RANK, SLICE_SIDE, SPLIT_MODES
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -64,7 +65,7 @@ class TensorSpec(_Strict):
             raise ValueError(
                 f"{self.name}: every dimension but the batch must be a positive integer"
             )
-        rank = {"NHWC": 4, "NCHW": 4, "NC": 2, "N": 1}[self.layout]
+        rank = LAYOUT_RANK[self.layout]
         if len(self.shape) != rank:
             raise ValueError(
                 f"{self.name}: layout {self.layout} needs rank {rank}, shape is {self.shape}"
@@ -159,10 +160,8 @@ class Manifest(_Strict):
     @model_validator(mode="after")
     def _check(self) -> Manifest:
         names = [s.name for s in self.slices]
-        if self.split_mode == "double":
-            expected, holder, ncuts = ["A", "B", "C"], "device", 2
-        else:
-            expected, holder, ncuts = ["A", "B"], "server", 1
+        mode = SPLIT_MODES[self.split_mode]
+        expected, holder, ncuts = mode["slices"], mode["label_holder"], mode["cuts"]
         if names != expected:
             raise ValueError(f"{self.split_mode} split needs slices {expected}, got {names}")
         if len(self.cuts) != ncuts:
@@ -171,10 +170,11 @@ class Manifest(_Strict):
             )
         if self.label_holder != holder:
             raise ValueError(f"{self.split_mode} split keeps the labels on the {holder}")
-        sides = {"A": "device", "B": "server", "C": "device"}
         for s in self.slices:
-            if s.side != sides[s.name]:
-                raise ValueError(f"slice {s.name} runs on the {sides[s.name]}, not the {s.side}")
+            if s.side != SLICE_SIDE[s.name]:
+                raise ValueError(
+                    f"slice {s.name} runs on the {SLICE_SIDE[s.name]}, not the {s.side}"
+                )
         return self
 
     def slice(self, name: SliceName) -> SliceSpec:

@@ -10,7 +10,13 @@ import { Validator } from '@cfworker/json-schema';
 import { ManifestError } from './errors.mjs';
 
 export const MANIFEST_FILE = 'manifest.json';
-const RANK = { NHWC: 4, NCHW: 4, NC: 2, N: 1 };
+// The manifest rules of shared_schema/protocol.json (test/protocol.test.mjs checks them).
+export const LAYOUT_RANK = Object.freeze({ NHWC: 4, NCHW: 4, NC: 2, N: 1 });
+export const SPLIT_MODES = Object.freeze({
+  double: Object.freeze({ slices: ['A', 'B', 'C'], cuts: 2, label_holder: 'device' }),
+  single: Object.freeze({ slices: ['A', 'B'], cuts: 1, label_holder: 'server' }),
+});
+export const SLICE_SIDE = Object.freeze({ A: 'device', B: 'server', C: 'device' });
 
 /** Parse and validate manifest text (or an object) against `schema`; returns the manifest. */
 export function validateManifest(doc, schema, where = 'manifest.json') {
@@ -41,16 +47,14 @@ function checkRules(m, where) {
   for (const t of [m.input, m.labels, m.output, ...m.cuts]) {
     if (!t.shape.length || t.shape[0] !== null) fail(`${t.name}: the first dimension must be the free batch dimension (null)`);
     if (t.shape.slice(1).some((d) => d === null || d <= 0)) fail(`${t.name}: every dimension but the batch must be a positive integer`);
-    if (t.shape.length !== RANK[t.layout]) fail(`${t.name}: layout ${t.layout} needs rank ${RANK[t.layout]}, shape is [${t.shape}]`);
+    if (t.shape.length !== LAYOUT_RANK[t.layout]) fail(`${t.name}: layout ${t.layout} needs rank ${LAYOUT_RANK[t.layout]}, shape is [${t.shape}]`);
   }
-  const double = m.split_mode === 'double';
-  const expected = double ? ['A', 'B', 'C'] : ['A', 'B'];
+  const mode = SPLIT_MODES[m.split_mode];
   const names = m.slices.map((s) => s.name);
-  if (names.join() !== expected.join()) fail(`${m.split_mode} split needs slices ${expected}, got ${names}`);
-  if (m.cuts.length !== (double ? 2 : 1)) fail(`${m.split_mode} split needs ${double ? 2 : 1} cut tensor(s), got ${m.cuts.length}`);
-  if (m.label_holder !== (double ? 'device' : 'server')) fail(`${m.split_mode} split keeps the labels on the ${double ? 'device' : 'server'}`);
-  const sides = { A: 'device', B: 'server', C: 'device' };
-  for (const s of m.slices) if (s.side !== sides[s.name]) fail(`slice ${s.name} runs on the ${sides[s.name]}, not the ${s.side}`);
+  if (names.join() !== mode.slices.join()) fail(`${m.split_mode} split needs slices ${mode.slices}, got ${names}`);
+  if (m.cuts.length !== mode.cuts) fail(`${m.split_mode} split needs ${mode.cuts} cut tensor(s), got ${m.cuts.length}`);
+  if (m.label_holder !== mode.label_holder) fail(`${m.split_mode} split keeps the labels on the ${mode.label_holder}`);
+  for (const s of m.slices) if (s.side !== SLICE_SIDE[s.name]) fail(`slice ${s.name} runs on the ${SLICE_SIDE[s.name]}, not the ${s.side}`);
 }
 
 export function sliceOf(manifest, name) {
