@@ -3,7 +3,8 @@
  * worker loader (worker_boot.mjs) needs, because browsers do not apply a page's import map
  * to its workers. Handles the forms src/ uses -- `import ... from '...'`, `export ... from
  * '...'` and `import '...'` at the start of a line, a multi-line `import {\n ...\n} from '...'`
- * included. test/module_imports.test.mjs checks that this finds every import of every module
+ * included. Dynamic `import('...')` is left as it is (transport.mjs loads Node's 'ws' so,
+ * never in a page). test/module_imports.test.mjs checks that this finds every import of every module
  * in src/, so a module written another way fails a test rather than the page.
  */
 
