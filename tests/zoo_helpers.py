@@ -34,6 +34,35 @@ CUT_PAIRS: dict[str, list[tuple[str, str]]] = {
 }  # fmt: skip
 
 
+# Issue #12: the device's share of a real network -- the stem in A, the head in C, all the
+# rest in B -- at 96 px, as the TF.js speed test and the device-runtime benchmark
+# (benchmarks/device_runtimes.py) train it. One bundle per network holds every runtime.
+DEVICE_SPLITS: dict[str, tuple[str, str]] = {
+    "resnet50": ("pool1_pool", "conv5_block3_out"),
+    "mobilenetv2": ("expanded_conv_project_BN", "block_16_project_BN"),
+}
+DEVICE_SIZE = 96
+
+
+@functools.cache
+def device_bundle(name: str, size: int = DEVICE_SIZE) -> Path:
+    """The stem/head bundle of zoo network ``name`` (``DEVICE_SPLITS``) at ``size`` px with
+    the TF, TF.js and TFLite device artefacts, from the cache (read-only)."""
+    from converters import zoo
+    from shared_schema import SGDSpec
+
+    model, from_logits = zoo.build(name, size)
+    cfg = {k: v for k, v in SGD_CFG.items() if k != "name"}
+    return bundle_cache.converted(
+        model,
+        DEVICE_SPLITS[name],
+        model_name=name,
+        optimizer=SGDSpec(**cfg),
+        from_logits=from_logits,
+        runtimes=("tf", "tfjs", "tflite"),
+    )
+
+
 def on(name: str) -> pytest.MarkDecorator:
     """Run on the pytest-xdist worker that holds zoo network ``name`` (``--dist
     loadgroup``): every test of one network shares one build of it."""
