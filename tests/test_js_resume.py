@@ -243,15 +243,25 @@ def _serve_args(state_dir: Path, port: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def served_reference(tmp_path_factory, train_data) -> dict:
-    """The uninterrupted double-split Adam run against ``spliteasy serve --state-dir``:
+    """The uninterrupted double-split Adam run against the app ``spliteasy serve
+    --state-dir --checkpoint-every 5`` builds, served in this process (no torch start-up
+    in a child; ``stop()`` writes the final checkpoint, as SIGTERM does):
     {"state": the device's state dir, "b": B from the server's final checkpoint}."""
-    from server_torch.serving import ServerProcess
+    import torch
+
+    from server_torch.app import create_app
+    from server_torch.serving import ServerThread, configure_threads
 
     bundle, _ = digits_bundle(None, "double", ADAM_CFG, ALL_RUNTIMES, MODEL)
     tmp = tmp_path_factory.mktemp("served-ref")
-    with ServerProcess(bundle, _serve_args(tmp / "server", 0)) as srv:
-        run_node(_args(bundle, srv.url, train_data, tmp / "device"))
-    # (stopped with SIGTERM: the final checkpoint holds the trained B)
+    threads = torch.get_num_threads()
+    configure_threads()  # serve's torch threads
+    try:
+        app = create_app(bundle, state_dir=tmp / "server", checkpoint_every=5)
+        with ServerThread(app) as srv:
+            run_node(_args(bundle, srv.url, train_data, tmp / "device"))
+    finally:
+        torch.set_num_threads(threads)
     return {"state": tmp / "device", "b": _checkpointed_b(tmp / "server")}
 
 
