@@ -57,16 +57,18 @@ BEHIND = [k for k in range(3, 30) if k % CHECKPOINT_EVERY in (1, 2)]
 
 
 def _plan(split: str, opt: str, crash: bool) -> list[tuple[str, int]]:
-    """(kill, after step) in order: the server, the device, (the crash hook,) both."""
+    """(kill, after step) in order: the server, the device, (the crash hook,) both.
+
+    ("crash", d): the device (re)started just before dies before saving the step d after
+    the one it resumed at (relative: a SIGKILL lands a step or two after its mark)."""
     rng = random.Random(f"{split}-{opt}")
     server_at = rng.choice([k for k in BEHIND if k <= 12])
-    device_at = rng.randint(server_at + 4, server_at + 8)
+    device_at = rng.randint(server_at + 3, server_at + 6)
     plan = [("server", server_at), ("device", device_at)]
-    last = device_at
     if crash:
-        last = rng.randint(device_at + 2, device_at + 4)
-        plan.append(("crash", last))  # dies before saving step `last`
-    plan.append(("both", rng.choice([k for k in BEHIND if k >= last + 3])))
+        plan.append(("crash", rng.randint(2, 3)))
+    both_after = device_at + (7 if crash else 4)
+    plan.append(("both", rng.choice([k for k in BEHIND if k >= both_after])))
     return plan
 
 
@@ -92,21 +94,16 @@ class Run:
         self.device = Device(bundle, work, STEPS_30, runtime)
         self.work = work
         self.starts: list[int] = [0]  # the step each restart resumed at, checked in the log
+        self.crash_at = 0  # the step the crash hook ends the device before saving
         self.replays: set[int] = set()  # steps a restarted device may get from the store
 
     def run(self, plan: list[tuple[str, int]]) -> dict:
-        from device_tf.state import CRASH_ENV
-
-        kinds = [kind for kind, _ in plan]
-        crash_env = {CRASH_ENV: str(at) for kind, at in plan if kind == "crash"}  # noqa: B035
         try:
             self.server.start(wait=False)  # loads B while the device imports TF
-            # the device the crash hook is to end is the one (re)started just before it
-            self.device.start(self.server.url, crash_env if kinds[0] == "crash" else None)
+            self.device.start(self.server.url, self._crash_env(plan[:1], 0))
             self.server.wait()
             for i, (kind, at) in enumerate(plan):
-                env = crash_env if kinds[i + 1 : i + 2] == ["crash"] else None
-                getattr(self, f"_{kind}")(at, env)
+                getattr(self, f"_{kind}")(at, plan[i + 1 : i + 2])
                 print(f"after {kind} at {at}: resumed at steps {self.starts}")
             self.device.finish()
             assert self.server.health()["steps"] == 30, self.server.health()
@@ -125,7 +122,7 @@ class Run:
         _no_plain_token(self.work)
         return state
 
-    def _server(self, at: int, env: dict | None) -> None:
+    def _server(self, at: int, following: list) -> None:
         """SIGKILL the server after step ``at``; the device keeps running, waits for it."""
         self.device.wait_for_step(at)
         mark = len(self.device.output(self.device.starts))
@@ -147,36 +144,46 @@ class Run:
         assert self._went_back(seen) == resume  # the log goes back to the server's step
         self.starts.append(resume)
 
+    def _crash_env(self, following: list[tuple[str, int]], resumed_at: int) -> dict | None:
+        """The crash hook for a device (re)started at ``resumed_at``, if a crash is next."""
+        from device_tf.state import CRASH_ENV
+
+        if following and following[0][0] == "crash":
+            self.crash_at = resumed_at + following[0][1]
+            return {CRASH_ENV: str(self.crash_at)}
+        return None
+
     def _went_back(self, seen: int) -> int | None:
         """The first step logged after record ``seen`` that is not after the one before."""
         steps = [r["step"] for r in self.device.records()[seen - 1 :]]
         return next((b for a, b in zip(steps, steps[1:], strict=False) if b <= a), None)
 
-    def _device(self, at: int, env: dict | None) -> None:
+    def _device(self, at: int, following: list) -> None:
         """SIGKILL the device after step ``at`` and restart it; the server stays up."""
         self.device.wait_for_step(at)
         self.device.kill()
         latest, applied = _latest_step(self.device), self.server.health()["steps"]
         # the server is at most one step ahead (applied, then the device died unsaved)
         assert applied in (latest, latest + 1), (latest, applied)
-        self._restart_device(latest, applied, env)
+        self._restart_device(latest, applied, following)
 
-    def _crash(self, at: int, env: dict | None) -> None:
+    def _crash(self, _: int, following: list) -> None:
         """The device ends itself just before saving step ``at``: the server applied step
         ``at - 1``, the device never recorded it. Restarted, it redoes that step and the
         server answers from its retry store (same request bytes: A's forward is
         deterministic), applying nothing twice."""
         from device_tf.state import CRASH_EXIT_CODE
 
+        at = self.crash_at
         assert self.device.proc is not None
         assert self.device.proc.wait(300) == CRASH_EXIT_CODE, self.device.output()
         applied = self.server.health()["steps"]
         assert (_latest_step(self.device), applied) == (at - 1, at)
-        self._restart_device(at - 1, applied, env)  # its first step: replayed
+        self._restart_device(at - 1, applied, following)  # its first step: replayed
 
-    def _restart_device(self, latest: int, applied: int, env: dict | None) -> None:
+    def _restart_device(self, latest: int, applied: int, following: list) -> None:
         records_before = len(self.device.records())
-        self.device.start(self.server.url, env)
+        self.device.start(self.server.url, self._crash_env(following, latest))
         self.device.wait_for_records(records_before + 1)
         out = self.device.output(self.device.starts)
         assert f"at step {latest} of 30" in out, out
@@ -189,7 +196,7 @@ class Run:
         self.starts.append(latest)
         self.replays.add(latest)  # (a double split's forward may be, if B was leased to it)
 
-    def _both(self, at: int, env: dict | None) -> None:
+    def _both(self, at: int, following: list) -> None:
         """SIGKILL the server and the device; restart both on their state dirs."""
         self.device.wait_for_step(at)
         self.server.kill()
@@ -198,7 +205,8 @@ class Run:
         assert resume < latest, (resume, latest)
         records_before = len(self.device.records())
         self.server.start(wait=False)
-        self.device.start(self.server.url, env)  # both start at once, as after a power cut
+        # both start at once, as after a power cut
+        self.device.start(self.server.url, self._crash_env(following, resume))
         assert self.server.health()["resumed_from"] == resume
         self.device.wait_for_records(records_before + 1)
         out = self.device.output(self.device.starts)
