@@ -260,6 +260,10 @@ def create_app(
     max_buffered_bytes: int | None = None,
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
     metrics: bool = True,
+    mode: Literal["turns", "parallel"] = "turns",
+    devices_per_round: int = 1,
+    sync_every: int = 1,
+    round_timeout: float = 30.0,
 ) -> FastAPI:
     """The server for one bundle.
 
@@ -279,6 +283,11 @@ def create_app(
     address; sessions idle for ``idle_timeout`` s are evicted every ``evict_every`` s;
     ``max_buffered_bytes`` of bodies are held at once; a body silent for ``body_timeout``
     s is dropped (408).
+
+    ``mode="parallel"`` (``server_torch.parallel``): rounds of ``devices_per_round``
+    devices train B on their concatenated batches (one forward, one backward, one
+    optimizer step a round); devices average A and C through ``/sync`` every
+    ``sync_every`` rounds; a round closes after ``round_timeout`` s with who arrived.
     """
     from .checkpoint import Checkpointer
     from .trainer import Trainer
@@ -328,6 +337,13 @@ def create_app(
         service, max_waiting=max_waiting if max_waiting is not None else max_sessions
     )
     admission = Admission(auth_keys, per_minute=session_rate)
+    rounds = None
+    if mode == "parallel":
+        from .parallel import ParallelRounds
+
+        rounds = ParallelRounds(service, devices_per_round, sync_every, round_timeout)
+    elif mode != "turns":
+        raise ValueError(f"mode must be 'turns' or 'parallel', not {mode!r}")
 
     app = FastAPI(
         title="spliteasy server",
@@ -343,6 +359,7 @@ def create_app(
     app.state.waiter = waiter
     app.state.budget = budget
     app.state.admission = admission
+    app.state.rounds = rounds
     if checkpointer is not None:
         app.state.on_exit = checkpointer.final
     install_handlers(app)
@@ -395,6 +412,7 @@ def create_app(
                 if checkpointer is not None
                 else {"checkpoint": None, "resumed_from": None}
             ),
+            **({"parallel": rounds.info()} if rounds is not None else {}),
         }
 
     @app.get("/v1/manifest")
@@ -494,7 +512,9 @@ def create_app(
             try:
                 body = await reader.read(request, limit, BodyTooLarge)
                 t0 = time.perf_counter()
-                if op in ("forward", "step"):
+                if rounds is not None and op in ("forward", "backward"):
+                    reply = await getattr(rounds, op)(sid, token, bytes(body))
+                elif op in ("forward", "step"):
                     # parse in a worker, wait for the turn on the event loop
                     attempt = await run_in_threadpool(service.prepare, op, sid, token, body)
                     reply = await waiter.run(sid, token, attempt)
@@ -518,6 +538,22 @@ def create_app(
 
     for op in ("forward", "backward", "step", "infer"):
         frame_route(op)
+
+    if rounds is not None:
+
+        @app.post("/v1/sessions/{sid}/sync", include_in_schema=False)
+        async def session_sync(sid: str, request: Request, authorization: Auth = None) -> Response:
+            """Parallel mode: this device's A and C variables in (safetensors, metadata
+            ``sync`` and ``batch``), the batch-weighted average of the round's devices out."""
+            token = _bearer(authorization)
+            service.check_access(sid, token)
+            reader = _Body(budget, body_timeout)
+            try:
+                body = await reader.read(request, limit, BodyTooLarge)
+            finally:
+                reader.release()
+            out = await rounds.sync(sid, token, bytes(body))
+            return Response(out, media_type="application/octet-stream")
 
     from .ws import add_ws_route
 

@@ -90,7 +90,10 @@ def add_ws_route(app: FastAPI, *, limit: int, meter: Any = None) -> None:
 
     async def handle(sid: str, token: str, op: str, body: bytes) -> tuple[Any, float]:
         t0 = time.perf_counter()
-        if op in ("forward", "step"):
+        rounds = app.state.rounds
+        if rounds is not None and op in ("forward", "backward"):
+            reply = await getattr(rounds, op)(sid, token, bytes(body))
+        elif op in ("forward", "step"):
             attempt = await run_in_threadpool(service.prepare, op, sid, token, body)
             reply = await waiter.run(sid, token, attempt)
         else:
