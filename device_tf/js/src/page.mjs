@@ -266,6 +266,7 @@ function run(saved = null) {
       server: settings.server ? new URL(settings.server, location.href).href : location.origin,
       schema: new URL(settings.schema, location.href).href,
       simulateFloat16,
+      key: settings.key, // enrolment key (not saved with the run)
     });
   });
 }

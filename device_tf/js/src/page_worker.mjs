@@ -6,7 +6,7 @@
  *
  * Messages from the page:
  *   {type: 'start', settings: {data, batch, epochs, steps, seed, aux, backend, f16},
- *    resume: bool, server, schema, simulateFloat16}
+ *    resume: bool, server, schema, simulateFloat16, key (enrolment key, or null)}
  *   {type: 'stop'}            finish the current step, save it, stop (Start over)
  * Messages to the page (all {type, ...}):
  *   status {text, error}  model {text}  backend {name, requested, note, float32, drift, refused}
@@ -57,7 +57,7 @@ async function fetchBytes(url, what) {
 }
 
 /** One run: a new one, or (`resume`) the one saved in IndexedDB, with the settings `st`. */
-async function run({ settings: st, resume, server, schema: schemaUrl, simulateFloat16 = false }) {
+async function run({ settings: st, resume, server, schema: schemaUrl, simulateFloat16 = false, key = null }) {
   stopRequested = false;
   const status = (text, error = false) => post('status', { text, error });
   const store = new IdbStateStore(`run:${new URL(server).origin}`);
@@ -85,6 +85,7 @@ async function run({ settings: st, resume, server, schema: schemaUrl, simulateFl
     });
     let waiting = false;
     const transport = new HttpTransport(server, {
+      authKey: key, // enrolment key for a server started with --auth-keys (?key=)
       onWait: (w) => {
         waiting = true;
         status(describeWait(w), true);
