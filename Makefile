@@ -55,6 +55,7 @@ schema: install
 # golden test data both the Python and the JS side assert (rewrite only on purpose)
 golden: install
 	$(BIN)/python tests/golden/make_frames.py
+	$(BIN)/python tests/golden/make_math.py
 
 clean:
 	rm -rf $(VENV) $(JS)/node_modules .pytest_cache .cache

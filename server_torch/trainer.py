@@ -67,9 +67,10 @@ def keras_sparse_ce(output: torch.Tensor, labels: torch.Tensor, loss: LossSpec) 
     """Keras' sparse categorical cross-entropy, mean over the batch."""
     if loss.from_logits:
         return F.cross_entropy(output, labels)
-    p = output / output.sum(dim=-1, keepdim=True)
-    p = p.clamp(KERAS_EPSILON, 1.0 - KERAS_EPSILON)
-    return -torch.log(p.gather(1, labels.view(-1, 1))).mean()
+    # Keras clips first, then takes the softmax cross-entropy of log(p): the clipped
+    # probabilities are normalised *after* clipping (tests/golden/math.json checks it).
+    p = output.clamp(KERAS_EPSILON, 1.0 - KERAS_EPSILON)
+    return F.cross_entropy(torch.log(p), labels)
 
 
 def to_torch_layout(t: torch.Tensor, layout: str) -> torch.Tensor:

@@ -149,6 +149,32 @@ def _all_layers(model: Any) -> list[Any]:
     return out
 
 
+def keras_update(
+    tf: Any, optimizer: SGDSpec | AdamSpec, var: Any, g: Any, slots: list[Any], t: Any, lr: Any
+) -> None:
+    """One tf_keras optimizer update of ``var`` (module docstring), in TF ops the TFLite
+    converter keeps. ``slots``: [momentum] (SGD) or [m, v] (Adam); ``t``: the float32
+    iteration count after this step. A function of its own so the golden vectors of
+    tests/golden/math.json check it eagerly, without building a TFLite model."""
+    if optimizer.name == "sgd":
+        (m,) = slots
+        momentum = tf.constant(optimizer.momentum, tf.float32)
+        m.assign(-g * lr + m * momentum)
+        if optimizer.nesterov:
+            var.assign_add(-g * lr + m * momentum)
+        else:
+            var.assign_add(m)
+        return
+    m, v = slots
+    b1, b2 = optimizer.beta_1, optimizer.beta_2
+    beta_1_power = tf.pow(tf.constant(b1, tf.float32), t)
+    beta_2_power = tf.pow(tf.constant(b2, tf.float32), t)
+    alpha = lr * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+    m.assign_add((g - m) * (1 - b1))
+    v.assign_add((tf.square(g) - v) * (1 - b2))
+    var.assign_sub((m * alpha) / (tf.sqrt(v) + optimizer.epsilon))
+
+
 def _slot_name(var: Any) -> str:
     return var.name.split(":")[0]
 
@@ -215,23 +241,7 @@ def _build_module(
             for var, g, slots in zip(self.trainable, grads, self.slots, strict=True):
                 if g is None:  # unconnected variable: Keras skips it as well
                     continue
-                if optimizer.name == "sgd":
-                    (m,) = slots
-                    momentum = tf.constant(optimizer.momentum, tf.float32)
-                    m.assign(-g * lr + m * momentum)
-                    if optimizer.nesterov:
-                        var.assign_add(-g * lr + m * momentum)
-                    else:
-                        var.assign_add(m)
-                else:
-                    m, v = slots
-                    b1, b2 = optimizer.beta_1, optimizer.beta_2
-                    beta_1_power = tf.pow(tf.constant(b1, tf.float32), t)
-                    beta_2_power = tf.pow(tf.constant(b2, tf.float32), t)
-                    alpha = lr * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)
-                    m.assign_add((g - m) * (1 - b1))
-                    v.assign_add((tf.square(g) - v) * (1 - b2))
-                    var.assign_sub((m * alpha) / (tf.sqrt(v) + optimizer.epsilon))
+                keras_update(tf, optimizer, var, g, slots, t, lr)
             self.step.assign_add(1)
 
         def _regularization(self) -> Any:
