@@ -44,3 +44,24 @@ def sync_slices(transport: HttpTransport, runtime: DeviceRuntime, sync: int, bat
     meta = json.loads(reply[8 : 8 + n]).get("__metadata__") or {}
     runtime.load_state(RuntimeState(averaged, state.optimizer))
     return int(meta.get("devices", 0))
+
+
+def with_sync(
+    trainer: object, transport: HttpTransport, runtime: DeviceRuntime, every: int
+) -> None:
+    """Make ``trainer.step`` average A and C after every ``every``-th step (``spliteasy
+    train`` against ``serve --mode parallel``; 0: never)."""
+    if every <= 0:
+        return
+    step = trainer.step  # type: ignore[attr-defined]
+    done = {"steps": 0, "syncs": 0}
+
+    def step_and_sync(x: np.ndarray, y: np.ndarray):  # noqa: ANN202 - StepResult
+        result = step(x, y)
+        done["steps"] += 1
+        if done["steps"] % every == 0:
+            sync_slices(transport, runtime, done["syncs"], len(x))
+            done["syncs"] += 1
+        return result
+
+    trainer.step = step_and_sync  # type: ignore[attr-defined]

@@ -167,6 +167,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="an idle keep-alive connection is closed after S s (default %(default)s)",
     )
+    par = parser.add_argument_group(
+        "parallel mode", "synchronous rounds of several devices on one B (docs/protocol.md)"
+    )
+    par.add_argument(
+        "--mode",
+        choices=["turns", "parallel"],
+        default="turns",
+        help="turns: devices take turns on B; parallel: each round trains B once on the "
+        "concatenated batches of --devices-per-round devices (default %(default)s)",
+    )
+    par.add_argument("--devices-per-round", type=int, default=2, metavar="N")
+    par.add_argument(
+        "--sync-every",
+        type=int,
+        default=1,
+        metavar="K",
+        help="devices average A and C every K rounds, weighted by batch size (default 1)",
+    )
+    par.add_argument(
+        "--round-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="a round closes S s after its first message with the devices that arrived",
+    )
     parser.add_argument(
         "--checkpoint-every",
         type=int,
@@ -200,7 +225,17 @@ def run(args: argparse.Namespace) -> int:
     # Cheap refusals first (a bad bundle, a taken port), then the slow part: loading B.
     manifest = load_manifest(args.bundle, verify=True)
     state_dir = None
-    if not args.no_state:
+    if args.mode == "parallel":
+        if args.devices_per_round < 1 or args.sync_every < 0 or args.round_timeout <= 0:
+            raise SpliteasyError(
+                "--devices-per-round >= 1, --sync-every >= 0 and --round-timeout > 0"
+            )
+        if manifest.split_mode != "double":
+            raise SpliteasyError("--mode parallel trains a double-split bundle")
+        if args.state_dir is not None:
+            raise SpliteasyError("--mode parallel keeps no checkpoints yet; drop --state-dir")
+        print("spliteasy serve: --mode parallel keeps no server state (no checkpoints)")
+    elif not args.no_state:
         from server_torch.checkpoint import default_state_dir
         from shared_schema import manifest_digest
 
@@ -225,6 +260,10 @@ def run(args: argparse.Namespace) -> int:
             if args.max_buffered_mb is None
             else int(args.max_buffered_mb * (1 << 20)),
             body_timeout=args.body_timeout,
+            mode=args.mode,
+            devices_per_round=args.devices_per_round,
+            sync_every=args.sync_every,
+            round_timeout=args.round_timeout,
         )
         threads = configure_threads(args.threads)
         tls = bool(args.ssl_certfile)

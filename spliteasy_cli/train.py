@@ -116,6 +116,11 @@ def run(args: argparse.Namespace) -> int:
         auth_key=args.auth_key,
     )
     trainer = SplitTrainer(runtime, transport, manifest, digest, args.aux_label)
+    parallel = transport.health().get("parallel")
+    if parallel is not None:  # spliteasy serve --mode parallel: average A and C as it says
+        from device_tf.parallel import with_sync
+
+        with_sync(trainer, transport, runtime, int(parallel["sync_every"]))
     finished = False
     try:
         history = fit(
