@@ -89,3 +89,48 @@ def test_parallel_rounds_equal_unsplit_large_batch(serve_app):
     assert max(loss_errs) <= TOL
     assert ref_losses[-1] < ref_losses[0]
     assert np.linalg.norm(expected["b_bn1/moving_mean"]) > 100 * TOL  # B's BN moved
+
+
+def test_a_round_closes_after_its_timeout_with_the_devices_that_came(serve_app):
+    """Stragglers: 2 devices against rounds of 3 with a 1 s timeout. Every round (and
+    every sync) closes on its timer with the 2 that arrived; nothing is lost or counted
+    twice: B's steps == rounds == steps each device sent."""
+    from device_tf.loop import SplitTrainer
+    from device_tf.parallel import sync_slices
+    from device_tf.tf_runtime import TFRuntime
+    from device_tf.ws_transport import make_transport
+    from server_torch.app import create_app
+    from shared_schema import load_manifest, manifest_digest
+
+    bundle, _ = digits_bundle(None, "double", SGD_CFG)
+    manifest, digest = load_manifest(bundle), manifest_digest(bundle)
+    app = create_app(bundle, mode="parallel", devices_per_round=3, round_timeout=1.0)
+    srv = serve_app(app)
+    batches = fixed_batches(3, 2 * B)
+    covered: list[int] = []
+    errors: list[BaseException] = []
+
+    def device(i: int, kind: str) -> None:
+        runtime = TFRuntime.from_bundle(bundle)
+        transport = make_transport(kind, srv.url)
+        try:
+            with SplitTrainer(runtime, transport, manifest, digest) as trainer:
+                for r, (x, y) in enumerate(batches):
+                    part = slice(i * B, (i + 1) * B)
+                    trainer.step(x[part], y[part])
+                    covered.append(sync_slices(transport, runtime, r, B))
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+        finally:
+            transport.close()
+
+    threads = [threading.Thread(target=device, args=(i, k)) for i, k in enumerate(["http", "ws"])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    rounds = app.state.rounds
+    assert app.state.trainer.steps == rounds.rounds == 3
+    assert rounds.round_sizes == [2, 2, 2]
+    assert covered == [2] * 6
