@@ -42,8 +42,15 @@ test: install js browser
 fuzz: install
 	SPLITEASY_FUZZ_SCALE=10 $(BIN)/python -m pytest tests/test_server_fuzz.py -q -s -p no:randomly -n 0
 
-bench: install
+bench: install js
 	$(BIN)/python -m pytest benchmarks -q -p no:cacheprovider --benchmark-only --benchmark-json=runs/bench.json
+	$(BIN)/python benchmarks/device_runtimes.py --out runs/bench-device.json
+
+# issue #12: per-step device compute of the ResNet50 / MobileNetV2 stem/head bundles in
+# Python TF, TFLite and TF.js (Node, cpu), and the kernel-by-kernel gaps (minutes; converts
+# the bundles once into the test cache)
+bench-device: install js
+	$(BIN)/python benchmarks/device_runtimes.py --out runs/bench-device.json
 
 lint: install
 	$(BIN)/ruff check .
