@@ -28,81 +28,36 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from shared_schema.layers import (
+    DEVICE_ONLY_LAYERS,
+    REFUSED_WHY,
+    SUPPORTED_ACTIVATIONS,
+    SUPPORTED_LAYERS,
+)
+
 from ._exceptions import ConverterError, InvalidCut, UnsupportedLayer
+
+__all__ = [
+    "DEVICE_ONLY_LAYERS",
+    "SUPPORTED_ACTIVATIONS",
+    "SUPPORTED_LAYERS",
+    "check_supported",
+    "find_cuts",
+    "server_refusal",
+    "validate_cuts",
+]
 
 # Tensor ranks a cut may carry: NHWC feature maps and NC vectors (the manifest's layouts).
 CUT_RANKS = (2, 4)
 FLOAT32_BYTES = 4
 
-# Layer classes every spliteasy runtime can carry: they have direct equivalents in
-# tfjs-layers (device), TFLite with Flex ops (device) and ONNX -> onnx2torch (server).
-# It is the set the zoo and digits-cnn exercise plus simple layers of the same kinds.
-# The one place this set lives.
-SUPPORTED_LAYERS: frozenset[str] = frozenset(
-    {
-        "InputLayer",
-        "Conv2D",
-        "DepthwiseConv2D",
-        "SeparableConv2D",
-        "Dense",
-        "BatchNormalization",
-        "Activation",
-        "ReLU",
-        "LeakyReLU",
-        "Softmax",
-        "Flatten",
-        "Reshape",
-        "GlobalAveragePooling2D",
-        "GlobalMaxPooling2D",
-        "MaxPooling2D",
-        "AveragePooling2D",
-        "ZeroPadding2D",
-        "Add",
-        "Subtract",
-        "Multiply",
-        "Average",
-        "Maximum",
-        "Concatenate",
-        "Rescaling",
-    }
-)
-SUPPORTED_ACTIVATIONS: frozenset[str] = frozenset(
-    {
-        "linear",
-        "relu",
-        "sigmoid",
-        "tanh",
-        "softmax",
-        "elu",
-        "selu",
-        "softplus",
-        "softsign",
-        "swish",
-        "silu",
-        "hard_sigmoid",
-    }
-)
-# Why some layers people meet often are refused, beyond "not in the set".
-_UNSUPPORTED_WHY = {
-    "Lambda": "it runs arbitrary Python, which cannot be carried to TF.js or PyTorch; "
-    "rewrite it with built-in layers",
-    "CustomScaleLayer": "it is a Python-only layer of tf_keras' InceptionResNetV2; the zoo's "
-    "'inceptionresnetv2' rewrites it as Rescaling + Add "
-    "(converters.zoo.replace_custom_scale_layers does it for a saved model)",
-    "Functional": "nested models are not flattened; build the network as one functional model",
-    "Sequential": "nested models are not flattened; build the network as one functional model",
-}
-
-# Layers (or uses of a layer) the device slices train but slice B cannot. B goes
-# through tf2onnx and onnx2torch as an ONNX inference graph; the device runs tf_keras
-# itself (TF keeps A's tape open; TF.js reseeds dropout per step; the TFLite exporter
-# refuses what it cannot repeat). Measured: each of these fails or would train a
-# different function in B, every other supported layer verifies to ~1e-15 in float64.
-DEVICE_ONLY_LAYERS: dict[str, str] = {
-    "Dropout": "B is exported as an inference graph, where dropout vanishes, so B would "
-    "not train like the Keras model",
-    "GlobalMaxPooling2D": "onnx2torch has no converter for ONNX GlobalMaxPool",
-}
+# Which layer classes each slice and runtime carries, and why not, is one table:
+# shared_schema/layers.json (also read by the TF.js device's tests). SUPPORTED_LAYERS:
+# every runtime, every slice (checked once more per layer by server_refusal for B);
+# DEVICE_ONLY_LAYERS: A or C only, with the reason B cannot train them (measured: each
+# fails or would train a different function in B, every other supported layer verifies
+# to ~1e-15 in float64).
+_UNSUPPORTED_WHY = REFUSED_WHY
 
 
 def server_refusal(layer: Any) -> str | None:

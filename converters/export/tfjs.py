@@ -18,86 +18,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+from shared_schema.layers import TFJS_LAYER_CLASSES, UNREPEATABLE_LAYERS
+
 from .._exceptions import ConverterError, UnsupportedLayer
 
 MODEL_JSON = "model.json"
 
-# Layer classes @tensorflow/tfjs-layers 4.22.0 deserialises (its SerializationMap).
-# tests/test_js_runtime.py keeps this list in step with the installed package.
-TFJS_LAYER_CLASSES = frozenset(
-    [
-        "Activation",
-        "Add",
-        "AlphaDropout",
-        "Average",
-        "AveragePooling1D",
-        "AveragePooling2D",
-        "AveragePooling3D",
-        "BatchNormalization",
-        "Bidirectional",
-        "CategoryEncoding",
-        "CenterCrop",
-        "Concatenate",
-        "Conv1D",
-        "Conv2D",
-        "Conv2DTranspose",
-        "Conv3D",
-        "Conv3DTranspose",
-        "ConvLSTM2D",
-        "Cropping2D",
-        "Dense",
-        "DepthwiseConv2D",
-        "Dot",
-        "Dropout",
-        "ELU",
-        "Embedding",
-        "Flatten",
-        "Functional",
-        "GRU",
-        "GaussianDropout",
-        "GaussianNoise",
-        "GlobalAveragePooling1D",
-        "GlobalAveragePooling2D",
-        "GlobalMaxPooling1D",
-        "GlobalMaxPooling2D",
-        "Identity",
-        "InputLayer",
-        "LSTM",
-        "LayerNormalization",
-        "LeakyReLU",
-        "Masking",
-        "MaxPooling1D",
-        "MaxPooling2D",
-        "MaxPooling3D",
-        "Maximum",
-        "Minimum",
-        "Model",
-        "Multiply",
-        "PReLU",
-        "Permute",
-        "RNN",
-        "RandomWidth",
-        "ReLU",
-        "RepeatVector",
-        "Rescaling",
-        "Reshape",
-        "Resizing",
-        "SeparableConv2D",
-        "Sequential",
-        "SimpleRNN",
-        "Softmax",
-        "SpatialDropout1D",
-        "ThresholdedReLU",
-        "TimeDistributed",
-        "UpSampling2D",
-        "ZeroPadding2D",
-    ]
-)
-
-# Noise layers whose random draw TF.js cannot repeat: A's backward recomputes A's forward
-# (TF.js' tape cannot stay open across the server round trip), so a fresh draw would
-# differentiate a different function. Dropout is fine: the harness reseeds it per step.
-_UNREPEATABLE = frozenset({"AlphaDropout", "GaussianDropout", "GaussianNoise"})
+# Layer classes @tensorflow/tfjs-layers 4.22.0 deserialises (its SerializationMap), and
+# the noise layers whose random draw TF.js cannot repeat (A's backward recomputes A's
+# forward, so a fresh draw would differentiate a different function; Dropout is fine: the
+# harness reseeds it per step): both in shared_schema/layers.json.
+# tests/test_js_runtime.py keeps the class list in step with the installed package.
+_UNREPEATABLE = UNREPEATABLE_LAYERS
 
 
 class TfjsExportError(ConverterError):

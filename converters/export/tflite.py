@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from converters._exceptions import ConverterError, UnsupportedLayer
 from shared_schema import AdamSpec, LossSpec, SGDSpec
+from shared_schema.layers import RANDOM_LAYERS, TFLITE_NOT_IN_A
 
 if TYPE_CHECKING:
     import tf_keras
@@ -59,16 +60,9 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
     "C": ("train", "infer", "variable_names", "weights", "save", "restore"),
 }
 
-# Layers whose training-mode output is random: A's forward runs twice per step.
-_STOCHASTIC = {
-    "Dropout",
-    "SpatialDropout1D",
-    "SpatialDropout2D",
-    "SpatialDropout3D",
-    "GaussianNoise",
-    "GaussianDropout",
-    "AlphaDropout",
-}
+# Layers whose training-mode output is random: A's forward runs twice per step
+# (shared_schema/layers.json, "random").
+_STOCHASTIC = RANDOM_LAYERS
 
 
 def export_tflite(
@@ -128,11 +122,9 @@ def _check_model(model: Any, role: Role) -> None:
     if role == "A":
         for layer in _all_layers(model):
             if type(layer).__name__ in _STOCHASTIC and getattr(layer, "rate", 1.0) != 0:
-                raise UnsupportedLayer(
-                    f"layer {layer.name} ({type(layer).__name__}) in slice A: the TFLite device "
-                    "recomputes A's forward pass in train(), so a random mask would differ "
-                    "from the one the server saw; move the cut before it or remove it"
-                )
+                cls = type(layer).__name__
+                why = TFLITE_NOT_IN_A.get(cls, TFLITE_NOT_IN_A["Dropout"])
+                raise UnsupportedLayer(f"layer {layer.name} ({cls}) in slice A: {why}")
     if model.outputs[0].shape.rank != 2 and role == "C":
         raise ConverterError(
             f"slice C must output (batch, classes) for sparse categorical crossentropy, "
