@@ -43,6 +43,19 @@ def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     )
 
 
+def cli_in_process(*args: str) -> subprocess.CompletedProcess:
+    """The same command through ``spliteasy``'s entry point in this process."""
+    import contextlib
+    import io
+
+    from spliteasy_cli.main import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(list(args))
+    return subprocess.CompletedProcess(list(args), code, stdout.getvalue(), stderr.getvalue())
+
+
 def assert_quiet(proc: subprocess.CompletedProcess) -> None:
     found = NOISE.findall(proc.stderr)
     assert not found, f"library noise on stderr ({found[:3]}):\n{proc.stderr[:3000]}"
@@ -70,18 +83,36 @@ def split_runtime(bundle: Path, weights: dict[str, np.ndarray]):
     return rt
 
 
-def run_and_export(bundle: Path, tmp: Path, runtime: str = "tf", epochs: int = 2) -> dict:
+def run_and_export(
+    bundle: Path, tmp: Path, runtime: str = "tf", epochs: int = 2, children: bool = True
+) -> dict:
     """serve and train (``runtime``) with state dirs, split predictions over HTTP against
-    the live server, SIGTERM (the final checkpoint), then ``spliteasy export``."""
+    the live server, SIGTERM (the final checkpoint), then ``spliteasy export``.
+
+    ``children=False``: serve and export in this process (the app ``serve`` builds in a
+    thread, whose ``stop()`` writes the final checkpoint as SIGTERM does; ``export``'s
+    entry point), train still a child: for a run whose serve and export output is not
+    checked, two TF/torch start-ups fewer."""
     from device_tf.data import load_digits_split
     from device_tf.loop import SplitTrainer
     from device_tf.transport import HttpTransport
-    from server_torch.serving import ServerProcess
+    from server_torch.serving import ServerProcess, ServerThread
     from shared_schema import load_manifest, manifest_digest
 
     srv_dir, dev_dir, out = tmp / "server-state", tmp / "device-state", tmp / "trained"
-    server = ServerProcess(bundle, ["--state-dir", str(srv_dir), "--checkpoint-every", "20"])
-    server.start(120)
+    if children:
+        server = ServerProcess(bundle, ["--state-dir", str(srv_dir), "--checkpoint-every", "20"])
+        server.start(120)
+    else:
+        import torch
+
+        from server_torch.app import create_app
+        from server_torch.serving import configure_threads
+
+        threads = torch.get_num_threads()
+        configure_threads()  # serve's torch threads (2 threads on 2 busy cores stall)
+        server = ServerThread(create_app(bundle, state_dir=srv_dir, checkpoint_every=20))
+        server.start()
     try:
         train = cli(
             "train", str(bundle), "--server", server.url, "--epochs", str(epochs),
@@ -100,10 +131,13 @@ def run_and_export(bundle: Path, tmp: Path, runtime: str = "tf", epochs: int = 2
             transport.close()
     finally:
         server.stop()  # SIGTERM: the server writes its final checkpoint
-    export = cli(
+        if not children:
+            torch.set_num_threads(threads)
+    export_args = (
         "export", str(bundle), "--server-state", str(srv_dir), "--device-state", str(dev_dir),
         "--out", str(out), "--formats", "savedmodel,tflite,tfjs",
     )  # fmt: skip
+    export = cli(*export_args) if children else cli_in_process(*export_args)
     return {
         "bundle": bundle,
         "server_state": srv_dir,
@@ -111,7 +145,7 @@ def run_and_export(bundle: Path, tmp: Path, runtime: str = "tf", epochs: int = 2
         "out": out,
         "train": train,
         "export": export,
-        "server_output": "".join(server.output),
+        "server_output": "".join(server.output) if children else "",
         "x": x_te,
         "y": y_te,
         "split": split_out,
@@ -163,7 +197,7 @@ def test_export_from_a_tfjs_device(tmp_path):
 
     node()
     bundle, _ = digits_bundle(None, "double", SGD_CFG, runtimes=ALL_RUNTIMES)
-    run = run_and_export(bundle, tmp_path, runtime="tfjs", epochs=1)
+    run = run_and_export(bundle, tmp_path, runtime="tfjs", epochs=1, children=False)
     err, acc = check_export(run, steps=45)
     print(f"\ndigits, TF.js device: exported vs split inference {err:.1e}, accuracy {acc:.4f}")
     assert_quiet(run["train"])
