@@ -29,6 +29,20 @@ class RuntimeState:
     optimizer: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def state_mismatch(have: dict[str, tuple[int, ...]], given: dict[str, np.ndarray]) -> str | None:
+    """Why saved state does not fit a runtime's variables (``have``: name -> shape), or
+    None. Every runtime checks all names and shapes before it assigns anything, so a
+    wrong snapshot is refused whole instead of half-loaded."""
+    if set(have) != set(given):
+        missing, extra = sorted(set(have) - set(given)), sorted(set(given) - set(have))
+        return f"missing {missing[:5]}, unexpected {extra[:5]}"
+    for name, shape in have.items():
+        value_shape = tuple(np.shape(given[name]))
+        if value_shape != tuple(shape):
+            return f"saved {name} has shape {value_shape}, the slice's is {tuple(shape)}"
+    return None
+
+
 class DeviceRuntime(ABC):
     """The device's half of the network.
 

@@ -10,7 +10,7 @@ from shared_schema import Manifest, load_manifest
 
 from ._exceptions import StateError
 from .keras_util import keras_loss, keras_optimizer, named_variables
-from .runtime import DeviceRuntime, RuntimeState
+from .runtime import DeviceRuntime, RuntimeState, state_mismatch
 
 
 class TFRuntime(DeviceRuntime):
@@ -134,18 +134,11 @@ class TFRuntime(DeviceRuntime):
             ("variables", slices, state.slices),
             ("optimizer state", optimizer, state.optimizer),
         ):
-            if set(have) != set(given):
-                missing, extra = sorted(set(have) - set(given)), sorted(set(given) - set(have))
-                raise StateError(
-                    f"the saved {what} do not fit this bundle's slices "
-                    f"(missing {missing[:5]}, unexpected {extra[:5]})"
-                )
+            why = state_mismatch({n: tuple(v.shape) for n, v in have.items()}, given)
+            if why is not None:
+                raise StateError(f"the saved {what} do not fit this bundle's slices ({why})")
             for name, var in have.items():
                 value = np.asarray(given[name])
-                if tuple(value.shape) != tuple(var.shape):
-                    raise StateError(
-                        f"saved {name} has shape {value.shape}, the slice's is {tuple(var.shape)}"
-                    )
                 pairs.append((var, value.astype(var.dtype.as_numpy_dtype)))
         for var, value in pairs:  # everything checked: now assign
             var.assign(value)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from device_tf._exceptions import DeviceError
-from device_tf.runtime import DeviceRuntime, RuntimeState
+from device_tf.runtime import DeviceRuntime, RuntimeState, state_mismatch
 from shared_schema import Manifest, load_manifest
 
 
@@ -183,19 +183,13 @@ class TFLiteSlice:
         for group, given in (("slices", slices), ("optimizer", optimizer)):
             mine = {k: v for k, v in given.items() if k.split("/", 1)[0] == self.role}
             have = current[group]
-            if set(mine) != set(have):
-                missing, extra = sorted(set(have) - set(mine)), sorted(set(mine) - set(have))
+            why = state_mismatch({k: tuple(v.shape) for k, v in have.items()}, mine)
+            if why is not None:
                 raise TFLiteRuntimeError(
-                    f"slice {self.role}: the saved state does not fit this slice "
-                    f"(missing {missing[:5]}, unexpected {extra[:5]})"
+                    f"slice {self.role}: the saved state does not fit this slice ({why})"
                 )
             for key, value in mine.items():
                 value = np.asarray(value)
-                if value.shape != have[key].shape:
-                    raise TFLiteRuntimeError(
-                        f"slice {self.role}: saved {key} has shape {value.shape}, "
-                        f"the slice's is {have[key].shape}"
-                    )
                 names.append(self._from_state_name(key, group))
                 data.append(tf.constant(value.astype(have[key].dtype)))
         path = scratch / f"{self.role}-load.ckpt"
