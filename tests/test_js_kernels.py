@@ -28,7 +28,7 @@ from shared_schema.frame import Frame, FrameKind, decode, encode  # noqa: E402
 pytestmark = pytest.mark.js
 
 RTOL = 1e-4
-N_FAST = 17  # kernels kernels.mjs replaces (FAST_KERNELS)
+N_FAST = 18  # kernels kernels.mjs replaces (FAST_KERNELS)
 
 
 def _cases() -> list[dict]:

@@ -423,6 +423,35 @@ export function maxPoolGrad(x, dy, info) {
   return Float32Array.from(dx);
 }
 
+/** Max pooling's forward, channels innermost (NaN never wins, as in the backend's own). */
+export function maxPoolForward(x, info) {
+  const { batchSize, inHeight: inH, inWidth: inW, inChannels: C, outHeight: outH, outWidth: outW } = info;
+  const { strideHeight: sH, strideWidth: sW, filterHeight: kH, filterWidth: kW } = info;
+  const top = info.padInfo.top;
+  const left = info.padInfo.left;
+  const y = new Float32Array(batchSize * outH * outW * C);
+  const best = new Float64Array(C);
+  for (let b = 0; b < batchSize; b++) {
+    for (let oy = 0; oy < outH; oy++) {
+      for (let ox = 0; ox < outW; ox++) {
+        best.fill(-Infinity);
+        for (let ky = 0; ky < kH; ky++) {
+          const iy = oy * sH - top + ky;
+          if (iy < 0 || iy >= inH) continue;
+          for (let kx = 0; kx < kW; kx++) {
+            const ix = ox * sW - left + kx;
+            if (ix < 0 || ix >= inW) continue;
+            const s = ((b * inH + iy) * inW + ix) * C;
+            for (let c = 0; c < C; c++) if (x[s + c] > best[c]) best[c] = x[s + c];
+          }
+        }
+        y.set(best, ((b * outH + oy) * outW + ox) * C);
+      }
+    }
+  }
+  return y;
+}
+
 /** Sum of float32 values over `axes` (any set), in float64, walking memory in order. */
 export function reduceSum(x, shape, axes) {
   const rank = shape.length;
@@ -674,6 +703,15 @@ function depthwiseInputKernel(args) {
   return backend.makeTensorInfo(g.inShape, 'float32', depthwiseInputGrad(vals(backend, dy), vals(backend, filter), g));
 }
 
+function maxPoolKernel(args) {
+  const { inputs, backend, attrs } = args;
+  const { x } = inputs;
+  const { filterSize, strides, pad, dimRoundingMode } = attrs;
+  if (!isF32(x) || x.shape.length !== 4) return originals.get(tf.MaxPool).kernelFunc(args);
+  const info = bu.computePool2DInfo(x.shape, filterSize, strides, 1, pad, dimRoundingMode);
+  return backend.makeTensorInfo(info.outShape, 'float32', maxPoolForward(vals(backend, x), info));
+}
+
 function maxPoolGradKernel(args) {
   const { inputs, backend, attrs } = args;
   const { dy, input } = inputs;
@@ -768,6 +806,7 @@ export const FAST_KERNELS = {
   [tf.DepthwiseConv2dNative]: depthwiseKernel,
   [tf.DepthwiseConv2dNativeBackpropFilter]: depthwiseFilterKernel,
   [tf.DepthwiseConv2dNativeBackpropInput]: depthwiseInputKernel,
+  [tf.MaxPool]: maxPoolKernel,
   [tf.MaxPoolGrad]: maxPoolGradKernel,
   [tf.Sum]: reduction(tf.Sum, false),
   [tf.Mean]: reduction(tf.Mean, true),
