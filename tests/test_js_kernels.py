@@ -1,7 +1,7 @@
 """TF.js' fast cpu kernels (device_tf/js/src/kernels.mjs, issue #12) agree with TensorFlow.
 
 The replaced kernels -- Conv2D and its filter and input gradients, depthwise convolution and
-its gradients, max pooling's gradient, ZeroPadding2D's pad and its gradient (a strided
+its gradients, max pooling and its gradient, ReLU and ReLU6 (ClipByValue), ZeroPadding2D's pad and its gradient (a strided
 slice), the reductions and broadcasting arithmetic of BatchNormalization's moments -- are run by ``tools/check_kernels.mjs`` on the cpu backend as
 the device runs it, on the geometries the zoo's device slices use (1x1 to 7x7, stride 1 and
 2, 'same' and 'valid', ResNet's 7x7/2 stem and MobileNet's depthwise 3x3/2), and compared
@@ -28,7 +28,7 @@ from shared_schema.frame import Frame, FrameKind, decode, encode  # noqa: E402
 pytestmark = pytest.mark.js
 
 RTOL = 1e-4
-N_FAST = 18  # kernels kernels.mjs replaces (FAST_KERNELS)
+N_FAST = 20  # kernels kernels.mjs replaces (FAST_KERNELS)
 
 
 def _cases() -> list[dict]:
@@ -55,6 +55,8 @@ def _cases() -> list[dict]:
         dict(name="resnet_shortcut", op="conv", k=1, stride=2, pad="valid", x=[2, 8, 8, 64], w=[1, 1, 64, 128]),
         dict(name="mobilenet_stem", op="conv", k=3, stride=2, pad="same", x=[4, 32, 32, 3], w=[3, 3, 3, 32]),
         dict(name="mobilenet_dw2", op="depthwise", k=3, stride=2, pad="valid", x=[4, 17, 17, 96], w=[3, 3, 96, 1]),
+        dict(name="relu6", op="relu6", k=0, stride=0, pad="", x=[4, 16, 16, 32]),
+        dict(name="relu", op="relu", k=0, stride=0, pad="", x=[4, 16, 16, 32]),
         dict(name="bn_moments", op="moments", k=0, stride=0, pad="", x=[4, 16, 16, 64]),
     ]  # fmt: skip
     return cases
@@ -73,6 +75,8 @@ def _tf_fn(case: dict):
         "maxpool": lambda a: tf.nn.max_pool2d(a, k, s, pad),
         "padconv": lambda a, w: tf.nn.conv2d(_zero_pad(a, case.get("zpad")), w, s, pad),
         "padmax": lambda a: tf.nn.max_pool2d(_zero_pad(a, case.get("zpad")), k, s, pad),
+        "relu6": tf.nn.relu6,
+        "relu": tf.nn.relu,
         "moments": lambda a: (
             (a - tf.reduce_mean(a, [0, 1, 2]))
             * tf.math.rsqrt(tf.math.reduce_variance(a, [0, 1, 2]) + 1e-3)

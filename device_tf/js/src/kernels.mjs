@@ -769,6 +769,31 @@ function binary(name, code) {
   };
 }
 
+/** ClipByValue (MobileNet's ReLU6) and Relu as plain loops (the backend calls a closure per entry). */
+function clipKernel(args) {
+  const { inputs, backend, attrs } = args;
+  const { x } = inputs;
+  if (!isF32(x)) return originals.get(tf.ClipByValue).kernelFunc(args);
+  const { clipValueMin: lo, clipValueMax: hi } = attrs;
+  const v = vals(backend, x);
+  const out = new Float32Array(v.length);
+  for (let i = 0; i < v.length; i++) {
+    const e = v[i];
+    out[i] = e > hi ? hi : e < lo ? lo : e;
+  }
+  return backend.makeTensorInfo(x.shape, 'float32', out);
+}
+
+function reluKernel(args) {
+  const { inputs, backend } = args;
+  const { x } = inputs;
+  if (!isF32(x)) return originals.get(tf.Relu).kernelFunc(args);
+  const v = vals(backend, x);
+  const out = new Float32Array(v.length);
+  for (let i = 0; i < v.length; i++) out[i] = v[i] < 0 ? 0 : v[i]; // NaN stays NaN, as Math.max
+  return backend.makeTensorInfo(x.shape, 'float32', out);
+}
+
 const NUMERIC = new Set(['float32', 'int32', 'bool']);
 
 function sliceKernel(args) {
@@ -811,6 +836,8 @@ export const FAST_KERNELS = {
   [tf.Sum]: reduction(tf.Sum, false),
   [tf.Mean]: reduction(tf.Mean, true),
   [tf.Transpose]: transposeKernel,
+  [tf.ClipByValue]: clipKernel,
+  [tf.Relu]: reluKernel,
   [tf.Slice]: sliceKernel,
   [tf.PadV2]: padKernel,
   [tf.Add]: binary(tf.Add, 0),

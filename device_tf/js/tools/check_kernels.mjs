@@ -30,6 +30,8 @@ for (const c of cases) {
     maxpool: (a) => tf.maxPool(a, c.k, c.stride, c.pad),
     // ZeroPadding2D(c.zpad) in front, as ResNet's conv1_pad and pool1_pad (PadV2, Slice)
     padconv: (a, v) => tf.conv2d(tf.pad(a, zeroPad(c.zpad)), v, c.stride, c.pad),
+    relu6: (a) => tf.clipByValue(a, 0, 6),
+    relu: (a) => tf.relu(a),
     padmax: (a) => tf.maxPool(tf.pad(a, zeroPad(c.zpad)), c.k, c.stride, c.pad),
     moments: (a) => {
       const { mean, variance } = tf.moments(a, [0, 1, 2]);
