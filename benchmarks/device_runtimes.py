@@ -185,8 +185,9 @@ def bench_net(net: str, size: int, batch: int, steps: int) -> dict[str, Any]:
 
 def report(results: list[dict[str, Any]], ops: dict[int, dict[str, Any]]) -> str:
     lines = [
-        "| network (px, batch) | runtime | A fwd s | C train s | A bwd s | step s | x Python TF |",
-        "|---|---|---|---|---|---|---|",
+        "| network (px, batch) | runtime | A fwd s | C train s | A bwd s | step s | x Python TF "
+        "| step CPU s | x TF (CPU) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         base, base_cpu = r["tf"]["step_s"], r["tf"]["step_cpu_s"]
