@@ -195,7 +195,7 @@ def report(results: list[dict[str, Any]], ops: dict[int, dict[str, Any]]) -> str
             t = r[rt]
             if "error" in t:
                 lines.append(
-                    f"| {r['net']} ({r['size']}, {r['batch']}) | {rt} | {t['error'][:60]} | | | | |"
+                    f"| {r['net']} ({r['size']}, {r['batch']}) | {rt} | {t['error'][:60]} | | | | | | |"
                 )
                 continue
             lines.append(
