@@ -122,6 +122,8 @@ def add_ws_route(app: FastAPI, *, limit: int, meter: Any = None) -> None:
                 data = message.get("bytes")
                 rid = 0
                 held = 0
+                started = time.perf_counter()
+                route = f"/v1/sessions/{{sid}}/ws:{OPS.get(data[0], '?') if data else '?'}"
                 try:
                     if data is None or len(data) < HEAD.size:
                         raise _BadEnvelope("send binary messages: op:u8 id:u32 frames")
@@ -138,6 +140,7 @@ def add_ws_route(app: FastAPI, *, limit: int, meter: Any = None) -> None:
                     held = len(data)
                     reply, t0 = await handle(sid, token or "", op, data[HEAD.size :])
                 except ServerError as exc:
+                    _observe(meter, route, exc.status, started, exc.code)
                     await _send_error(websocket, rid, exc)
                     continue
                 except WebSocketDisconnect:
@@ -146,6 +149,7 @@ def add_ws_route(app: FastAPI, *, limit: int, meter: Any = None) -> None:
                     status, _, _ = error_payload(exc)
                     if status >= 500:
                         log.error("websocket %s: internal error", sid, exc_info=exc)
+                    _observe(meter, route, status, started, None)
                     await _send_error(websocket, rid, exc)
                     continue
                 finally:
@@ -162,8 +166,16 @@ def add_ws_route(app: FastAPI, *, limit: int, meter: Any = None) -> None:
                     "durable_step": int(reply.durable_step),
                 }
                 await websocket.send_bytes(encode_reply(code, rid, meta, bytes(reply.body)))
+                _observe(meter, route, 200, started, None)
         except WebSocketDisconnect:
             return
+
+
+def _observe(meter: Any, route: str, status: int, started: float, code: str | None) -> None:
+    """The request metrics of one message (``spliteasy_requests_total`` with method WS,
+    ``spliteasy_request_seconds``), as the HTTP guard records a request."""
+    if meter is not None:
+        meter.observe("WS", route, status, time.perf_counter() - started, code)
 
 
 class _BadEnvelope(ServerError):

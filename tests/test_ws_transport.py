@@ -114,3 +114,6 @@ def test_ws_handshake_needs_the_token(serve_app):
         ws.send(b"\x01\x00\x00\x00\x08" + b"x" * (app.state.max_body_bytes + 1))
         err = __import__("json").loads(ws.recv(timeout=10))
         assert err["id"] == 8 and err["status"] == 413 and err["error"] == "body_too_large"
+    # each message counts in the request metrics, as an HTTP request does
+    metrics = httpx.get(f"{srv.url}/metrics").text
+    assert 'method="WS"' in metrics and 'status="413"' in metrics
