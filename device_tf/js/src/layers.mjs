@@ -98,6 +98,32 @@ class KerasAveragePooling2D extends BaseAvgPool {
   }
 }
 
+/**
+ * Conv2D in training: TF.js' layer computes through tf.fused.conv2d, whose custom gradient
+ * always computes the gradient w.r.t. the layer's input -- also for a slice's first
+ * convolution, whose input is data (ResNet's 7x7 stem: ~1.5 s of a 96 px step, discarded).
+ * Written as conv2d + bias + activation, each op's registered gradient is evaluated only
+ * for the inputs the tape needs (issue #12). Inference keeps the fused op.
+ */
+const BaseConv2D = tf.layers.conv2d({ filters: 1, kernelSize: 1 }).constructor;
+
+class KerasConv2D extends BaseConv2D {
+  static className = 'Conv2D';
+
+  call(inputs, kwargs) {
+    if (!kwargs?.training || this.dataFormat !== 'channelsLast' || this.rank !== 2) return super.call(inputs, kwargs);
+    return tf.tidy(() => {
+      const x = Array.isArray(inputs) ? inputs[0] : inputs;
+      const pad = this.padding === 'same' ? 'same' : 'valid';
+      let y = tf.conv2d(x, this.kernel.read(), this.strides, pad, 'NHWC', this.dilationRate);
+      if (this.bias) y = tf.add(y, this.bias.read());
+      return this.activation ? this.activation.apply(y) : y;
+    });
+  }
+}
+
+tf.serialization.registerClass(KerasConv2D);
+
 /** TensorFlow's "same" padding (before, after) of one spatial dimension. */
 function samePad(size, k, s) {
   const out = Math.ceil(size / s);
