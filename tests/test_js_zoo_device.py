@@ -28,7 +28,7 @@ from zoo_helpers import DEVICE_SIZE, device_bundle, on
 
 from split_helpers import split_run
 
-pytestmark = [pytest.mark.js, on("resnet50")]
+pytestmark = [pytest.mark.js, pytest.mark.slow, on("resnet50")]
 
 BATCH, STEPS = 16, 3
 
