@@ -147,7 +147,7 @@ def test_train_against_a_served_bundle(digits_bundle_dir, digits_bundles, serve_
     assert abs(split_accuracy - unsplit_accuracy) <= 1 / len(y_te) + 1e-9
 
 
-def test_train_refuses_a_server_with_another_bundle(digits_bundle_dir, serve_app, tmp_path, capsys):
+def test_train_refuses_a_server_with_another_bundle(digits_bundle_dir, serve_app, tmp_path):
     import shutil
 
     from server_torch.app import create_app
@@ -180,7 +180,7 @@ def test_demo_learns_and_matches_unsplit(tmp_path):
     assert Path(tmp_path / "demo" / "steps.jsonl").exists()
 
 
-def test_train_with_the_tflite_runtime(tmp_path, serve_app, digits_bundles, capsys):
+def test_train_with_the_tflite_runtime(tmp_path, serve_app, digits_bundles):
     from server_torch.app import create_app
 
     bundle, _ = digits_bundles("double", SGD, ALL_RUNTIMES)
@@ -201,9 +201,7 @@ def test_train_with_the_tflite_runtime(tmp_path, serve_app, digits_bundles, caps
     assert len(rows) == 45 and rows[-1]["loss"] < rows[0]["loss"]
 
 
-def test_train_tflite_on_a_bundle_without_tflite_is_a_clear_error(
-    digits_bundle_dir, serve_app, capsys
-):
+def test_train_tflite_on_a_bundle_without_tflite_is_a_clear_error(digits_bundle_dir, serve_app):
     from server_torch.app import create_app
 
     srv = serve_app(create_app(digits_bundle_dir))
@@ -216,7 +214,7 @@ def test_train_tflite_on_a_bundle_without_tflite_is_a_clear_error(
 
 
 @pytest.mark.js
-def test_train_with_the_tfjs_runtime_in_node(tmp_path, serve_app, digits_bundles, capsys):
+def test_train_with_the_tfjs_runtime_in_node(tmp_path, serve_app, digits_bundles):
     from server_torch.app import create_app
 
     bundle, _ = digits_bundles("double", SGD, ALL_RUNTIMES)
