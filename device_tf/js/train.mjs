@@ -131,6 +131,16 @@ async function main(argv) {
     onBack,
     authKey: opt.authKey,
   });
+  // spliteasy serve --mode parallel: devices must average A and C with their peers
+  // (POST /v1/sessions/{sid}/sync), which only the Python device does so far; training
+  // without it would silently diverge from the semantics parallel mode promises.
+  const health = await transport.getJson('/v1/health');
+  if (health.parallel) {
+    throw new SpliteasyError(
+      'this server runs --mode parallel, whose A/C averaging the TF.js device does not do yet; ' +
+        'use the Python device (spliteasy train --runtime tf|tflite) or a turns-mode server',
+    );
+  }
   let manifest;
   let digest;
   let models;
