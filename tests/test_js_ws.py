@@ -70,3 +70,68 @@ def test_node_ws_equals_http_and_survives_a_dropped_socket(tmp_path, serve_app):
         differ = [k for k in http[1] if not np.array_equal(weights[k], http[1][k])]
         assert not differ, (label, differ)
     print(f"\nnode: {len(http[1])} variables bit-identical over http, ws and ws with 2 drops")
+
+
+def test_node_devices_in_parallel_mode_equal_unsplit_large_batch(tmp_path, serve_app):
+    """Two Node devices (one over HTTP, one over WebSocket), batch 16 each, against
+    ``--mode parallel`` rounds of 2 that average A and C every round: after 5 rounds every
+    variable of A, B and C equals unsplit tf_keras with batch 32 within 1e-4 (digits-cnn:
+    BatchNorm only in B; SGD with momentum)."""
+    import subprocess
+
+    from js_fixtures import JS_DIR
+
+    from device_tf.keras_util import named_variables
+    from device_tf.reference import train_unsplit
+    from server_torch.app import create_app
+    from server_torch.rebuild import keras_weights
+    from server_torch.spec import TorchSpec
+    from shared_schema import load_manifest
+    from split_helpers import rel
+
+    node()
+    bundle, reference = digits_bundle(None, "double", SGD_CFG, ALL_RUNTIMES)
+    manifest = load_manifest(bundle)
+    half = 16
+    big = fixed_batches(STEPS, 2 * half)
+    ref_losses = train_unsplit(reference, big, manifest.optimizer, manifest.loss)
+    app = create_app(bundle, mode="parallel", devices_per_round=2, round_timeout=120)
+    srv = serve_app(app)
+    procs = []
+    for i, kind in enumerate(["http", "ws"]):
+        part = slice(i * half, (i + 1) * half)
+        data = write_batches(tmp_path / f"d{i}.frames", [(x[part], y[part]) for x, y in big])
+        out = tmp_path / f"d{i}"
+        out.mkdir()
+        args = [node(), "train.mjs", "--server", srv.url, "--data", str(data)]
+        args += ["--bundle", str(bundle), "--batch-size", str(half), "--steps", str(STEPS)]
+        args += ["--transport", kind, "--log-json", str(out / "log.json")]
+        args += ["--weights-out", str(out / "weights.json"), "--quiet"]
+        procs.append(
+            subprocess.Popen(args, cwd=JS_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        )
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-2000:]
+    assert app.state.rounds.round_sizes == [2] * STEPS
+    expected = {k: v.numpy() for k, v in named_variables(reference).items()}
+    b_w = keras_weights(app.state.trainer.module, TorchSpec.load(bundle / "B"))
+    losses = []
+    for i in range(2):
+        held = json.loads((tmp_path / f"d{i}" / "weights.json").read_text())
+        got = dict(b_w)
+        got.update(
+            {
+                name: np.asarray(w["data"], np.float32).reshape(w["shape"])
+                for part in held.values()
+                for name, w in part.items()
+            }
+        )
+        errs = {k: rel(got[k], expected[k]) for k in expected}
+        worst = max(errs, key=errs.get)
+        print(f"\nnode device {i}: worst variable rel err {errs[worst]:.2e} ({worst})")
+        assert errs[worst] <= 1e-4, sorted(errs.items(), key=lambda kv: -kv[1])[:5]
+        log = json.loads((tmp_path / f"d{i}" / "log.json").read_text())
+        losses.append([r["loss"] for r in log["records"]])
+    mean = np.mean(losses, axis=0)
+    assert max(abs(a - b) / abs(b) for a, b in zip(mean, ref_losses, strict=True)) <= 1e-4

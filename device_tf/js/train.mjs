@@ -36,6 +36,7 @@ import { SHUFFLE_RULE, shuffled } from './src/shuffle.mjs';
 import { TfjsSlices } from './src/slices.mjs';
 import { RunState } from './src/state.mjs';
 import { FileStateStore } from './src/state_fs.mjs';
+import { syncSlices } from './src/parallel.mjs';
 import { describeWait, makeTransport } from './src/transport.mjs';
 
 const USAGE = `usage: node train.mjs --server URL --data FILE [--bundle DIR] [--epochs E] [--batch-size B]
@@ -131,16 +132,10 @@ async function main(argv) {
     onBack,
     authKey: opt.authKey,
   });
-  // spliteasy serve --mode parallel: devices must average A and C with their peers
-  // (POST /v1/sessions/{sid}/sync), which only the Python device does so far; training
-  // without it would silently diverge from the semantics parallel mode promises.
-  const health = await transport.getJson('/v1/health');
-  if (health.parallel) {
-    throw new SpliteasyError(
-      'this server runs --mode parallel, whose A/C averaging the TF.js device does not do yet; ' +
-        'use the Python device (spliteasy train --runtime tf|tflite) or a turns-mode server',
-    );
-  }
+  // spliteasy serve --mode parallel: average A and C with the round's other devices
+  // every sync_every steps (src/parallel.mjs)
+  const parallel = (await transport.getJson('/v1/health')).parallel ?? null;
+  let syncs = 0;
   let manifest;
   let digest;
   let models;
@@ -197,6 +192,10 @@ async function main(argv) {
         onEvent,
         onStep: async (r, batch) => {
           const done = r.step + 1;
+          if (parallel && parallel.sync_every > 0 && done % parallel.sync_every === 0) {
+            await syncSlices(transport, rt, syncs, batch.y.length);
+            syncs += 1;
+          }
           log(`step ${done}/${total} epoch ${r.epoch + 1} ${fmt(r)}`);
           const epochEnd = batch.index === perEpoch - 1 || done === total;
           if (evalData && epochEnd) {
