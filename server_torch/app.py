@@ -371,6 +371,8 @@ def create_app(
         meter = Metrics(service, waiter, budget)
         waiter.on_wait = meter.lease_wait.observe
         app.state.metrics = meter
+        if rounds is not None:
+            rounds.on_compute = lambda op, seconds: meter.b_seconds.labels(op).observe(seconds)
 
         @app.get("/metrics", include_in_schema=False)
         async def get_metrics() -> Response:
@@ -522,7 +524,11 @@ def create_app(
                     reply = await run_in_threadpool(call, sid, token, body)
             finally:
                 reader.release()
-            if meter is not None and not reply.replayed:
+            if (
+                meter is not None
+                and not reply.replayed
+                and not (rounds is not None and op in ("forward", "backward"))
+            ):
                 meter.b_seconds.labels(op).observe(reply.server_ms / 1e3)
             return _frame_response(reply, t0)
 

@@ -86,6 +86,9 @@ class ParallelRounds:
         self._sync_count: dict[str, int] = {}
         self._store: dict[tuple[str, str], tuple[int, str, bytes]] = {}
         self._b = asyncio.Lock()  # held from a round's forward to its backward
+        # (op, seconds) once per round's B call: the metrics' B time (a member's reply
+        # reports the round's time too, so counting replies would count it N times)
+        self.on_compute: Any = None
 
     def info(self) -> dict:
         return {
@@ -165,6 +168,8 @@ class ParallelRounds:
             t0 = time.perf_counter()
             out = await run_in_threadpool(self.service.trainer.forward, x)
             g.server_ms = (time.perf_counter() - t0) * 1e3
+            if self.on_compute is not None:
+                self.on_compute("forward", g.server_ms / 1e3)
             spec = self.service.manifest.server_output
             bwd = _Gather(expected=sids)
             start = 0
@@ -246,6 +251,8 @@ class ParallelRounds:
             t0 = time.perf_counter()
             g_a = await run_in_threadpool(self.service.trainer.backward, np.concatenate(parts))
             g.server_ms = (time.perf_counter() - t0) * 1e3
+            if self.on_compute is not None:
+                self.on_compute("backward", g.server_ms / 1e3)
             spec = self.service.manifest.server_input
             start = 0
             for sid in g.expected:

@@ -98,7 +98,11 @@ def add_ws_route(app: FastAPI, *, limit: int, meter: Any = None) -> None:
             reply = await waiter.run(sid, token, attempt)
         else:
             reply = await run_in_threadpool(getattr(service, op), sid, token, body)
-        if meter is not None and not reply.replayed:
+        if (
+            meter is not None
+            and not reply.replayed
+            and not (rounds is not None and op in ("forward", "backward"))
+        ):
             meter.b_seconds.labels(op).observe(reply.server_ms / 1e3)
         return reply, t0
 

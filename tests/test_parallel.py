@@ -67,6 +67,11 @@ def test_parallel_rounds_equal_unsplit_large_batch(serve_app):
     rounds = app.state.rounds
     assert rounds.rounds == ROUNDS and rounds.round_sizes == [N] * ROUNDS
     assert covered == [N] * (N * ROUNDS)
+    # B's time is counted once a round in the metrics, not once per device
+    import httpx
+
+    metrics = httpx.get(f"{srv.url}/metrics").text
+    assert f'spliteasy_b_compute_seconds_count{{op="backward"}} {float(ROUNDS)}' in metrics
 
     expected = {k: v.numpy() for k, v in named_variables(reference).items()}
     b_weights = keras_weights(app.state.trainer.module, TorchSpec.load(bundle / "B"))
