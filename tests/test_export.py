@@ -175,6 +175,11 @@ def check_export(run: dict, steps: int) -> tuple[float, float]:
     return err, split_acc
 
 
+# The tests of one finished digits run share an xdist worker (``--dist loadgroup``): a
+# module fixture is computed once per worker, and this one is a 2-epoch run and an export.
+DIGITS_RUN = pytest.mark.xdist_group("export-digits-run")
+
+
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     """A finished 2-epoch digits run (Python TF device), its split predictions, its export."""
@@ -182,6 +187,7 @@ def digits_run(tmp_path_factory):
     return run_and_export(bundle, tmp_path_factory.mktemp("export"))
 
 
+@DIGITS_RUN
 def test_export_equals_split_inference_digits(digits_run):
     run = digits_run
     print("\n" + run["export"].stdout)
@@ -203,6 +209,7 @@ def test_export_from_a_tfjs_device(tmp_path):
     assert_quiet(run["train"])
 
 
+@DIGITS_RUN
 def test_exported_tflite_and_tfjs(digits_run):
     import tensorflow as tf
 
@@ -238,6 +245,7 @@ await writeFile(outfile, Buffer.from((await model.predict(x).data()).buffer));
 """
 
 
+@DIGITS_RUN
 @pytest.mark.js
 def test_exported_tfjs_runs_in_tfjs(digits_run, tmp_path):
     """The tfjs/ form, loaded by TF.js itself (the harness' loader, cpu backend)."""
@@ -257,6 +265,7 @@ def test_exported_tfjs_runs_in_tfjs(digits_run, tmp_path):
     assert err <= TOL
 
 
+@DIGITS_RUN
 def test_cli_is_quiet(digits_run):
     """serve, train and export print their own lines only."""
     for what in ("train", "export"):
@@ -272,6 +281,7 @@ def test_cuts_subcommand_is_quiet():
     assert proc.stderr.strip() == "", proc.stderr
 
 
+@DIGITS_RUN
 def test_refuses_state_of_another_bundle(digits_run, tmp_path):
     from converters.export.trained import ExportError, export_trained
 
@@ -290,6 +300,7 @@ def test_refuses_state_of_another_bundle(digits_run, tmp_path):
         assert not (tmp_path / which / "out").exists()
 
 
+@DIGITS_RUN
 def test_cli_error_is_one_line(digits_run, tmp_path):
     from spliteasy_cli.main import main
 
@@ -313,6 +324,7 @@ def test_cli_error_is_one_line(digits_run, tmp_path):
         assert digits_run[precious].is_dir() and any(digits_run[precious].iterdir())
 
 
+@DIGITS_RUN
 def test_old_bundle_without_the_unsplit_model(digits_run, tmp_path):
     from converters.export.trained import ExportError, export_trained
 
@@ -327,6 +339,7 @@ def test_old_bundle_without_the_unsplit_model(digits_run, tmp_path):
         )
 
 
+@DIGITS_RUN
 @pytest.mark.parametrize("damage", ["removed", "corrupt"])
 def test_pairs_server_checkpoint_with_the_matching_device_snapshot(digits_run, tmp_path, damage):
     """Without the newest checkpoint (gone, or corrupt: skipped, never loaded), the older
