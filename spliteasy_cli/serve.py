@@ -331,7 +331,20 @@ def _log_to_stdout(level: str, fmt: str = "text") -> None:
 
     from server_torch.guard import JsonLines
 
-    handler = logging.StreamHandler(sys.stdout)
+    class CurrentStdout(logging.StreamHandler):
+        """Writes to whatever ``sys.stdout`` is when a line is logged, not the stream of
+        the moment ``serve`` started: an in-process ``serve`` (tests, embedding) must not
+        keep a closed capture stream alive in the logger."""
+
+        @property  # type: ignore[override]
+        def stream(self):  # noqa: D401
+            return sys.stdout
+
+        @stream.setter
+        def stream(self, value) -> None:
+            pass
+
+    handler = CurrentStdout()
     handler.setFormatter(JsonLines() if fmt == "json" else Lines())
     logger = logging.getLogger("spliteasy")
     logger.handlers[:] = [handler]
