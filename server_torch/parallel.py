@@ -153,11 +153,8 @@ class ParallelRounds:
         return Reply(reply, g.server_ms)
 
     async def _close_forward(self, g: _Gather) -> None:
-        if g.closed:
+        if not _seal(g):
             return
-        g.closed = True
-        if g.timer is not None:
-            g.timer.cancel()
         if self._open is g:
             self._open = None
         sids = list(g.members)
@@ -234,11 +231,8 @@ class ParallelRounds:
         return Reply(reply, g.server_ms)
 
     async def _close_backward(self, g: _Gather) -> None:
-        if g.closed:
+        if not _seal(g):
             return
-        g.closed = True
-        if g.timer is not None:
-            g.timer.cancel()
         try:
             total = sum(g.batch.values())
             parts = []
@@ -316,11 +310,8 @@ class ParallelRounds:
         return g.results[sid]
 
     async def _close_sync(self, g: _Gather) -> None:
-        if g.closed:
+        if not _seal(g):
             return
-        g.closed = True
-        if g.timer is not None:
-            g.timer.cancel()
         try:
             from safetensors.numpy import save
 
@@ -366,3 +357,14 @@ def _read_safetensors(body: bytes) -> tuple[dict[str, np.ndarray], dict[str, str
         return load(bytes(body)), meta
     except Exception as exc:  # noqa: BLE001 - anything malformed is the client's
         raise BadRequest(f"the sync body is not a safetensors file: {exc}") from None
+
+
+def _seal(g: _Gather) -> bool:
+    """Close a gathering once (its timer and its last member may both try); False if it
+    was already closed."""
+    if g.closed:
+        return False
+    g.closed = True
+    if g.timer is not None:
+        g.timer.cancel()
+    return True

@@ -122,3 +122,25 @@ def digits_bundles() -> Callable[..., tuple[Path, Any]]:
         return digits_bundle(None, split, opt_cfg, runtimes, model)
 
     return get
+
+
+@pytest.fixture
+def page_files() -> Iterator[Callable[[str], Path]]:
+    """Files the device page fetches from /device/data/ (gitignored), unique to this
+    test: ``page_files(".frames")`` gives a path; all are removed at teardown."""
+    import uuid
+
+    from js_fixtures import JS_DIR
+
+    data_dir = JS_DIR / "data"
+    data_dir.mkdir(exist_ok=True)
+    tag = f"test-{uuid.uuid4().hex[:12]}"
+    made: list[Path] = []
+
+    def path(suffix: str) -> Path:
+        made.append(data_dir / f"{tag}{suffix}")
+        return made[-1]
+
+    yield path
+    for p in made:
+        p.unlink(missing_ok=True)

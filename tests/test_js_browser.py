@@ -18,12 +18,11 @@ import os
 import shutil
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-from js_fixtures import JS_DIR, node, run_node, write_batches
+from js_fixtures import node, run_node, write_batches
 
 from split_helpers import ALL_RUNTIMES, SGD_CFG, digits_bundle, fixed_batches, rel
 
@@ -56,23 +55,6 @@ def sgd_bundle():
     """A double-split digits-bn bundle (BN in A, B and C) with TF.js slices (read-only,
     from the cache), and its untrained unsplit model."""
     return digits_bundle(None, "double", SGD_CFG, ALL_RUNTIMES, "digits-bn")
-
-
-@pytest.fixture
-def page_files():
-    """Files the page fetches from /device/data/ (gitignored), unique to this test run."""
-    data_dir = JS_DIR / "data"
-    data_dir.mkdir(exist_ok=True)
-    tag = f"test-{uuid.uuid4().hex[:12]}"
-    made: list[Path] = []
-
-    def path(suffix: str) -> Path:
-        made.append(data_dir / f"{tag}{suffix}")
-        return made[-1]
-
-    yield path
-    for p in made:
-        p.unlink(missing_ok=True)
 
 
 def test_browser_page_trains_like_node_and_unsplit(tmp_path, serve_app, page_files, sgd_bundle):

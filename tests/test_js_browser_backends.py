@@ -22,12 +22,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-from js_fixtures import JS_DIR, node, run_node, write_batches
+from js_fixtures import node, run_node, write_batches
 
 from split_helpers import ALL_RUNTIMES, SGD_CFG, digits_bundle, fixed_batches, rel
 
@@ -51,23 +50,6 @@ def chromium() -> str:
 def bundle() -> Path:
     """The cached double-split digits-bn bundle with TF.js slices (read-only)."""
     return digits_bundle(None, "double", SGD_CFG, ALL_RUNTIMES, "digits-bn")[0]
-
-
-@pytest.fixture
-def page_files():
-    """Files the page fetches from /device/data/ (gitignored), unique to this test."""
-    data_dir = JS_DIR / "data"
-    data_dir.mkdir(exist_ok=True)
-    tag = f"test-{uuid.uuid4().hex[:12]}"
-    made: list[Path] = []
-
-    def path(suffix: str) -> Path:
-        made.append(data_dir / f"{tag}{suffix}")
-        return made[-1]
-
-    yield path
-    for p in made:
-        p.unlink(missing_ok=True)
 
 
 def run_page(serve_app, bundle: Path, page_files, data: Path, query: str, *extra: str) -> dict:
