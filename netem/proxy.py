@@ -11,6 +11,11 @@ passes request and reply through unchanged or breaks the exchange at the chosen 
 (``netem.faults.Fault``). Connections are closed with a TCP reset where a fault says
 "reset", so the client sees exactly what a dying peer or a lossy radio link produces.
 
+Every byte passes through ``link`` (``netem.link``): a perfect one by default, or a
+``ShapedLink`` with a profile's bandwidth, latency, jitter and loss. A WebSocket upgrade
+(101) is relayed as raw bytes both ways through the same link, so a shaped link shapes
+either transport.
+
 The asyncio loop runs in a daemon thread of the calling process; ``python -m netem``
 runs the same proxy as a process. The upstream can be changed while running
 (``set_upstream``), e.g. to follow a server restarted on another port.
@@ -228,6 +233,9 @@ class FaultProxy:
                     _reset(client_w)
                     return
                 await self.link.send(client_w, reply.raw, Direction.DOWN)
+                if reply.status == 101:  # an upgrade (WebSocket): relay raw bytes from now on
+                    await self._tunnel(client_r, client_w, up_r, up_w)
+                    return
                 if not (request.keep_alive and reply.keep_alive):
                     return
         except (ConnectionError, OSError):
@@ -238,6 +246,31 @@ class FaultProxy:
                     self._writers.discard(w)
                     if not w.transport.is_closing():
                         _close(w)
+
+    async def _tunnel(
+        self,
+        client_r: asyncio.StreamReader,
+        client_w: asyncio.StreamWriter,
+        up_r: asyncio.StreamReader,
+        up_w: asyncio.StreamWriter,
+    ) -> None:
+        """Relay an upgraded connection's bytes both ways through the link (no faults:
+        a WebSocket's messages have no HTTP framing to fault), until either side closes."""
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, d: Direction) -> None:
+            try:
+                while data := await src.read(64 * 1024):
+                    await self.link.send(dst, data, d)
+            except (ConnectionError, OSError):
+                pass
+
+        tasks = [
+            asyncio.ensure_future(pump(client_r, up_w, Direction.UP)),
+            asyncio.ensure_future(pump(up_r, client_w, Direction.DOWN)),
+        ]
+        _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for t in pending:
+            t.cancel()
 
     def _record(self, index: int, request: Message, fault: Fault, status: int | None) -> None:
         with self._lock:
