@@ -7,11 +7,13 @@
  *   rt.aBackward(gA)                A's update from the upstream gradient
  *
  * TF.js records gradients only inside a synchronous tf.variableGrads call, and the server
- * round trip sits between A's forward and A's backward, so aBackward recomputes A(x) under
- * the tape: the gradient of sum(A(x) * gA) w.r.t. A's variables is exactly the
- * vector-Jacobian product dL/dθ_A. The recomputation must not count twice: A's
- * non-trainable state (BN moving statistics) is put back afterwards, and Dropout masks are
- * redrawn from the same per-step seed (layers.mjs).
+ * round trip sits between A's forward and A's backward. So aForward records A(x) on a tape
+ * of TF.js' engine of its own (ForwardTape below: the tensors each op's gradient needs are
+ * kept, as TF.js keeps them inside variableGrads), and aBackward resumes that tape: the
+ * gradient of sum(A(x) * gA) w.r.t. A's variables is exactly the vector-Jacobian product
+ * dL/dθ_A, without computing A's forward a second time (it was ~40% of a ResNet50
+ * stem/head step, issue #12). A's BN moving statistics are updated once, by the one
+ * forward; Dropout draws its mask once.
  */
 
 import * as tf from '@tensorflow/tfjs';
@@ -73,6 +75,59 @@ function addPenalties(value, model) {
   return penalties.length ? tf.addN([value, ...penalties]) : value;
 }
 
+/**
+ * One forward pass recorded on TF.js' gradient tape and kept open until its backward.
+ *
+ * TF.js' engine records ops on `state.activeTape` while `state.gradientDepth > 0`, keeping
+ * (clones of) the tensors each op's gradient needs; engine.gradients() normally opens and
+ * closes that tape around one synchronous function. Here the forward is recorded with the
+ * engine's own startTape/endTape, the tape is set aside (the engine's slot is cleared, so
+ * C's variableGrads in between records on a fresh tape of its own), and backward() puts it
+ * back one level deep -- which is how engine.gradients() nests (higher-order gradients):
+ * variableGrads then appends the seed op to the recorded tape and backpropagates through
+ * all of it. The kept tensors are released after the backward, or by dispose().
+ */
+class ForwardTape {
+  /** Runs f() with the tape on; f's result is returned and stays on the tape. */
+  constructor(f) {
+    const engine = tf.engine();
+    if (engine.state.gradientDepth !== 0) throw new DeviceError('A forward recorded inside another gradient');
+    engine.startTape();
+    try {
+      this.output = f();
+    } finally {
+      engine.endTape();
+      this.nodes = engine.state.activeTape;
+      engine.state.activeTape = null;
+    }
+  }
+
+  /**
+   * tf.variableGrads(f, vars) where f may use the forward's tensors (its output): the
+   * gradients flow through the recorded forward. Releases the tape.
+   */
+  variableGrads(f, vars) {
+    if (!this.nodes) throw new DeviceError('the forward tape was already used');
+    const engine = tf.engine();
+    if (engine.state.gradientDepth !== 0) throw new DeviceError('A backward inside another gradient');
+    engine.state.activeTape = this.nodes;
+    engine.state.gradientDepth += 1;
+    try {
+      return tf.variableGrads(f, vars);
+    } finally {
+      engine.state.gradientDepth -= 1;
+      this.nodes = engine.state.activeTape; // the forward's nodes and those variableGrads added
+      engine.state.activeTape = null;
+      this.dispose();
+    }
+  }
+
+  dispose() {
+    for (const node of this.nodes ?? []) for (const t of node.saved ?? []) t.dispose();
+    this.nodes = null;
+  }
+}
+
 /** Keeps C's Dropout seeds apart from A's for the same step. */
 const C_SEED_OFFSET = 1000003;
 
@@ -93,33 +148,38 @@ export class TfjsSlices {
     }
     this.optA = new KerasOptimizer(manifest.optimizer);
     this.optC = this.c ? new KerasOptimizer(manifest.optimizer) : null;
-    this.lastX = null;
+    this.tape = null; // A's last forward, recorded for aBackward
     this.stepSeed = 0;
   }
 
-  /** A(x) in training mode; remembers x for aBackward. */
+  /** A(x) in training mode, recorded for aBackward. */
   aForward(x) {
-    this.lastX?.dispose();
-    this.lastX = tf.keep(tf.clone(x));
+    this.dropTape();
     this.stepSeed += 1;
     reseed(this.a, this.stepSeed);
-    return this.a.apply(x, { training: true });
+    // The returned tensor is the caller's to dispose; the tape keeps a clone of it (the same
+    // data, recorded as an identity op) for the backward's seed sum(a * gA).
+    let out = null;
+    const tape = new ForwardTape(() => {
+      out = this.a.apply(x, { training: true });
+      return tf.keep(tf.clone(out));
+    });
+    this.tape = tape;
+    return out;
   }
 
-  /** Backpropagate dL/da through A for the x of the last aForward, and update A. */
+  /** Backpropagate dL/da through A's recorded forward (the last aForward), and update A. */
   aBackward(gA) {
-    if (!this.lastX) throw new DeviceError('aBackward without aForward');
-    const x = this.lastX;
-    const frozen = this.a.nonTrainableWeights;
-    const saved = frozen.map((w) => tf.keep(tf.clone(w.read())));
+    if (!this.tape) throw new DeviceError('aBackward without aForward');
+    const tape = this.tape;
+    this.tape = null;
     const vars = this.a.trainableWeights.map((w) => w.read());
     try {
       if (vars.length) {
-        reseed(this.a, this.stepSeed);
         // sum(A(x) * gA) has gradient gA^T dA/dθ; A's weight penalties join it here, as
         // they reach A's gradients in unsplit training (but no reported loss).
-        const { value, grads } = tf.variableGrads(
-          () => addPenalties(tf.sum(tf.mul(this.a.apply(x, { training: true }), gA)), this.a),
+        const { value, grads } = tape.variableGrads(
+          () => addPenalties(tf.sum(tf.mul(tape.output, gA)), this.a),
           vars,
         );
         this.optA.apply(vars, grads);
@@ -127,11 +187,17 @@ export class TfjsSlices {
         tf.dispose(grads);
       }
     } finally {
-      frozen.forEach((w, i) => w.write(saved[i]));
-      tf.dispose(saved);
-      x.dispose();
-      this.lastX = null;
+      tape.dispose();
+      tape.output.dispose();
     }
+  }
+
+  /** Forget a recorded forward that will not be backpropagated (a redone or restored step). */
+  dropTape() {
+    if (!this.tape) return;
+    this.tape.dispose();
+    this.tape.output.dispose();
+    this.tape = null;
   }
 
   /**
@@ -196,8 +262,7 @@ export class TfjsSlices {
       opt.importState(this.trainables(model), optimizers[name] ?? { iterations: 0, slots: new Map() });
     }
     this.stepSeed = stepSeed;
-    this.lastX?.dispose();
-    this.lastX = null;
+    this.dropTape();
   }
 
   /** [[slice name, model, optimizer], ...] for the slices held here. */
@@ -247,7 +312,7 @@ export class TfjsSlices {
   dispose() {
     this.optA.dispose();
     this.optC?.dispose();
-    this.lastX?.dispose();
+    this.dropTape();
     this.a.dispose();
     this.c?.dispose();
   }

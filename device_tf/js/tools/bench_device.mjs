@@ -37,35 +37,46 @@ const gA = tf.mul(tf.randomNormal(shapeOf(models.A.outputs[0]), 0, 1, 'float32',
 const b = models.C ? tf.randomUniform(shapeOf(models.C.inputs[0]), 0, 1, 'float32', 3) : null;
 const y = tf.tensor1d(Array.from({ length: n }, (_, i) => i % manifest.num_classes), 'int32');
 
+/** CPU seconds (user + system, all threads): steadier than wall time on a shared machine. */
+const cpuNow = () => {
+  const c = process.cpuUsage();
+  return (c.user + c.system) / 1e6;
+};
+
 function step() {
-  const c0 = process.cpuUsage();
+  const c0 = cpuNow();
   const t0 = performance.now();
   const a = rt.aForward(x);
   a.dataSync();
+  const c1 = cpuNow();
   const t1 = performance.now();
   if (b) {
     const { gB } = rt.cTrain(b, y);
     gB.dataSync();
     gB.dispose();
   }
+  const c2 = cpuNow();
   const t2 = performance.now();
   rt.aBackward(gA);
   const t3 = performance.now();
-  const cpu = process.cpuUsage(c0);
+  const c3 = cpuNow();
   a.dispose();
   return {
     a_forward_s: (t1 - t0) / 1000,
     c_train_s: (t2 - t1) / 1000,
     a_backward_s: (t3 - t2) / 1000,
     step_s: (t3 - t0) / 1000,
-    step_cpu_s: (cpu.user + cpu.system) / 1e6, // wall time inflates on a shared machine
+    step_cpu_s: c3 - c0, // wall time inflates on a shared machine
+    a_forward_cpu_s: c1 - c0,
+    c_train_cpu_s: c2 - c1,
+    a_backward_cpu_s: c3 - c2,
   };
 }
 
 step(); // warm-up: JIT and first-use allocations
 const steps = Array.from({ length: Number(opt.steps) }, step);
 const median = (k) => steps.map((s) => s[k]).sort((p, q) => p - q)[Math.floor(steps.length / 2)];
-const result = Object.fromEntries(['a_forward_s', 'c_train_s', 'a_backward_s', 'step_s', 'step_cpu_s'].map((k) => [k, median(k)]));
+const result = Object.fromEntries(Object.keys(steps[0]).map((k) => [k, median(k)]));
 result.steps = steps;
 if (opt.profile) {
   const prof = await tf.profile(() => {
