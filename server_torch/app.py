@@ -81,6 +81,9 @@ class SessionRequest(BaseModel):
 
     manifest_sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
     aux_label: bool = False
+    # the wire codec of the session's ACTIVATION/GRADIENT frames (shared_schema/codec.py);
+    # any string, so an unknown one gets 422 unsupported_codec naming what is offered
+    codec: str = Field(default="float32", max_length=64)
 
 
 def default_body_limit(manifest: Manifest, max_batch: int = DEFAULT_MAX_BATCH) -> int:
@@ -264,6 +267,7 @@ def create_app(
     devices_per_round: int = 1,
     sync_every: int = 1,
     round_timeout: float = 30.0,
+    codecs: tuple[str, ...] | None = None,
 ) -> FastAPI:
     """The server for one bundle.
 
@@ -288,6 +292,9 @@ def create_app(
     devices train B on their concatenated batches (one forward, one backward, one
     optimizer step a round); devices average A and C through ``/sync`` every
     ``sync_every`` rounds; a round closes after ``round_timeout`` s with who arrived.
+
+    ``codecs``: the wire codecs a session may ask for (None: all of
+    ``shared_schema.codec``); ``/v1/health`` lists them.
     """
     from .checkpoint import Checkpointer
     from .trainer import Trainer
@@ -315,6 +322,7 @@ def create_app(
         idle_timeout=idle_timeout,
         max_batch=max_batch,
         max_abs_value=max_abs_value if max_abs_value is not None else default_max_abs_value(bundle),
+        codecs_offered=codecs,
     )
     checkpointer: Checkpointer | None = None
     if state_dir is not None:
@@ -409,6 +417,7 @@ def create_app(
             "manifest_sha256": digest,
             "sessions": service.session_count,
             "steps": service.trainer.steps,
+            "codecs": list(service.codecs_offered),
             **(
                 checkpointer.health()
                 if checkpointer is not None
@@ -483,7 +492,7 @@ def create_app(
                 [{"loc": ("body", *e["loc"]), "msg": e["msg"]} for e in exc.errors()]
             ) from None
         s, token = await run_in_threadpool(
-            service.create_session, req.manifest_sha256, req.aux_label
+            service.create_session, req.manifest_sha256, req.aux_label, req.codec
         )
         if meter is not None:
             meter.sessions_created.labels(key).inc()

@@ -105,6 +105,7 @@ def capture(service: SplitService) -> dict[str, bytes]:
                 "id": s.id,
                 "token_sha256": s.token_sha256,
                 "aux_label": s.aux_label,
+                "codec": s.codec,
                 "next_step": s.next_step,
                 "expect": s.expect,
                 "stale_step": s.stale_step,
@@ -171,6 +172,7 @@ def restore(service: SplitService, files: dict[str, bytes], where: str = "checkp
                     id=str(d["id"]),
                     token_sha256=str(d["token_sha256"]),
                     aux_label=bool(d["aux_label"]),
+                    codec=str(d.get("codec", "float32")),  # older checkpoints: float32
                     created=now,
                     last_seen=now,
                     next_step=int(d["next_step"]),

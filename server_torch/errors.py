@@ -22,6 +22,7 @@ body ``{"error": code, "detail": message}`` the protocol promises. Another trans
     │   ├── BatchTooLarge           more samples than --max-batch
     │   └── JsonTooLarge            a JSON body over its small limit
     ├── UnsupportedMediaType  415
+    ├── UnsupportedCodec      422  session creation asked for a codec this server does not offer
     ├── InvalidTensor         422  well-formed, but values the server will not train on
     │   ├── NonFinite               NaN / Inf
     │   ├── ValueOutOfRange         |x| beyond the server's bound (--max-abs-value)
@@ -179,6 +180,13 @@ class UnstableStep(InvalidTensor):
     BatchNorm statistics and its optimizer state were put back as they were before it."""
 
     code = "non_finite_step"
+
+
+class UnsupportedCodec(ServerError):
+    """Session creation asked for a wire codec this server does not know or offer (or a
+    lossy one with auxiliary labels); the body lists what it offers."""
+
+    code = "unsupported_codec"
 
 
 class Busy(ServerError):

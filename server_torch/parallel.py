@@ -182,6 +182,7 @@ class ParallelRounds:
                             spec.layout,
                             bytes.fromhex(sid),
                             step,
+                            g.sessions[sid].codec,
                         )
                     ]
                 )
@@ -260,7 +261,17 @@ class ParallelRounds:
                     continue
                 step = g.steps[sid]
                 reply = encode(
-                    [Frame(FrameKind.GRADIENT, spec.name, mine, spec.layout, s.sid_bytes, step)]
+                    [
+                        Frame(
+                            FrameKind.GRADIENT,
+                            spec.name,
+                            mine,
+                            spec.layout,
+                            s.sid_bytes,
+                            step,
+                            s.codec,
+                        )
+                    ]
                 )
                 g.results[sid] = reply
                 self._store[(sid, "backward")] = (step, g.digests[sid], reply)

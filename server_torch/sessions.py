@@ -26,6 +26,7 @@ calls under its lock whenever B is between steps, and reads/restores the table.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import secrets
 import threading
@@ -48,6 +49,7 @@ from shared_schema import (
     encode,
     scalar,
 )
+from shared_schema import codec as codecs
 
 from .errors import (
     BadRequest,
@@ -63,6 +65,7 @@ from .errors import (
     Unauthorized,
     UnknownSession,
     UnstableStep,
+    UnsupportedCodec,
     ValueOutOfRange,
     WrongSplitMode,
 )
@@ -111,6 +114,7 @@ class Session:
     stale_step: int | None = None  # a forward whose lease was revoked
     store: dict[str, Stored] = field(default_factory=dict)
     durable_step: int = 0  # next_step as held by the newest durable checkpoint (0: none)
+    codec: str = codecs.DEFAULT  # wire codec of its ACTIVATION/GRADIENT frames, both ways
 
     @property
     def sid_bytes(self) -> bytes:
@@ -125,6 +129,7 @@ class Session:
             "durable_step": self.durable_step,
             "split_mode": split_mode,
             "aux_label": self.aux_label,
+            "codec": self.codec,
         }
 
 
@@ -139,7 +144,9 @@ class SessionTable:
     def __len__(self) -> int:
         return len(self.sessions)
 
-    def create(self, aux_label: bool, busy: set[str]) -> tuple[Session, str]:
+    def create(
+        self, aux_label: bool, busy: set[str], codec: str = codecs.DEFAULT
+    ) -> tuple[Session, str]:
         """A new session and its bearer token (returned here once, kept only hashed)."""
         now = time.monotonic()
         if len(self.sessions) >= self.max_sessions:
@@ -153,6 +160,7 @@ class SessionTable:
             aux_label=bool(aux_label),
             created=now,
             last_seen=now,
+            codec=codec,
         )
         self.sessions[s.id] = s
         return s, token
@@ -200,10 +208,16 @@ class SplitService:
         idle_timeout: float = 3600.0,
         max_batch: int | None = None,
         max_abs_value: float = float("inf"),
+        codecs_offered: tuple[str, ...] | None = None,
     ) -> None:
         """``max_batch``: most samples a message may carry; ``max_abs_value``: the largest
         magnitude an incoming float may have (a finite bound keeps a client from pushing B
-        towards overflow; see ``app.default_max_abs_value``)."""
+        towards overflow; see ``app.default_max_abs_value``); ``codecs_offered``: the wire
+        codecs a session may ask for (None: every codec of ``shared_schema.codec``)."""
+        offered = tuple(codecs_offered) if codecs_offered is not None else codecs.NAMES
+        for name in offered:
+            codecs.get(name)  # a typo in the server's configuration fails at start
+        self.codecs_offered = offered
         self.trainer = trainer
         self.max_batch = max_batch
         self.max_abs_value = max_abs_value
@@ -278,19 +292,37 @@ class SplitService:
         """B is between steps: no forward waits for its backward (call under the lock)."""
         return self._lease is None
 
-    def create_session(self, manifest_sha256: str, aux_label: bool = False) -> tuple[Session, str]:
-        """A new session and its token; the token is not kept (only its sha256)."""
+    def create_session(
+        self, manifest_sha256: str, aux_label: bool = False, codec: str = codecs.DEFAULT
+    ) -> tuple[Session, str]:
+        """A new session and its token; the token is not kept (only its sha256).
+
+        ``codec``: the wire codec its ACTIVATION/GRADIENT frames travel in, both ways; one
+        this server does not offer is refused (422 ``unsupported_codec``), as is a lossy
+        codec with ``aux_label`` (a rounded target c - g loses g, far smaller than c)."""
         if not secrets.compare_digest(manifest_sha256.lower(), self.manifest_sha256):
             raise ManifestMismatch(
                 f"the server holds bundle manifest {self.manifest_sha256}, "
                 f"the device {manifest_sha256}: both must load the same bundle"
+            )
+        if codec not in self.codecs_offered:
+            known = "" if codec in codecs.NAMES else "unknown "
+            raise UnsupportedCodec(
+                f"{known}codec {codec!r}; this server offers {', '.join(self.codecs_offered)}",
+                offered=list(self.codecs_offered),
+            )
+        if aux_label and not codecs.get(codec).exact:
+            raise UnsupportedCodec(
+                f"codec {codec!r} with aux_label: the target c - dL/dc would be rounded at the "
+                "scale of c, losing the gradient; use the gradient form or codec float32",
+                offered=list(self.codecs_offered),
             )
         with self._cond:
             if self.draining:
                 raise ShuttingDown(
                     "the server is shutting down; create the session after it restarts"
                 )
-            s, token = self.table.create(aux_label, self._busy())
+            s, token = self.table.create(aux_label, self._busy(), codec)
             self._quiescent_point("session")
             return s, token
 
@@ -458,7 +490,7 @@ class SplitService:
         s: Session,
         expected: list[tuple[FrameKind, TensorSpec]],
     ) -> tuple[int, list[Frame]]:
-        frames = decode(body)
+        frames = decode(body, s.codec, self._max_elements(expected))
         if len(frames) != len(expected):
             kinds = " + ".join(k.name for k, _ in expected)
             raise BadRequest(f"expected {len(expected)} frame(s) ({kinds}), got {len(frames)}")
@@ -491,6 +523,14 @@ class SplitService:
                         f"{self.max_abs_value:.3g} (--max-abs-value)"
                     )
         return step, ordered
+
+    def _max_elements(self, expected: list[tuple[FrameKind, TensorSpec]]) -> int | None:
+        """Most elements a compressed frame of this message may decode to: the batch limit
+        times the largest expected sample (None: no batch limit)."""
+        if self.max_batch is None:
+            return None
+        per_sample = max(math.prod(spec.sample_shape) for _, spec in expected)
+        return self.max_batch * max(per_sample, 1)
 
     # -- the store: retries are answered from it ----------------------------------------
 
@@ -567,7 +607,17 @@ class SplitService:
             ms = (time.perf_counter() - t0) * 1e3
             spec = self.manifest.server_output
             reply = encode(
-                [Frame(FrameKind.ACTIVATION, spec.name, out, spec.layout, s.sid_bytes, step)]
+                [
+                    Frame(
+                        FrameKind.ACTIVATION,
+                        spec.name,
+                        out,
+                        spec.layout,
+                        s.sid_bytes,
+                        step,
+                        s.codec,
+                    )
+                ]
             )
             self._grant(s)
             s.expect, s.stale_step = "backward", None
@@ -618,7 +668,7 @@ class SplitService:
                 raise
             ms = (time.perf_counter() - t0) * 1e3
             spec = self.manifest.server_input
-            reply = encode([Frame(kind, spec.name, g_a, spec.layout, s.sid_bytes, step)])
+            reply = encode([Frame(kind, spec.name, g_a, spec.layout, s.sid_bytes, step, s.codec)])
             s.store["backward"] = Stored(step, digest, reply)
             s.next_step, s.expect = step + 1, "forward"
             self._lease = None
@@ -662,7 +712,7 @@ class SplitService:
             kind = FrameKind.TARGET if s.aux_label else FrameKind.GRADIENT
             reply = encode(
                 [
-                    Frame(kind, spec.name, g_a, spec.layout, s.sid_bytes, step),
+                    Frame(kind, spec.name, g_a, spec.layout, s.sid_bytes, step, s.codec),
                     scalar("loss", loss, s.sid_bytes, step),
                 ]
             )
@@ -686,8 +736,9 @@ class SplitService:
             ms = (time.perf_counter() - t0) * 1e3
             durable = s.durable_step
         spec = self.manifest.server_output
+        frame = Frame(FrameKind.ACTIVATION, spec.name, out, spec.layout, s.sid_bytes, step, s.codec)
         return Reply(
-            encode([Frame(FrameKind.ACTIVATION, spec.name, out, spec.layout, s.sid_bytes, step)]),
+            encode([frame]),
             ms,
             durable_step=durable,
         )

@@ -9,7 +9,7 @@ Layout (all integers little-endian)::
     6      1   dtype  (code in DTYPES)
     7      1   layout (code in LAYOUTS)
     8      1   ndim   (<= 8)
-    9      1   flags  (must be 0; reserved for compression)
+    9      1   flags  (the codec's flag, 0 = raw; see shared_schema/codec.py)
     10     2   name length in bytes (<= 200)
     12     16  session id
     28     8   step
@@ -21,7 +21,13 @@ so a retried request can be recognised and answered from a store. Decoding trust
 nothing: each length is checked before it is used, and the payload length must equal
 dtype size x prod(shape), computed on Python integers (no wrap-around), and a shape may
 span at most ``MAX_ELEMENTS`` elements (zero dims counted as one, so numpy can always
-build it). Payloads are not copied on decode (numpy views the buffer).
+build it). Raw payloads are not copied on decode (numpy views the buffer).
+
+Compression (``codec.py``): a float32 ACTIVATION or GRADIENT frame may carry its tensor
+encoded by a session's codec. Its header still says float32 and the logical shape; the
+flags byte holds the codec's flag and the payload length is the encoded length, which
+must equal what the codec needs for that shape. Such a frame decodes to the float32
+array (a new array) with ``Frame.codec`` naming the codec it came in.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from enum import IntEnum
 
 import numpy as np
 
+from . import codec as codecs
 from ._exceptions import (
     BadMagic,
     FrameSizeMismatch,
@@ -78,6 +85,7 @@ class Frame:
     layout: str
     session: bytes = NO_SESSION
     step: int = 0
+    codec: str = codecs.DEFAULT  # how the payload travels (float32 ACTIVATION/GRADIENT only)
 
     @property
     def dtype(self) -> str:
@@ -85,7 +93,8 @@ class Frame:
 
 
 def encode(frames: Iterable[Frame]) -> bytes:
-    """Frames to one message body. Arrays are written little-endian, C order."""
+    """Frames to one message body. Arrays are written little-endian, C order; a frame
+    whose ``codec`` is not float32 is written compressed (float32 ACTIVATION/GRADIENT)."""
     parts: list[bytes | memoryview] = []
     for f in frames:
         arr = np.asarray(f.array)
@@ -102,6 +111,14 @@ def encode(frames: Iterable[Frame]) -> bytes:
             raise FrameSpecMismatch(f"{f.name}: rank {arr.ndim} exceeds {MAX_NDIM}")
         if len(f.session) != 16:
             raise FrameSpecMismatch("session id must be 16 bytes")
+        codec = codecs.get(f.codec)
+        payload: bytes | memoryview = arr.reshape(-1).view(np.uint8)  # no copy; empty and 0-d too
+        if codec.flag:
+            if not codecs.compressible(f.kind.name, dtype_name):
+                raise FrameSpecMismatch(
+                    f"{f.name}: a {f.kind.name} {dtype_name} frame travels raw, not as {codec.name}"
+                )
+            payload = codec.compress(arr, f.layout)
         parts.append(
             _HEADER.pack(
                 MAGIC,
@@ -110,33 +127,46 @@ def encode(frames: Iterable[Frame]) -> bytes:
                 _DTYPE_CODES[dtype_name],
                 _LAYOUT_CODES[f.layout],
                 arr.ndim,
-                0,
+                codec.flag,
                 len(name),
                 f.session,
                 f.step,
-                arr.nbytes,
+                len(payload),
             )
         )
         parts.append(name)
         parts.append(struct.pack(f"<{arr.ndim}I", *arr.shape))
-        parts.append(arr.reshape(-1).view(np.uint8))  # no copy; works for empty and 0-d
+        parts.append(payload)
     return b"".join(parts)
 
 
-def decode(buf: bytes | bytearray | memoryview) -> list[Frame]:
-    """One message body to its frames; any inconsistency raises a FrameError subclass."""
+def decode(
+    buf: bytes | bytearray | memoryview,
+    codec: str | None = None,
+    max_elements: int | None = None,
+) -> list[Frame]:
+    """One message body to its frames; any inconsistency raises a FrameError subclass.
+
+    ``codec``: the session's codec; then every float32 ACTIVATION/GRADIENT frame must
+    come in it and every other frame raw (UnsupportedVersion otherwise: a wire feature
+    the session did not negotiate). None accepts any known codec. ``max_elements``: the
+    most elements a compressed frame may decode to (a few KiB of int4 must not become
+    GiB of float32 before the receiver's batch limit is checked)."""
+    want = codecs.get(codec) if codec is not None else None
     view = memoryview(buf).cast("B")
     frames: list[Frame] = []
     pos = 0
     if len(view) == 0:
         raise TruncatedFrame("empty message: expected at least one frame")
     while pos < len(view):
-        frame, pos = _decode_one(view, pos)
+        frame, pos = _decode_one(view, pos, want, max_elements)
         frames.append(frame)
     return frames
 
 
-def _decode_one(view: memoryview, pos: int) -> tuple[Frame, int]:
+def _decode_one(
+    view: memoryview, pos: int, want: codecs.Codec | None, max_elements: int | None
+) -> tuple[Frame, int]:
     if len(view) - pos < HEADER_SIZE:
         if bytes(view[pos : pos + 4]) not in (MAGIC[: len(view) - pos], MAGIC):
             raise BadMagic(f"bad magic at byte {pos}: not a spliteasy frame")
@@ -150,9 +180,11 @@ def _decode_one(view: memoryview, pos: int) -> tuple[Frame, int]:
         raise BadMagic(f"bad magic {magic!r} at byte {pos}: not a spliteasy frame")
     if version != VERSION:
         raise UnsupportedVersion(f"frame version {version}; this build speaks version {VERSION}")
-    if flags != 0:
+    codec = codecs.BY_FLAG.get(flags)
+    if codec is None:
         raise UnsupportedVersion(
-            f"frame flags {flags:#04x}: reserved, must be 0 in version {VERSION}"
+            f"frame flags {flags:#04x}: not a codec of version {VERSION} "
+            f"({', '.join(f'{c.flag} {c.name}' for c in codecs.CODECS.values())})"
         )
     try:
         kind_e = FrameKind(kind)
@@ -182,6 +214,25 @@ def _decode_one(view: memoryview, pos: int) -> tuple[Frame, int]:
     if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
         raise FrameSizeMismatch(f"{name}: shape {list(shape)} exceeds {MAX_ELEMENTS} elements")
     count = math.prod(shape)
+    if want is not None or codec.flag:
+        _check_codec(name, kind_e, dtype_name, codec, want)
+    if codec.flag:
+        if max_elements is not None and count > max_elements:
+            raise FrameSizeMismatch(
+                f"{name}: {codec.name} frame of {count} elements; this receiver decodes at "
+                f"most {max_elements}"
+            )
+        expected = codec.payload_size(shape, LAYOUTS[layout])
+        if nbytes != expected:
+            raise FrameSizeMismatch(
+                f"{name}: header says {nbytes} payload bytes, {codec.name} of "
+                f"{dtype_name}{list(shape)} needs {expected}"
+            )
+        if len(view) - pos < nbytes:
+            raise TruncatedFrame(f"{name}: payload truncated ({len(view) - pos} of {nbytes} bytes)")
+        array = codec.decompress(view[pos : pos + nbytes], shape, LAYOUTS[layout])
+        frame = Frame(kind_e, name, array, LAYOUTS[layout], bytes(session), step, codec.name)
+        return frame, pos + nbytes
     expected = np.dtype(_NP[dtype_name]).itemsize * count
     if nbytes != expected:
         raise FrameSizeMismatch(
@@ -193,6 +244,21 @@ def _decode_one(view: memoryview, pos: int) -> tuple[Frame, int]:
     array = array.reshape(shape)
     pos += nbytes
     return Frame(kind_e, name, array, LAYOUTS[layout], bytes(session), step), pos
+
+
+def _check_codec(
+    name: str, kind: FrameKind, dtype: str, codec: codecs.Codec, want: codecs.Codec | None
+) -> None:
+    """A compressed frame must be compressible; with a session codec, exactly it."""
+    fits = codecs.compressible(kind.name, dtype)
+    if codec.flag and not fits:
+        raise UnsupportedVersion(
+            f"{name}: a {kind.name} {dtype} frame travels raw (flags 0), not as {codec.name}"
+        )
+    if want is not None and fits and codec is not want:
+        raise UnsupportedVersion(
+            f"{name}: frame sent as {codec.name}; this session negotiated codec {want.name}"
+        )
 
 
 def check(frame: Frame, spec: TensorSpec, kind: FrameKind | None = None) -> None:

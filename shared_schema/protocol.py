@@ -20,6 +20,8 @@ FRAME_KINDS: dict[str, int] = dict(FRAME["kinds"])
 FRAME_DTYPES: dict[int, str] = {int(k): v for k, v in FRAME["dtypes"].items()}
 FRAME_LAYOUTS: dict[int, str] = {int(k): v for k, v in FRAME["layouts"].items()}
 
+CODECS: dict[str, Any] = PROTOCOL["codecs"]  # wire compression (shared_schema/codec.py)
+
 ERROR_STATUS: dict[str, int] = {k: v for k, v in PROTOCOL["errors"].items() if k[0] != "$"}
 RETRY_AFTER: dict[str, int] = dict(PROTOCOL["retry_after_seconds"])
 
