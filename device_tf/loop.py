@@ -51,6 +51,7 @@ class StepResult:
     timings: StepTimings = field(default_factory=StepTimings)
     durable_step: int | None = None  # the server's checkpointed step, from the last reply
     replayed: bool = False  # the server answered from its retry store (already applied)
+    codec: str = "float32"  # the session's wire codec (bytes_up/bytes_down are its bytes)
 
     def to_dict(self) -> dict:
         return {
@@ -59,6 +60,7 @@ class StepResult:
             **asdict(self.timings),
             "durable_step": self.durable_step,
             "replayed": self.replayed,
+            "codec": self.codec,
         }
 
 
@@ -89,8 +91,15 @@ class SplitTrainer:
         manifest: Manifest,
         manifest_sha256: str,
         aux_label: bool = False,
+        codec: str = "float32",
     ) -> None:
+        """``codec``: the wire codec to ask for when the session opens (shared_schema/codec.py);
+        its ACTIVATION and GRADIENT frames then travel in it, both ways."""
+        from shared_schema.codec import get
+
+        get(codec)  # an unknown name fails here, before any traffic
         self.rt = runtime
+        self.codec = codec
         self.transport = transport
         self.manifest = manifest
         self.manifest_sha256 = manifest_sha256
@@ -103,6 +112,11 @@ class SplitTrainer:
 
     # -- session ---------------------------------------------------------------
     def _use(self, info: SessionInfo) -> SessionInfo:
+        if info.codec != self.codec:
+            raise DeviceError(
+                f"session {info.session_id} uses codec {info.codec}, this run {self.codec}; "
+                "resume with the same --codec"
+            )
         self.session_id = info.session_id
         self.session = bytes.fromhex(info.session_id)
         self.next_step = info.next_step
@@ -111,7 +125,9 @@ class SplitTrainer:
 
     def open(self) -> SessionInfo:
         """A new session on the server."""
-        return self._use(self.transport.open_session(self.manifest_sha256, self.aux_label))
+        return self._use(
+            self.transport.open_session(self.manifest_sha256, self.aux_label, self.codec)
+        )
 
     def resume(self, session_id: str, token: str) -> SessionInfo:
         """Take up an existing session (a restarted device); ``next_step`` is the server's."""
@@ -145,8 +161,17 @@ class SplitTrainer:
         return out
 
     def _frame(self, kind: FrameKind, spec, array: np.ndarray, step: int) -> Frame:
+        from shared_schema.codec import compressible
+
+        codec = self.codec if compressible(kind.name, spec.dtype) else "float32"
         return Frame(
-            kind, spec.name, np.asarray(array, dtype=spec.dtype), spec.layout, self.session, step
+            kind,
+            spec.name,
+            np.asarray(array, dtype=spec.dtype),
+            spec.layout,
+            self.session,
+            step,
+            codec,
         )
 
     def _expect(self, frames: list[Frame], kind: FrameKind, spec, step: int) -> np.ndarray:
@@ -193,7 +218,7 @@ class SplitTrainer:
         clock.device(self.rt.a_backward, g_a)
         self.next_step = step + 1
         clock.t.total_ms = (time.perf_counter() - start) * 1000
-        return StepResult(step, float(loss), clock.t, self.durable_step, self._replayed)
+        return StepResult(step, float(loss), clock.t, self.durable_step, self._replayed, self.codec)
 
     # -- inference ---------------------------------------------------------------
     def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:

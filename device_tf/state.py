@@ -93,6 +93,7 @@ class RunSpec:
     epochs: int
     batch_size: int
     seed: int
+    codec: str = "float32"  # the session's wire codec: a resumed run keeps its session's
 
     @property
     def steps_per_epoch(self) -> int:
@@ -249,7 +250,7 @@ class DeviceState:
 
     def _check_spec(self, saved: dict) -> None:
         mine = asdict(self.spec)
-        theirs = saved.get("run", {})
+        theirs = {"codec": "float32", **saved.get("run", {})}  # state dirs before codecs
         if theirs.get("manifest_sha256") != mine["manifest_sha256"]:
             raise StateError(
                 f"the state dir {self.dir} belongs to another bundle (manifest "

@@ -201,9 +201,11 @@ class WsTransport(HttpTransport):
         self._drop()
         return super().resume_session(session_id, token)
 
-    def open_session(self, manifest_sha256: str, aux_label: bool = False):  # noqa: ANN201
+    def open_session(  # noqa: ANN201 - SessionInfo
+        self, manifest_sha256: str, aux_label: bool = False, codec: str = "float32"
+    ):
         self._drop()
-        return super().open_session(manifest_sha256, aux_label)
+        return super().open_session(manifest_sha256, aux_label, codec)
 
     def close_session(self) -> None:
         self._drop()

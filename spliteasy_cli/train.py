@@ -37,6 +37,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="send targets c - dL/dc instead of gradients (the paper's auxiliary labels)",
     )
+    p.add_argument(
+        "--codec",
+        default="float32",
+        choices=_codec_names(),
+        help="wire codec of activations and gradients, asked for when the session opens "
+        "(docs/protocol.md, Compression); float32 is exact",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log", type=Path, help="per-step JSONL log (default runs/train-<time>.jsonl)")
     p.add_argument("--no-progress", action="store_true")
@@ -65,6 +72,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="CA certificate (PEM) that signed an https server's certificate; the server's "
         "certificate is always verified (the system's CAs without this)",
     )
+
+
+def _codec_names() -> list[str]:
+    from shared_schema.codec import NAMES  # protocol.json's codecs: their one source
+
+    return list(NAMES)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
             epochs=args.epochs,
             batch_size=args.batch_size,
             seed=args.seed,
+            codec=args.codec,
         )
         state = DeviceState(args.state_dir, spec, server=args.server)
         state.read_session()  # another bundle's or run's state dir: refused before any work
@@ -115,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         ca_file=args.ca_file,
         auth_key=args.auth_key,
     )
-    trainer = SplitTrainer(runtime, transport, manifest, digest, args.aux_label)
+    trainer = SplitTrainer(runtime, transport, manifest, digest, args.aux_label, args.codec)
     parallel = transport.health().get("parallel")
     if parallel is not None:  # spliteasy serve --mode parallel: average A and C as it says
         from device_tf.parallel import with_sync
@@ -201,6 +215,8 @@ def _run_tfjs(args: argparse.Namespace, manifest, data, log: Path) -> int:
         ]
         if args.aux_label:
             cmd.append("--aux-label")
+        if args.codec != "float32":
+            cmd += ["--codec", args.codec]
         if args.state_dir is not None:
             cmd += ["--state-dir", str(args.state_dir)]
         cmd += ["--reconnect-timeout", str(args.reconnect_timeout)]
