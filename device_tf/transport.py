@@ -12,7 +12,8 @@ identically: every frame carries (session, step) and the server answers a repeat
 from its retry store without applying it twice, so a retry is always safe. While the
 server is unreachable (restarting, network down) it keeps trying with bounded
 exponential backoff for up to ``reconnect_timeout`` seconds, saying so in one line,
-before giving up with :class:`ServerUnreachable`.
+before giving up with :class:`ServerUnreachable` (the policy both bindings share:
+:class:`device_tf.retry.Patience`).
 """
 
 from __future__ import annotations
@@ -31,10 +32,13 @@ import httpx
 from shared_schema import MEDIA_TYPE
 
 from ._exceptions import ServerRejected, ServerUnreachable, StepConflict
+from .retry import Patience, Retry
 
 AUTH_KEY_ENV = "SPLITEASY_AUTH_KEY"  # the enrolment key (spliteasy train --auth-key)
 
 OPS = ("forward", "backward", "step", "infer")
+# 503/429 error codes that mean "come back later" (Retry-After), not "refused"
+WAIT_CODES = ("busy", "shutting_down", "rate_limited")
 
 
 @dataclass
@@ -58,7 +62,6 @@ class SessionInfo:
     expect: str = "forward"
     durable_step: int = 0
     aux_label: bool = False
-    codec: str = "float32"  # the wire codec the server accepted (shared_schema/codec.py)
 
 
 class Transport(ABC):
@@ -67,11 +70,8 @@ class Transport(ABC):
     session: SessionInfo | None = None
 
     @abstractmethod
-    def open_session(
-        self, manifest_sha256: str, aux_label: bool = False, codec: str = "float32"
-    ) -> SessionInfo:
-        """Create a new session for a device holding the bundle with this manifest hash,
-        asking for a wire codec (the server refuses one it does not offer: 422)."""
+    def open_session(self, manifest_sha256: str, aux_label: bool = False) -> SessionInfo:
+        """Create a new session for a device holding the bundle with this manifest hash."""
 
     @abstractmethod
     def resume_session(self, session_id: str, token: str) -> SessionInfo:
@@ -141,13 +141,12 @@ class HttpTransport(Transport):
 
     # -- the one place requests are sent --------------------------------------------------
 
+    def _patience(self) -> Patience:
+        """The retry policy (device_tf/retry.py) with this transport's settings."""
+        return Patience(self.reconnect_timeout, self.backoff, self.retries, self.notify)
+
     def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
-        first_failure: float | None = None
-        announced = False  # a lone dropped connection, retried at once, is not news
-        attempt = 0
-        last = ""
-        while True:
-            code, retry_after = "", 0.0
+        def attempt() -> httpx.Response:
             try:
                 response = self._client.request(method, path, **kwargs)
             except httpx.TransportError as exc:
@@ -156,47 +155,21 @@ class HttpTransport(Transport):
                         f"{self.base_url}: the server's TLS certificate is not trusted ({exc}); "
                         "pass the CA that signed it (spliteasy train --ca-file)"
                     ) from None
-                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            else:
-                code = _error_code(response) if response.status_code in (429, 503) else ""
-                retry_after = _retry_after(response) if code else 0.0
-                if code in ("busy", "shutting_down", "rate_limited"):
-                    # B is another device's for now, or the server is saving its final
-                    # checkpoint before it stops: wait as for a restart
-                    last = f"503 {code}"
-                else:
-                    if announced and first_failure is not None:
-                        self.notify(
-                            f"spliteasy: {self.base_url} is back after "
-                            f"{time.monotonic() - first_failure:.1f} s; continuing"
-                        )
-                    if response.status_code >= 400:
-                        raise _rejected(response)
-                    return response
-            now = time.monotonic()
-            if first_failure is None:
-                first_failure = now
-            attempt += 1
-            if attempt >= 2 and not announced:
-                announced = True
-                self.notify(
-                    f"spliteasy: {self.base_url} unreachable ({last}); retrying with backoff "
-                    f"for up to {self.reconnect_timeout:g} s"
-                )
-            out_of_time = now - first_failure >= self.reconnect_timeout
-            if out_of_time or (self.retries is not None and attempt > self.retries):
-                raise ServerUnreachable(
-                    f"{self.base_url}{path}: no answer for {now - first_failure:.0f} s "
-                    f"({attempt} attempts; last: {last}); is the server running? "
-                    "Restart the same command to resume where it stopped."
-                )
-            wait = (
-                0.0 if attempt == 1 else min(self.backoff[0] * 2 ** (attempt - 2), self.backoff[1])
-            )
-            if code:  # the server said when: not sooner (Retry-After)
-                wait = max(wait, retry_after)
-            wait = min(wait, max(first_failure + self.reconnect_timeout - now, 0.0))
-            time.sleep(wait)
+                why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                raise Retry(why) from None
+            code = _error_code(response) if response.status_code in (429, 503) else ""
+            if code in WAIT_CODES:
+                # B is another device's for now, or the server is saving its final
+                # checkpoint before it stops: wait as for a restart, not sooner than it said
+                raise Retry(f"{response.status_code} {code}", _retry_after(response))
+            return response
+
+        response = self._patience().run(
+            attempt, label=self.base_url, target=f"{self.base_url}{path}"
+        )
+        if response.status_code >= 400:
+            raise _rejected(response)
+        return response
 
     def _auth(self) -> dict[str, str]:
         if self.session is None:
@@ -205,16 +178,11 @@ class HttpTransport(Transport):
 
     # -- sessions --------------------------------------------------------------------------
 
-    def open_session(
-        self, manifest_sha256: str, aux_label: bool = False, codec: str = "float32"
-    ) -> SessionInfo:
-        request: dict = {"manifest_sha256": manifest_sha256, "aux_label": aux_label}
-        if codec != "float32":  # the default is not sent: older servers know no codec field
-            request["codec"] = codec
+    def open_session(self, manifest_sha256: str, aux_label: bool = False) -> SessionInfo:
         reply = self._send(
             "POST",
             "/v1/sessions",
-            json=request,
+            json={"manifest_sha256": manifest_sha256, "aux_label": aux_label},
             headers={"Authorization": f"Bearer {self.auth_key}"} if self.auth_key else {},
         ).json()
         self.session = _session_info(reply, reply["token"])
@@ -307,5 +275,4 @@ def _session_info(reply: dict, token: str) -> SessionInfo:
         expect=str(reply.get("expect", "forward")),
         durable_step=int(reply.get("durable_step", 0) or 0),
         aux_label=bool(reply.get("aux_label", False)),
-        codec=str(reply.get("codec", "float32")),
     )

@@ -8,9 +8,10 @@ come from the ``websockets`` client (and uvicorn on the other side).
 Exactly-once survives a dropped socket for the same reason as over HTTP: every frame
 carries (session, step), so the transport reconnects and resends the very same message,
 and the server answers a step it already applied from its retry store. While the server
-is unreachable it retries with the same bounded exponential backoff as
-:class:`~device_tf.transport.HttpTransport` (``reconnect_timeout``), honouring the
-server's ``retry_after`` on ``busy`` / ``shutting_down`` / ``rate_limited``.
+is unreachable it retries with the same policy as
+:class:`~device_tf.transport.HttpTransport` (:class:`device_tf.retry.Patience`: bounded
+exponential backoff for ``reconnect_timeout`` s), honouring the server's ``retry_after``
+on ``busy`` / ``shutting_down`` / ``rate_limited``.
 """
 
 from __future__ import annotations
@@ -23,20 +24,12 @@ import time
 from typing import Any
 
 from ._exceptions import ServerRejected, ServerUnreachable, StepConflict
-from .transport import OPS, HttpTransport, Reply
+from .retry import Retry
+from .transport import OPS, WAIT_CODES, HttpTransport, Reply
 
 OP_CODES = {"forward": 1, "backward": 2, "step": 3, "infer": 4}
 HEAD = struct.Struct(">BI")
 REPLY_HEAD = struct.Struct(">BIH")
-_WAIT_CODES = ("busy", "shutting_down", "rate_limited")
-
-
-class _Retry(Exception):
-    """Internal: this attempt failed in a way that a later identical attempt may fix."""
-
-    def __init__(self, why: str, after: float = 0.0) -> None:
-        super().__init__(why)
-        self.after = after
 
 
 class WsTransport(HttpTransport):
@@ -91,8 +84,8 @@ class WsTransport(HttpTransport):
             except ValueError:
                 body = {}
             code = str(body.get("error", "error"))
-            if response.status_code in (429, 503) and code in _WAIT_CODES:
-                raise _Retry(f"{response.status_code} {code}", _header_seconds(response)) from None
+            if response.status_code in (429, 503) and code in WAIT_CODES:
+                raise Retry(f"{response.status_code} {code}", _header_seconds(response)) from None
             raise ServerRejected(
                 response.status_code, code, str(body.get("detail", "")), body
             ) from None
@@ -102,7 +95,7 @@ class WsTransport(HttpTransport):
                 "pass the CA that signed it (spliteasy train --ca-file)"
             ) from None
         except (OSError, TimeoutError) as exc:
-            raise _Retry(f"{type(exc).__name__}: {exc}") from None
+            raise Retry(f"{type(exc).__name__}: {exc}") from None
         self._ws_sid = sid
         self.connections += 1
         return self._ws
@@ -128,8 +121,8 @@ class WsTransport(HttpTransport):
                     if err.get("id") != rid:
                         continue  # an answer to an earlier attempt: not ours
                     status, code = int(err.get("status", 0)), str(err.get("error", "error"))
-                    if status in (429, 503) and code in _WAIT_CODES:
-                        raise _Retry(f"{status} {code}", float(err.get("retry_after", 0.0)))
+                    if status in (429, 503) and code in WAIT_CODES:
+                        raise Retry(f"{status} {code}", float(err.get("retry_after", 0.0)))
                     body_json = {k: v for k, v in err.items() if k not in ("id", "status")}
                     cls = StepConflict if code == "step_conflict" else ServerRejected
                     raise cls(status, code, str(err.get("detail", "")), body_json)
@@ -141,7 +134,7 @@ class WsTransport(HttpTransport):
                 return meta, bytes(message[start + meta_len :])
         except (ConnectionClosed, OSError, TimeoutError) as exc:
             self._drop()
-            raise _Retry(f"{type(exc).__name__}: {exc}") from None
+            raise Retry(f"{type(exc).__name__}: {exc}") from None
 
     # -- the seam ------------------------------------------------------------------------------
 
@@ -151,51 +144,18 @@ class WsTransport(HttpTransport):
         if self.session is None:
             raise ServerRejected(0, "no_session", "open or resume a session first")
         start = time.perf_counter()
-        first_failure: float | None = None
-        attempt, announced = 0, False
-        while True:
-            try:
-                meta, frames = self._once(op, body)
-            except _Retry as retry:
-                now = time.monotonic()
-                first_failure = now if first_failure is None else first_failure
-                attempt += 1
-                if attempt >= 2 and not announced:
-                    announced = True
-                    self.notify(
-                        f"spliteasy: {self.base_url} (websocket) unreachable ({retry}); "
-                        f"retrying with backoff for up to {self.reconnect_timeout:g} s"
-                    )
-                if now - first_failure >= self.reconnect_timeout or (
-                    self.retries is not None and attempt > self.retries
-                ):
-                    raise ServerUnreachable(
-                        f"{self._ws_url(self.session.session_id)}: no answer for "
-                        f"{now - first_failure:.0f} s ({attempt} attempts; last: {retry}); "
-                        "is the server running? Restart the same command to resume."
-                    ) from None
-                wait = (
-                    0.0
-                    if attempt == 1
-                    else min(self.backoff[0] * 2 ** (attempt - 2), self.backoff[1])
-                )
-                wait = min(
-                    max(wait, retry.after), max(first_failure + self.reconnect_timeout - now, 0.0)
-                )
-                time.sleep(wait)
-                continue
-            if announced and first_failure is not None:
-                self.notify(
-                    f"spliteasy: {self.base_url} is back after "
-                    f"{time.monotonic() - first_failure:.1f} s; continuing"
-                )
-            return Reply(
-                frames,
-                float(meta.get("server_ms", 0.0)),
-                (time.perf_counter() - start) * 1000,
-                int(meta["durable_step"]) if "durable_step" in meta else None,
-                bool(meta.get("replayed", False)),
-            )
+        meta, frames = self._patience().run(
+            lambda: self._once(op, body),
+            label=f"{self.base_url} (websocket)",
+            target=self._ws_url(self.session.session_id),
+        )
+        return Reply(
+            frames,
+            float(meta.get("server_ms", 0.0)),
+            (time.perf_counter() - start) * 1000,
+            int(meta["durable_step"]) if "durable_step" in meta else None,
+            bool(meta.get("replayed", False)),
+        )
 
     def resume_session(self, session_id: str, token: str):  # noqa: ANN201 - SessionInfo
         self._drop()

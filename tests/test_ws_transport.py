@@ -117,3 +117,41 @@ def test_ws_handshake_needs_the_token(serve_app):
     # each message counts in the request metrics, as an HTTP request does
     metrics = httpx.get(f"{srv.url}/metrics").text
     assert 'method="WS"' in metrics and 'status="413"' in metrics
+
+
+def test_one_retry_policy_for_both_transports():
+    """HTTP and WebSocket wait by the same rule (device_tf/retry.py): the first retry at
+    once, then backoff doubling to its cap, never sooner than the server's Retry-After, one
+    line when the server is lost and one when it is back; against a closed port both give
+    up after ``reconnect_timeout`` with the same message."""
+    from device_tf._exceptions import ServerUnreachable
+    from device_tf.retry import Patience, Retry
+    from device_tf.transport import HttpTransport
+    from device_tf.ws_transport import WsTransport
+
+    slept: list[float] = []
+    lines: list[str] = []
+    p = Patience(60.0, (0.1, 0.4), notify=lines.append, sleep=slept.append)
+    fails = iter([Retry("reset"), Retry("reset"), Retry("503 busy", 2.0), Retry("reset")] * 2)
+
+    def attempt() -> str:
+        if len(slept) < 6:
+            raise next(fails)
+        return "ok"
+
+    assert p.run(attempt, label="http://b", target="http://b/x") == "ok"
+    assert slept == [0.0, 0.1, 2.0, 0.4, 0.4, 0.4]
+    assert len(lines) == 2 and "unreachable (reset)" in lines[0] and "is back" in lines[1]
+
+    for cls in (HttpTransport, WsTransport):
+        lines.clear()
+        t = cls(
+            "http://127.0.0.1:9", reconnect_timeout=0.5, backoff=(0.05, 0.1), notify=lines.append
+        )
+        t.session = __import__("device_tf.transport", fromlist=["SessionInfo"]).SessionInfo(
+            "ab" * 16, "token"
+        )
+        with pytest.raises(ServerUnreachable, match="no answer for .* Restart the same command"):
+            t.exchange("forward", b"frames")
+        t.close()
+        assert len(lines) == 1 and "unreachable" in lines[0], (cls, lines)
