@@ -62,6 +62,7 @@ class SessionInfo:
     expect: str = "forward"
     durable_step: int = 0
     aux_label: bool = False
+    codec: str = "float32"  # the wire codec the server accepted (shared_schema/codec.py)
 
 
 class Transport(ABC):
@@ -70,8 +71,11 @@ class Transport(ABC):
     session: SessionInfo | None = None
 
     @abstractmethod
-    def open_session(self, manifest_sha256: str, aux_label: bool = False) -> SessionInfo:
-        """Create a new session for a device holding the bundle with this manifest hash."""
+    def open_session(
+        self, manifest_sha256: str, aux_label: bool = False, codec: str = "float32"
+    ) -> SessionInfo:
+        """Create a new session for a device holding the bundle with this manifest hash,
+        asking for a wire codec (the server refuses one it does not offer: 422)."""
 
     @abstractmethod
     def resume_session(self, session_id: str, token: str) -> SessionInfo:
@@ -178,11 +182,16 @@ class HttpTransport(Transport):
 
     # -- sessions --------------------------------------------------------------------------
 
-    def open_session(self, manifest_sha256: str, aux_label: bool = False) -> SessionInfo:
+    def open_session(
+        self, manifest_sha256: str, aux_label: bool = False, codec: str = "float32"
+    ) -> SessionInfo:
+        request: dict = {"manifest_sha256": manifest_sha256, "aux_label": aux_label}
+        if codec != "float32":  # the default is not sent: older servers know no codec field
+            request["codec"] = codec
         reply = self._send(
             "POST",
             "/v1/sessions",
-            json={"manifest_sha256": manifest_sha256, "aux_label": aux_label},
+            json=request,
             headers={"Authorization": f"Bearer {self.auth_key}"} if self.auth_key else {},
         ).json()
         self.session = _session_info(reply, reply["token"])
@@ -275,4 +284,5 @@ def _session_info(reply: dict, token: str) -> SessionInfo:
         expect=str(reply.get("expect", "forward")),
         durable_step=int(reply.get("durable_step", 0) or 0),
         aux_label=bool(reply.get("aux_label", False)),
+        codec=str(reply.get("codec", "float32")),
     )
