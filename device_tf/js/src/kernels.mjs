@@ -24,7 +24,61 @@
 
 import * as tf from '@tensorflow/tfjs';
 
+import { GEMM_WASM_BASE64 } from './gemm_wasm.mjs';
+
 const { backend_util: bu } = tf;
+
+/**
+ * The WebAssembly SIMD matrix product (src/wasm/gemm.wat): f32x4 lanes, a 4x8 register
+ * tile, ~5-8x the scalar gemmNT below in V8. Instantiated on first use; where WebAssembly
+ * SIMD is missing (or `SPLITEASY_NO_WASM=1` in Node) the scalar path runs instead. Both
+ * Node and a page run the same binary, so the cpu backend's numbers stay the same in both.
+ */
+let wasmGemm;
+
+function simdGemm() {
+  if (wasmGemm !== undefined) return wasmGemm;
+  wasmGemm = null;
+  if (globalThis.process?.env?.SPLITEASY_NO_WASM === '1' || typeof WebAssembly === 'undefined') return null;
+  try {
+    const bytes = Uint8Array.from(atob(GEMM_WASM_BASE64), (ch) => ch.charCodeAt(0));
+    const { exports } = new WebAssembly.Instance(new WebAssembly.Module(bytes), {});
+    wasmGemm = { memory: exports.memory, gemm: exports.gemm };
+  } catch {
+    wasmGemm = null; // no SIMD (an old engine): the scalar kernels below
+  }
+  return wasmGemm;
+}
+
+/** Whether the convolutions run on the WebAssembly SIMD product (for reports). */
+export function usesSimd() {
+  return simdGemm() !== null;
+}
+
+/**
+ * Float32Array views of consecutive blocks of the WebAssembly memory, each 16-byte aligned,
+ * of the given float counts (the memory grows as needed; views are made after growing).
+ * Returns [{off, view}, ...] with `off` the block's byte offset for gemm().
+ */
+function wasmBlocks(w, ...sizes) {
+  const offs = [];
+  let end = 0;
+  for (const n of sizes) {
+    offs.push(end);
+    end += Math.ceil((n * 4) / 16) * 16;
+  }
+  const have = w.memory.buffer.byteLength;
+  if (end > have) w.memory.grow(Math.ceil((end - have) / 65536));
+  return offs.map((off, i) => ({ off, view: new Float32Array(w.memory.buffer, off, sizes[i]) }));
+}
+
+const up4 = (n) => (n + 3) & ~3;
+const up8 = (n) => (n + 7) & ~7;
+
+/** Rows of output positions per wasm block: about 256 KiB of patch matrix, a multiple of 4. */
+function wasmChunk(k) {
+  return Math.max(4, Math.min(1024, Math.floor(65536 / Math.max(k, 1)))) & ~3;
+}
 
 /** The backend's original kernels, by name (fallbacks for what is not handled here). */
 const originals = new Map();
@@ -180,10 +234,10 @@ function im2col(x, g, m0, rows, P) {
   }
 }
 
-/** Scatter-add of patch rows (the adjoint of im2col) into dx. */
-function col2im(dP, g, m0, rows, dx) {
+/** Scatter-add of patch rows (the adjoint of im2col; row stride `ld`, default K) into dx. */
+function col2im(dP, g, m0, rows, dx, ld = 0) {
   const { inH, inW, inC, outH, outW, kH, kW, sH, sW, top, left } = g;
-  const K = kH * kW * inC;
+  const K = ld || kH * kW * inC;
   const hw = outH * outW;
   for (let r = 0; r < rows; r++) {
     const m = m0 + r;
@@ -218,8 +272,48 @@ function isPointwise(g) {
   return g.kH === 1 && g.kW === 1 && g.sH === 1 && g.sW === 1 && g.top === 0 && g.left === 0;
 }
 
+/** y = conv(x, w) on the SIMD product: im2col blocks into wasm memory, C = P W. */
+function conv2dForwardSimd(wg, x, w, g, bias) {
+  const K = g.kH * g.kW * g.inC;
+  const N = g.outC;
+  const M = g.batch * g.outH * g.outW;
+  const Np = up8(N);
+  const chunk = wasmChunk(K);
+  const [A, B, C] = wasmBlocks(wg, chunk * K, K * Np, chunk * Np);
+  const Bv = B.view;
+  Bv.fill(0);
+  for (let k = 0; k < K; k++) Bv.set(w.subarray(k * N, (k + 1) * N), k * Np);
+  const y = new Float32Array(M * N);
+  const pointwise = isPointwise(g);
+  const Cv = C.view;
+  for (let m0 = 0; m0 < M; m0 += chunk) {
+    const rows = Math.min(chunk, M - m0);
+    const rowsP = up4(rows);
+    if (pointwise) A.view.set(x.subarray(m0 * K, (m0 + rows) * K));
+    else im2col(x, g, m0, rows, A.view);
+    if (rowsP > rows) A.view.fill(0, rows * K, rowsP * K);
+    wg.gemm(A.off, B.off, C.off, K, Np, Np, rowsP, Np, K);
+    const base = m0 * N;
+    if (bias) {
+      const bl = bias.length;
+      for (let r = 0; r < rows; r++) {
+        const o = base + r * N;
+        const c = r * Np;
+        for (let n = 0; n < N; n++) y[o + n] = Cv[c + n] + bias[bl === 1 ? 0 : n];
+      }
+    } else if (Np === N) {
+      y.set(Cv.subarray(0, rows * N), base);
+    } else {
+      for (let r = 0; r < rows; r++) y.set(Cv.subarray(r * Np, r * Np + N), base + r * N);
+    }
+  }
+  return y;
+}
+
 /** y = conv(x, w) as float32 NHWC values; bias (length outC or 1) added before rounding. */
 export function conv2dForward(x, w, g, bias = null) {
+  const wg = simdGemm();
+  if (wg) return conv2dForwardSimd(wg, x, w, g, bias);
   const K = g.kH * g.kW * g.inC;
   const N = g.outC;
   const M = g.batch * g.outH * g.outW;
@@ -248,8 +342,55 @@ export function conv2dForward(x, w, g, bias = null) {
   return y;
 }
 
+/**
+ * dL/dW = sum over blocks of positions of P^T dy on the SIMD product: float32 sums within a
+ * block of <= 1024 positions, float64 across blocks.
+ */
+function conv2dFilterGradSimd(wg, x, dy, g) {
+  const K = g.kH * g.kW * g.inC;
+  const N = g.outC;
+  const M = g.batch * g.outH * g.outW;
+  const Kp = up4(K);
+  const Np = up8(N);
+  const chunk = wasmChunk(Math.max(K, N));
+  const P = isPointwise(g) ? null : new Float32Array(chunk * K);
+  const [A, B, C] = wasmBlocks(wg, Kp * chunk, chunk * Np, Kp * Np);
+  const At = A.view;
+  const Bv = B.view;
+  const Cv = C.view;
+  At.fill(0);
+  Bv.fill(0);
+  const dw = new Float64Array(K * N);
+  for (let m0 = 0; m0 < M; m0 += chunk) {
+    const rows = Math.min(chunk, M - m0);
+    let src = x;
+    let srcOff = m0 * K;
+    if (P) {
+      im2col(x, g, m0, rows, P);
+      src = P;
+      srcOff = 0;
+    }
+    // A = the patch block transposed: [K, rows] with row stride `chunk`.
+    for (let r = 0; r < rows; r++) {
+      const sr = srcOff + r * K;
+      for (let k = 0; k < K; k++) At[k * chunk + r] = src[sr + k];
+    }
+    if (Np === N) Bv.set(dy.subarray(m0 * N, (m0 + rows) * N));
+    else for (let r = 0; r < rows; r++) Bv.set(dy.subarray((m0 + r) * N, (m0 + r + 1) * N), r * Np);
+    wg.gemm(A.off, B.off, C.off, chunk, Np, Np, Kp, Np, rows);
+    for (let k = 0; k < K; k++) {
+      const o = k * N;
+      const c = k * Np;
+      for (let n = 0; n < N; n++) dw[o + n] += Cv[c + n];
+    }
+  }
+  return Float32Array.from(dw);
+}
+
 /** dL/dW = sum over positions of patch^T dy, accumulated in float64. */
 export function conv2dFilterGrad(x, dy, g) {
+  const wg = simdGemm();
+  if (wg) return conv2dFilterGradSimd(wg, x, dy, g);
   const K = g.kH * g.kW * g.inC;
   const N = g.outC;
   const M = g.batch * g.outH * g.outW;
@@ -278,8 +419,39 @@ export function conv2dFilterGrad(x, dy, g) {
   return Float32Array.from(dw);
 }
 
+/** dL/dx = col2im(dy W^T) on the SIMD product; the scatter-add sums in float64. */
+function conv2dInputGradSimd(wg, dy, w, g) {
+  const K = g.kH * g.kW * g.inC;
+  const N = g.outC;
+  const M = g.batch * g.outH * g.outW;
+  const Kp = up8(K);
+  const chunk = wasmChunk(Math.max(K, N));
+  const [A, B, C] = wasmBlocks(wg, chunk * N, N * Kp, chunk * Kp);
+  const Bv = B.view;
+  const Cv = C.view;
+  Bv.fill(0);
+  for (let k = 0; k < K; k++) for (let n = 0; n < N; n++) Bv[n * Kp + k] = w[k * N + n];
+  const pointwise = isPointwise(g);
+  const inSize = g.batch * g.inH * g.inW * g.inC;
+  const dx = pointwise ? new Float32Array(inSize) : new Float64Array(inSize);
+  for (let m0 = 0; m0 < M; m0 += chunk) {
+    const rows = Math.min(chunk, M - m0);
+    const rowsP = up4(rows);
+    A.view.set(dy.subarray(m0 * N, (m0 + rows) * N));
+    if (rowsP > rows) A.view.fill(0, rows * N, rowsP * N);
+    wg.gemm(A.off, B.off, C.off, N, Kp, Kp, rowsP, Kp, N);
+    if (pointwise) {
+      if (Kp === K) dx.set(Cv.subarray(0, rows * K), m0 * K);
+      else for (let r = 0; r < rows; r++) dx.set(Cv.subarray(r * Kp, r * Kp + K), (m0 + r) * K);
+    } else col2im(Cv, g, m0, rows, dx, Kp);
+  }
+  return pointwise ? dx : Float32Array.from(dx);
+}
+
 /** dL/dx = col2im(dy W^T). */
 export function conv2dInputGrad(dy, w, g) {
+  const wg = simdGemm();
+  if (wg) return conv2dInputGradSimd(wg, dy, w, g);
   const K = g.kH * g.kW * g.inC;
   const N = g.outC;
   const M = g.batch * g.outH * g.outW;

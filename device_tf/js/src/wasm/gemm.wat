@@ -1,0 +1,83 @@
+;; spliteasy: the float32 matrix product under src/kernels.mjs' convolutions (issue #12).
+;; Build: node tools/build_wasm.mjs (wabt) -> src/gemm_wasm.mjs (the binary, base64).
+;;
+;; gemm(a, b, c, lda, ldb, ldc, m, n, k):  C = A B  (overwritten), float32, row-major,
+;;   C[i*ldc + j] = sum_p A[i*lda + p] * B[p*ldb + j]   for i < m, j < n
+;; a, b, c are byte offsets into the exported memory; lda/ldb/ldc count floats.
+;; m must be a multiple of 4 and n of 8 (the caller pads with zeros); offsets 16-aligned
+;; rows are not required (v128.load is unaligned-safe).
+;; 4 x 8 register tile: 8 f32x4 accumulators; per step of p two loads of B's row and four
+;; broadcasts of A's entries: 64 flops for 2 vector loads, 4 scalar loads and 16 vector ops.
+;; Sums run in p order, in float32 (as TensorFlow's Eigen kernels accumulate).
+(module
+  (memory (export "memory") 1)
+  (func (export "gemm")
+    (param $a i32) (param $b i32) (param $c i32)
+    (param $lda i32) (param $ldb i32) (param $ldc i32)
+    (param $m i32) (param $n i32) (param $k i32)
+    (local $i i32) (local $j i32) (local $p i32)
+    (local $a0 i32) (local $a1 i32) (local $a2 i32) (local $a3 i32)
+    (local $bp i32) (local $cp i32) (local $pa i32) (local $kb i32)
+    (local $lda4 i32) (local $ldb4 i32) (local $ldc4 i32)
+    (local $x v128) (local $y0 v128) (local $y1 v128)
+    (local $c00 v128) (local $c01 v128) (local $c10 v128) (local $c11 v128)
+    (local $c20 v128) (local $c21 v128) (local $c30 v128) (local $c31 v128)
+    (local.set $lda4 (i32.shl (local.get $lda) (i32.const 2)))
+    (local.set $ldb4 (i32.shl (local.get $ldb) (i32.const 2)))
+    (local.set $ldc4 (i32.shl (local.get $ldc) (i32.const 2)))
+    (local.set $kb (i32.shl (local.get $k) (i32.const 2)))
+    (if (i32.or (i32.eqz (local.get $m)) (i32.or (i32.eqz (local.get $n)) (i32.eqz (local.get $k))))
+      (then (return)))
+    (local.set $i (i32.const 0))
+    (loop $rows
+      (local.set $a0 (i32.add (local.get $a) (i32.mul (local.get $i) (local.get $lda4))))
+      (local.set $a1 (i32.add (local.get $a0) (local.get $lda4)))
+      (local.set $a2 (i32.add (local.get $a1) (local.get $lda4)))
+      (local.set $a3 (i32.add (local.get $a2) (local.get $lda4)))
+      (local.set $j (i32.const 0))
+      (loop $cols
+        (local.set $c00 (v128.const i32x4 0 0 0 0))
+        (local.set $c01 (v128.const i32x4 0 0 0 0))
+        (local.set $c10 (v128.const i32x4 0 0 0 0))
+        (local.set $c11 (v128.const i32x4 0 0 0 0))
+        (local.set $c20 (v128.const i32x4 0 0 0 0))
+        (local.set $c21 (v128.const i32x4 0 0 0 0))
+        (local.set $c30 (v128.const i32x4 0 0 0 0))
+        (local.set $c31 (v128.const i32x4 0 0 0 0))
+        (local.set $bp (i32.add (local.get $b) (i32.shl (local.get $j) (i32.const 2))))
+        (local.set $pa (i32.const 0))
+        (loop $inner
+          (local.set $y0 (v128.load (local.get $bp)))
+          (local.set $y1 (v128.load offset=16 (local.get $bp)))
+          (local.set $x (f32x4.splat (f32.load (i32.add (local.get $a0) (local.get $pa)))))
+          (local.set $c00 (f32x4.add (local.get $c00) (f32x4.mul (local.get $x) (local.get $y0))))
+          (local.set $c01 (f32x4.add (local.get $c01) (f32x4.mul (local.get $x) (local.get $y1))))
+          (local.set $x (f32x4.splat (f32.load (i32.add (local.get $a1) (local.get $pa)))))
+          (local.set $c10 (f32x4.add (local.get $c10) (f32x4.mul (local.get $x) (local.get $y0))))
+          (local.set $c11 (f32x4.add (local.get $c11) (f32x4.mul (local.get $x) (local.get $y1))))
+          (local.set $x (f32x4.splat (f32.load (i32.add (local.get $a2) (local.get $pa)))))
+          (local.set $c20 (f32x4.add (local.get $c20) (f32x4.mul (local.get $x) (local.get $y0))))
+          (local.set $c21 (f32x4.add (local.get $c21) (f32x4.mul (local.get $x) (local.get $y1))))
+          (local.set $x (f32x4.splat (f32.load (i32.add (local.get $a3) (local.get $pa)))))
+          (local.set $c30 (f32x4.add (local.get $c30) (f32x4.mul (local.get $x) (local.get $y0))))
+          (local.set $c31 (f32x4.add (local.get $c31) (f32x4.mul (local.get $x) (local.get $y1))))
+          (local.set $bp (i32.add (local.get $bp) (local.get $ldb4)))
+          (local.set $pa (i32.add (local.get $pa) (i32.const 4)))
+          (br_if $inner (i32.lt_u (local.get $pa) (local.get $kb))))
+        (local.set $cp (i32.add (local.get $c)
+          (i32.shl (i32.add (i32.mul (local.get $i) (local.get $ldc)) (local.get $j)) (i32.const 2))))
+        (v128.store (local.get $cp) (local.get $c00))
+        (v128.store offset=16 (local.get $cp) (local.get $c01))
+        (local.set $cp (i32.add (local.get $cp) (local.get $ldc4)))
+        (v128.store (local.get $cp) (local.get $c10))
+        (v128.store offset=16 (local.get $cp) (local.get $c11))
+        (local.set $cp (i32.add (local.get $cp) (local.get $ldc4)))
+        (v128.store (local.get $cp) (local.get $c20))
+        (v128.store offset=16 (local.get $cp) (local.get $c21))
+        (local.set $cp (i32.add (local.get $cp) (local.get $ldc4)))
+        (v128.store (local.get $cp) (local.get $c30))
+        (v128.store offset=16 (local.get $cp) (local.get $c31))
+        (local.set $j (i32.add (local.get $j) (i32.const 8)))
+        (br_if $cols (i32.lt_u (local.get $j) (local.get $n))))
+      (local.set $i (i32.add (local.get $i) (i32.const 4)))
+      (br_if $rows (i32.lt_u (local.get $i) (local.get $m))))))
