@@ -74,11 +74,13 @@ def fit(
     log_path: Path | None = None,
     progress: bool = True,
     state: DeviceState | None = None,
+    val_label: str = "test accuracy",
 ) -> History:
     """Train ``epochs`` epochs; with ``state``, resume a saved run and save every step.
 
     Without a state the session's step numbers go on from the trainer's ``next_step``
     while batches start at epoch 0; with one, the global step is the session's step.
+    ``val_label`` names the per-epoch score on (x_val, y_val) (``SplitTrainer.evaluate``).
     """
     from tqdm import tqdm
 
@@ -144,7 +146,7 @@ def fit(
                     acc = trainer.evaluate(x_val, y_val)
                     history.epoch_accuracy.append(acc)
                     evaluated.add(epoch)
-                    line += f", test accuracy {acc:.4f}"
+                    line += f", {val_label} {acc:.4f}"
                 if progress:
                     print(line, file=sys.stderr)
         if x_val is not None and total and (total - 1) // steps_per_epoch not in evaluated:

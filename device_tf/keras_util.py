@@ -27,6 +27,7 @@ def keras_optimizer(spec):
 
 
 def keras_loss(spec):
-    import tf_keras as keras
+    """The tf_keras loss the manifest names (``device_tf.losses``)."""
+    from .losses import keras_loss as _keras_loss
 
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=spec.from_logits)
+    return _keras_loss(spec)

@@ -239,4 +239,8 @@ class SplitTrainer:
         return np.concatenate(outs)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
-        return float((self.predict(x, batch_size).argmax(-1) == y).mean())
+        """The validation score of the bundle's loss (``losses.score``): accuracy for
+        class labels, binary accuracy, or the mean squared / absolute error."""
+        from .losses import score
+
+        return score(self.manifest.loss, self.predict(x, batch_size), y)

@@ -196,6 +196,9 @@ class DeviceState:
         self.durable: Snapshot | None = None
         self.announced = 0  # the last durable step the server told us about
         self._lock_fd: int | None = None
+        # What the run trains on (``datasets.Dataset.record``: source, class names): kept
+        # in session.json beside "run", not part of the resume check (the data's sha256 is).
+        self.data: dict | None = None
 
     def lock(self) -> None:
         """Hold the state dir for this process (two devices on one dir would interleave
@@ -278,6 +281,8 @@ class DeviceState:
             "token": token,
             "run": asdict(self.spec),
         }
+        if self.data is not None:
+            doc["data"] = self.data
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = self.dir / f".tmp-{SESSION_FILE}-{uuid.uuid4().hex}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

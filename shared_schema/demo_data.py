@@ -101,13 +101,14 @@ def fit_to_input(x: np.ndarray, sample_shape: tuple[int, ...]) -> np.ndarray:
 
 def frames_dataset(x: np.ndarray, y: np.ndarray, input_name: str = "image") -> bytes:
     """A data set as one frames message: an ``x`` ACTIVATION frame (float32, NHWC or NC)
-    and a LABELS frame (int32). The TF.js device (Node and page) reads this format."""
+    and a LABELS frame: int32 class indices (N), or float32 rows (NC: one-hot, binary or
+    regression targets, as the bundle's loss takes them). The TF.js device (Node and
+    page) reads this format."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    y = np.ascontiguousarray(y, dtype=np.int32)
     layout = {4: "NHWC", 2: "NC"}[x.ndim]
-    return encode(
-        [
-            Frame(FrameKind.ACTIVATION, input_name, x, layout),
-            Frame(FrameKind.LABELS, "labels", y, "N"),
-        ]
-    )
+    if np.asarray(y).dtype.kind == "f":
+        y = np.ascontiguousarray(y, dtype=np.float32).reshape(len(x), -1)
+        labels = Frame(FrameKind.LABELS, "labels", y, "NC")
+    else:
+        labels = Frame(FrameKind.LABELS, "labels", np.ascontiguousarray(y, np.int32), "N")
+    return encode([Frame(FrameKind.ACTIVATION, input_name, x, layout), labels])

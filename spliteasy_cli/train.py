@@ -28,9 +28,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument(
         "--data",
-        choices=["digits"],
         default="digits",
-        help="training data (scikit-learn's bundled digits, resized to the model's input)",
+        metavar="PATH",
+        help="training data: a folder of images in class subfolders (PATH/<class>/<image>, "
+        "jpeg/png/bmp/gif; decoded and resized on the device, labels from the sorted folder "
+        "names), an .npz with arrays x and y, or 'digits' (scikit-learn's bundled digits, "
+        "the default)",
+    )
+    p.add_argument(
+        "--validation-split",
+        type=float,
+        default=None,
+        metavar="F",
+        help="hold out this fraction of the data (seeded) and report the validation score "
+        "after each epoch (default: digits' 20%% test split; none of your own data)",
     )
     p.add_argument(
         "--aux-label",
@@ -81,9 +92,10 @@ def _codec_names() -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
     import time
 
-    from device_tf.data import fit_to_input, load_digits_split
+    from device_tf.datasets import load_dataset
     from device_tf.factory import make_runtime
     from device_tf.fit import fit
     from device_tf.loop import SplitTrainer
@@ -93,10 +105,11 @@ def run(args: argparse.Namespace) -> int:
     if args.reconnect_timeout < 0:
         raise SpliteasyError("--reconnect-timeout must be >= 0")
     manifest = load_manifest(args.bundle)
-    if manifest.num_classes < 10:
-        raise SpliteasyError("the digits data needs a model with at least 10 classes")
-    x_tr, y_tr, x_te, y_te = load_digits_split(seed=args.seed)
-    x_tr, x_te = (fit_to_input(x, manifest.input.sample_shape) for x in (x_tr, x_te))
+    # All of the data is read and checked here, before anything is sent to the server.
+    ds = load_dataset(args.data, manifest, validation_split=args.validation_split, seed=args.seed)
+    x_tr, y_tr, x_te, y_te = ds.x_train, ds.y_train, ds.x_val, ds.y_val
+    if not args.no_progress:
+        print(f"spliteasy: {ds.describe()}", file=sys.stderr)
     log = args.log or Path("runs") / f"train-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
     log.parent.mkdir(parents=True, exist_ok=True)
     if args.runtime == "tfjs":
@@ -118,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
             codec=args.codec,
         )
         state = DeviceState(args.state_dir, spec, server=args.server)
+        state.data = ds.record()
         state.read_session()  # another bundle's or run's state dir: refused before any work
     runtime = make_runtime(args.runtime, args.bundle, manifest)
     if state is not None:
@@ -149,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
             log_path=log,
             progress=not args.no_progress,
             state=state,
+            val_label=_val_label(ds, manifest),
         )
         finished = True
     finally:
@@ -157,16 +172,51 @@ def run(args: argparse.Namespace) -> int:
         if finished or state is None:
             trainer.close()
         transport.close()
+    label = _val_label(ds, manifest)
     if history.epoch_accuracy:
         print(
-            f"test accuracy {history.epoch_accuracy[-1]:.4f} after {args.epochs} epochs "
+            f"{label} {history.epoch_accuracy[-1]:.4f} after {args.epochs} epochs "
             f"({manifest.split_mode} split, runtime {args.runtime})"
         )
     print(history.summary())
     print(f"per-step log: {log}")
+    record = _write_run_record(args, manifest, ds, log, {label: history.epoch_accuracy})
+    print(f"run record: {record}")
     if state is not None:
         print(f"device state: {args.state_dir} (step {history.last_step})")
     return 0
+
+
+def _val_label(ds, manifest) -> str:
+    """'test accuracy' on the digits' held-out split, 'validation <score>' on a hold-out
+    of the user's data (the score follows the loss: ``device_tf.losses.metric_name``)."""
+    from device_tf.losses import metric_name
+
+    what = "test" if ds.kind == "digits" else "validation"
+    return f"{what} {metric_name(manifest.loss)}"
+
+
+def _write_run_record(args: argparse.Namespace, manifest, ds, log: Path, scores: dict) -> Path:
+    """``<log>.run.json`` beside the per-step log: what the run trained (bundle, data and
+    its class names, settings) and its per-epoch validation scores."""
+    import json
+
+    path = log.with_name(log.name.removesuffix(".jsonl") + ".run.json")
+    doc = {
+        "bundle": str(args.bundle),
+        "model": manifest.model,
+        "split_mode": manifest.split_mode,
+        "loss": manifest.loss.model_dump(mode="json"),
+        "runtime": args.runtime,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        **ds.record(),
+        "per_epoch": scores,
+        "step_log": str(log),
+    }
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return path
 
 
 def _run_tfjs(args: argparse.Namespace, manifest, data, log: Path) -> int:
@@ -192,7 +242,8 @@ def _run_tfjs(args: argparse.Namespace, manifest, data, log: Path) -> int:
         train, test = Path(tmp) / "train.frames", Path(tmp) / "test.frames"
         js_log = Path(tmp) / "log.json"
         train.write_bytes(frames_dataset(x_tr, y_tr, manifest.input.name))
-        test.write_bytes(frames_dataset(x_te, y_te, manifest.input.name))
+        if x_te is not None:
+            test.write_bytes(frames_dataset(x_te, y_te, manifest.input.name))
         cmd = [
             node,
             str(js / "train.mjs"),
@@ -202,8 +253,6 @@ def _run_tfjs(args: argparse.Namespace, manifest, data, log: Path) -> int:
             args.server,
             "--data",
             str(train),
-            "--eval-data",
-            str(test),
             "--epochs",
             str(args.epochs),
             "--batch-size",
@@ -213,6 +262,8 @@ def _run_tfjs(args: argparse.Namespace, manifest, data, log: Path) -> int:
             "--log-json",
             str(js_log),
         ]
+        if x_te is not None:
+            cmd += ["--eval-data", str(test)]
         if args.aux_label:
             cmd.append("--aux-label")
         if args.codec != "float32":
