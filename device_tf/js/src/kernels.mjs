@@ -1019,6 +1019,36 @@ export const FAST_KERNELS = {
 };
 
 /**
+ * ReLU's gradient dy * step(x) in one pass (TF.js: Step, Cast, Multiply: three passes over a
+ * full activation): registered as a cpu kernel of its own, used by the Relu gradient below.
+ */
+const RELU_GRAD = 'SpliteasyReluGrad';
+
+function reluGradKernel({ inputs, backend }) {
+  const { dy, x } = inputs;
+  const d = vals(backend, dy);
+  const v = vals(backend, x);
+  const out = new Float32Array(v.length);
+  // step(NaN) is NaN and step(x) is 1 above 0, else 0; times dy, as TF.js' own gradient.
+  for (let i = 0; i < v.length; i++) out[i] = d[i] * (v[i] > 0 ? 1 : v[i] === v[i] ? 0 : NaN);
+  return backend.makeTensorInfo(x.shape, 'float32', out);
+}
+
+let reluGradOriginal = null;
+
+/** Relu's gradient through RELU_GRAD on the cpu backend (float32), TF.js' own elsewhere. */
+const fastReluGrad = {
+  kernelName: tf.Relu,
+  inputsToSave: ['x'],
+  gradFunc: (dy, saved) => {
+    const [x] = saved;
+    const fast = tf.getBackend() === 'cpu' && dy.dtype === 'float32' && x.dtype === 'float32' && tf.getKernel(RELU_GRAD, 'cpu');
+    if (!fast) return reluGradOriginal.gradFunc(dy, saved);
+    return { x: () => tf.engine().runKernel(RELU_GRAD, { dy, x }) };
+  },
+};
+
+/**
  * Put the fast kernels in place of the cpu backend's (idempotent). `only` limits the set
  * (the kernel tests and the benchmark compare each one against the original).
  */
@@ -1030,6 +1060,11 @@ export function registerFastKernels(only = Object.keys(FAST_KERNELS)) {
     tf.unregisterKernel(name, 'cpu');
     tf.registerKernel({ kernelName: name, backendName: 'cpu', kernelFunc: FAST_KERNELS[name], fast: true });
   }
+  if (only.includes(tf.Relu) && !tf.getKernel(RELU_GRAD, 'cpu')) {
+    tf.registerKernel({ kernelName: RELU_GRAD, backendName: 'cpu', kernelFunc: reluGradKernel });
+    reluGradOriginal = tf.getGradient(tf.Relu);
+    tf.registerGradient(fastReluGrad);
+  }
 }
 
 /** Put the backend's own kernels back (for measurements against them). */
@@ -1039,6 +1074,11 @@ export function restoreKernels(only = [...originals.keys()]) {
     if (!orig) continue;
     tf.unregisterKernel(name, 'cpu');
     tf.registerKernel(orig);
+  }
+  if (only.includes(tf.Relu) && reluGradOriginal) {
+    tf.registerGradient(reluGradOriginal);
+    tf.unregisterKernel(RELU_GRAD, 'cpu');
+    reluGradOriginal = null;
   }
 }
 
