@@ -145,13 +145,18 @@ def write_bundle(
     model_name: str,
     optimizer: SGDSpec | AdamSpec,
     from_logits: bool = True,
+    loss: LossSpec | None = None,
     runtimes: Sequence[str] = ("tf",),
     overwrite: bool = False,
     seed: int = 0,
     forward_tol: float = 1e-4,
     grad_tol: float = 1e-4,
 ) -> Manifest:
-    """Slice ``model`` at ``cut_names`` and write a verified bundle to ``out_dir``."""
+    """Slice ``model`` at ``cut_names`` and write a verified bundle to ``out_dir``.
+
+    ``loss`` (``converters.losses``) is what the label holder trains with; without it, the
+    sparse categorical cross-entropy with ``from_logits``.
+    """
     out_dir = Path(out_dir)
     unknown = [r for r in runtimes if r not in RUNTIMES]
     if unknown:
@@ -167,7 +172,13 @@ def write_bundle(
             f"slice B ({', '.join(layer.name for layer in slices.b.layers[1:])}) holds no trainable "
             "parameters: the server would train nothing; move the cuts apart"
         )
-    loss = LossSpec(from_logits=from_logits)
+    loss = loss if loss is not None else LossSpec(from_logits=from_logits)
+    if len(slices.output.shape) != 2:
+        raise ConverterError(
+            f"the model's output has shape {slices.output.shape}; the {loss.name} loss needs "
+            "a (batch, units) output"
+        )
+    labels = loss.labels_spec(slices.output, slices.labels.name)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -229,7 +240,7 @@ def write_bundle(
             split_mode=slices.split_mode,
             label_holder="device" if slices.c is not None else "server",
             input=slices.input,
-            labels=slices.labels,
+            labels=labels,
             output=slices.output,
             cuts=slices.cuts,
             slices=specs,

@@ -130,9 +130,52 @@ class AdamSpec(_Strict):
 OptimizerSpec = Annotated[SGDSpec | AdamSpec, Field(discriminator="name")]
 
 
+LossName = Literal[
+    "sparse_categorical_crossentropy",
+    "categorical_crossentropy",
+    "binary_crossentropy",
+    "mean_squared_error",
+    "mean_absolute_error",
+]
+# The losses that read the model's output as scores (logits or probabilities): the only
+# ones ``from_logits`` applies to.
+SCORE_LOSSES = (
+    "sparse_categorical_crossentropy",
+    "categorical_crossentropy",
+    "binary_crossentropy",
+)
+
+
 class LossSpec(_Strict):
-    name: Literal["sparse_categorical_crossentropy"] = "sparse_categorical_crossentropy"
+    """The loss every side that holds the labels trains with, as tf_keras defines it
+    (reduction: the mean over the batch). Labels (``Manifest.labels``): int32 class
+    indices (N) for the sparse cross-entropy, float32 rows shaped like the output (N, K)
+    for the others (one-hot, binary / multi-label targets in [0, 1], regression targets).
+    ``from_logits`` is False for the regression losses (it does not apply)."""
+
+    name: LossName = "sparse_categorical_crossentropy"
     from_logits: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _regression_default(cls, data):
+        if isinstance(data, dict) and data.get("name") not in (None, *SCORE_LOSSES):
+            data = {"from_logits": False, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> LossSpec:
+        if self.name not in SCORE_LOSSES and self.from_logits:
+            raise ValueError(f"{self.name}: from_logits does not apply (set it false)")
+        return self
+
+    def labels_spec(self, output: TensorSpec, name: str = "labels") -> TensorSpec:
+        """The labels tensor this loss takes for a model whose output is ``output``."""
+        if self.name == "sparse_categorical_crossentropy":
+            return TensorSpec(name=name, shape=[None], dtype="int32", layout="N")
+        return TensorSpec(
+            name=name, shape=list(output.shape), dtype="float32", layout=output.layout
+        )
 
 
 class Manifest(_Strict):
@@ -154,7 +197,7 @@ class Manifest(_Strict):
     slices: list[SliceSpec] = Field(min_length=2, max_length=3)
     loss: LossSpec
     optimizer: OptimizerSpec
-    num_classes: int = Field(gt=1)
+    num_classes: int = Field(ge=1)  # the output's width: classes, or targets per sample
     artifacts: list[Artifact] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -167,6 +210,11 @@ class Manifest(_Strict):
         if len(self.cuts) != ncuts:
             raise ValueError(
                 f"{self.split_mode} split needs {ncuts} cut tensor(s), got {len(self.cuts)}"
+            )
+        if self.labels != self.loss.labels_spec(self.output, self.labels.name):
+            raise ValueError(
+                f"labels {self.labels.model_dump()} do not fit loss {self.loss.name} with "
+                f"output shape {self.output.shape}"
             )
         if self.label_holder != holder:
             raise ValueError(f"{self.split_mode} split keeps the labels on the {holder}")

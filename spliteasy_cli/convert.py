@@ -44,6 +44,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--grad-tol", type=float, default=1e-4, help="largest relative gradient error accepted"
     )
     p.add_argument("--forward-tol", type=float, default=1e-4)
+    p.add_argument(
+        "--loss",
+        default=None,
+        help="loss of the label holder: sparse_categorical_crossentropy (class indices), "
+        "categorical_crossentropy (one-hot), binary_crossentropy (binary / multi-label), "
+        "mean_squared_error (mse), mean_absolute_error (mae). Default: the loss a saved model "
+        "was compiled with, else sparse_categorical_crossentropy",
+    )
+    p.add_argument(
+        "--from-logits",
+        choices=["true", "false"],
+        default=None,
+        help="whether the cross-entropy reads the output as logits (default: true unless "
+        "the last layer applies softmax or sigmoid; a compiled model's own setting)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
 
 
@@ -59,12 +74,38 @@ def optimizer_from_args(args: argparse.Namespace):
     )
 
 
+def _loss_from_args(args: argparse.Namespace, model, default_from_logits: bool):
+    """--loss (and --from-logits) if given, else a saved model's compiled loss, else the
+    sparse categorical cross-entropy (from_logits unless the output applies softmax)."""
+    from converters.losses import compiled_loss, loss_spec
+
+    from_logits = None if args.from_logits is None else args.from_logits == "true"
+    if args.loss is not None:
+        return loss_spec(args.loss, model, from_logits)
+    if Path(args.model).exists():
+        compiled = compiled_loss(args.model)
+        if compiled is not None:
+            if from_logits is not None and from_logits != compiled.from_logits:
+                return compiled.model_copy(update={"from_logits": from_logits})
+            return compiled
+    from shared_schema import LossSpec
+
+    return LossSpec(from_logits=default_from_logits if from_logits is None else from_logits)
+
+
+def loss_origin(args: argparse.Namespace) -> str:
+    if args.loss is not None:
+        return "--loss"
+    return "as compiled, or the default" if Path(args.model).exists() else "the default"
+
+
 def run(args: argparse.Namespace) -> int:
     import json
 
     from converters.bundle import write_bundle
     from converters.models import BUILTIN, DIGITS_CUTS, load_model
     from shared_schema import SpliteasyError
+    from shared_schema.manifest import SCORE_LOSSES as SCORE
 
     cuts = args.cuts
     if not cuts:
@@ -76,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
     model, from_logits = load_model(
         args.model, input_size=args.input_size, num_classes=args.num_classes, seed=args.seed
     )
+    loss = _loss_from_args(args, model, from_logits)
     split = "double" if len(cuts) == 2 else "single"
     name = Path(args.model).stem if Path(args.model).exists() else args.model
     out = args.out or Path("bundles") / f"{name}-{split}"
@@ -87,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         model_name=name,
         optimizer=optimizer_from_args(args),
         from_logits=from_logits,
+        loss=loss,
         runtimes=runtimes,
         overwrite=args.force,
         seed=args.seed,
@@ -95,6 +138,10 @@ def run(args: argparse.Namespace) -> int:
     )
     report = json.loads((out / "report.json").read_text())["verification"]
     print(f"wrote {out} ({manifest.split_mode} split, cuts {', '.join(cuts)})")
+    logits = f", from_logits={manifest.loss.from_logits}" if manifest.loss.name in SCORE else ""
+    print(
+        f"  loss {manifest.loss.name}{logits} ({loss_origin(args)}), held by the {manifest.label_holder}"
+    )
     for s in manifest.slices:
         print(
             f"  {s.name} on the {s.side}: {s.first_layer} .. {s.last_layer}, {s.num_params:,} params"

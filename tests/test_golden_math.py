@@ -114,6 +114,51 @@ def test_aux_label_transform() -> None:
     assert err <= TOL, f"round trip gives the gradient back: {err:.2e} relative to |c|"
 
 
+LOSSES = sorted(GOLDEN["losses"])
+
+
+def _loss_spec(case: dict) -> LossSpec:
+    return LossSpec(name=case["name"], from_logits=case["from_logits"])
+
+
+@pytest.mark.parametrize("key", LOSSES)
+def test_torch_more_losses(key: str) -> None:
+    """The single-split server's losses (server_torch/losses.py) against tf_keras."""
+    torch = pytest.importorskip("torch")
+    from server_torch.losses import keras_loss
+
+    case = GOLDEN["losses"][key]
+    out = torch.tensor(case["output"], requires_grad=True)
+    loss = keras_loss(out, torch.tensor(case["labels"]), _loss_spec(case))
+    loss.backward()
+    assert_close(loss.item(), case["loss"], f"torch {key}")
+    assert_close(out.grad.numpy(), case["grad"], f"torch {key} gradient")
+
+
+@pytest.mark.parametrize("key", LOSSES)
+def test_tf_and_tflite_more_losses(key: str) -> None:
+    """The Python TF runtime's loss (device_tf.losses) and the loss object TFLite traces
+    into C's train signature (converters.export.tflite), eagerly and inside a tf.function."""
+    tf = pytest.importorskip("tensorflow")
+    import tf_keras
+
+    from converters.export.tflite import keras_loss_object
+    from device_tf.losses import keras_loss
+
+    case = GOLDEN["losses"][key]
+    out = tf.constant(case["output"], tf.float32)
+    labels = tf.constant(case["labels"], tf.float32)
+    for what, fn in (
+        ("TF runtime", keras_loss(_loss_spec(case))),
+        ("TFLite", tf.function(keras_loss_object(tf_keras, _loss_spec(case)))),
+    ):
+        with tf.GradientTape() as tape:
+            tape.watch(out)
+            loss = fn(labels, out)
+        assert_close(loss.numpy(), case["loss"], f"{what} {key}")
+        assert_close(tape.gradient(loss, out).numpy(), case["grad"], f"{what} {key} gradient")
+
+
 # --- Python TF runtime and TFLite's formulas -----------------------------------------
 
 

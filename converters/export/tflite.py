@@ -12,8 +12,10 @@ formulas term by term so the device steps exactly as unsplit Keras training woul
 - Adam: ``alpha = lr*sqrt(1-b2^t)/(1-b1^t)``; ``m += (g-m)*(1-b1)``;
   ``v += (g^2-v)*(1-b2)``; ``w -= m*alpha/(sqrt(v)+eps)`` with ``t`` the step count.
 
-The loss is tf_keras' own ``SparseCategoricalCrossentropy`` object traced into the
-graph, so its softmax-logits shortcut and clipping are Keras' and not a rewrite.
+The loss is tf_keras' own loss object (the manifest's: sparse or categorical or binary
+cross-entropy, MSE, MAE; ``keras_loss_object``) traced into the graph, so its logits
+shortcuts and clipping are Keras' and not a rewrite. C's ``labels`` input is int32 (N)
+for the sparse cross-entropy, else float32 shaped like C's output.
 
 Signatures (inputs -> outputs):
 
@@ -127,8 +129,7 @@ def _check_model(model: Any, role: Role) -> None:
                 raise UnsupportedLayer(f"layer {layer.name} ({cls}) in slice A: {why}")
     if model.outputs[0].shape.rank != 2 and role == "C":
         raise ConverterError(
-            f"slice C must output (batch, classes) for sparse categorical crossentropy, "
-            f"outputs {model.outputs[0].shape}"
+            f"slice C must output (batch, units) for its loss, outputs {model.outputs[0].shape}"
         )
 
 
@@ -171,6 +172,23 @@ def _slot_name(var: Any) -> str:
     return var.name.split(":")[0]
 
 
+def keras_loss_object(tf_keras: Any, loss: LossSpec) -> Any:
+    """tf_keras' own loss object for the manifest's loss, traced into C's ``train``
+    (the same classes the Python TF runtime uses: ``device_tf/losses.py``)."""
+    classes = {
+        "sparse_categorical_crossentropy": tf_keras.losses.SparseCategoricalCrossentropy,
+        "categorical_crossentropy": tf_keras.losses.CategoricalCrossentropy,
+        "binary_crossentropy": tf_keras.losses.BinaryCrossentropy,
+    }
+    if loss.name in classes:
+        return classes[loss.name](from_logits=loss.from_logits)
+    if loss.name == "mean_squared_error":
+        return tf_keras.losses.MeanSquaredError()
+    if loss.name == "mean_absolute_error":
+        return tf_keras.losses.MeanAbsoluteError()
+    raise ConverterError(f"TFLite: no train signature for loss {loss.name!r}")
+
+
 def _build_module(
     tf: Any,
     model: Any,
@@ -194,7 +212,11 @@ def _build_module(
     )
     out_shape = [batch_size, *model.outputs[0].shape[1:]]
     path_spec = tf.TensorSpec([], tf.string, name="checkpoint_path")
-    loss_fn = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=loss.from_logits)
+    loss_fn = keras_loss_object(tf_keras, loss)
+    if loss.name == "sparse_categorical_crossentropy":
+        labels_spec = tf.TensorSpec([batch_size], tf.int32, name="labels")
+    else:  # one-hot, binary / multi-label or regression targets, shaped like C's output
+        labels_spec = tf.TensorSpec(out_shape, tf.float32, name="labels")
 
     class SliceModule(tf.Module):
         def __init__(self) -> None:
@@ -311,9 +333,7 @@ def _build_module(
         return ASlice()
 
     class CSlice(SliceModule):
-        @tf.function(
-            input_signature=[in_spec, tf.TensorSpec([batch_size], tf.int32, name="labels")]
-        )
+        @tf.function(input_signature=[in_spec, labels_spec])
         def train(self, b: Any, labels: Any) -> dict[str, Any]:
             with tf.GradientTape() as tape:
                 tape.watch(b)

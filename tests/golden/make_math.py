@@ -3,7 +3,8 @@
 One (two-step) optimizer run of SGD (plain, momentum, Nesterov) and Adam; Keras'
 BatchNormalization forward/backward in training mode with its moving-statistics update
 (fused 4-D and non-fused 2-D); the sparse categorical cross-entropy on logits and on
-(unnormalised) probabilities with its gradient; and the auxiliary-label transform.
+(unnormalised) probabilities with its gradient; the auxiliary-label transform; and the
+other losses (categorical and binary cross-entropy, MSE, MAE) with their gradients.
 Small fixed shapes, seeded values. The torch side, the Python TF runtime, TFLite's
 update formulas and TF.js assert these within 1e-6 relative (tests/test_golden_math.py,
 device_tf/js/test/golden_math.test.mjs). Regenerate with ``make golden``.
@@ -143,6 +144,67 @@ def loss_cases(rng: np.random.Generator) -> dict:
     return out
 
 
+def more_loss_cases(rng: np.random.Generator) -> dict:
+    """Categorical (one-hot and soft targets) and binary (binary and multi-label)
+    cross-entropy on logits and on probabilities (unnormalised, and with entries the
+    clipping touches), mean squared and mean absolute error (one exact zero difference:
+    MAE's gradient there is 0 on every side), each with its gradient."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    logits = (rng.normal(size=(4, 5)) * 2).astype(np.float32)
+    onehot = np.eye(5, dtype=np.float32)[[0, 3, 4, 1]]
+    soft = rng.dirichlet(np.ones(5), size=4).astype(np.float32)
+    probs = (tf.nn.softmax(logits).numpy() * np.float32(1.3)).astype(np.float32)
+    probs[2, 4] = 1e-9
+    multi = (rng.uniform(size=(4, 5)) < 0.4).astype(np.float32)
+    sig = tf.sigmoid(logits).numpy().astype(np.float32)
+    sig[0, 0], sig[1, 1] = 1e-9, 1.0  # clipped to [eps, 1 - eps]
+    binary_logits = (rng.normal(size=(6, 1)) * 2).astype(np.float32)
+    binary = np.asarray([[0], [1], [1], [0], [1], [0]], np.float32)
+    targets = rng.normal(size=(4, 3)).astype(np.float32)
+    preds = rng.normal(size=(4, 3)).astype(np.float32)
+    preds[1, 2] = targets[1, 2]
+    cases = {
+        "categorical_crossentropy/logits_onehot": (
+            "categorical_crossentropy",
+            True,
+            logits,
+            onehot,
+        ),
+        "categorical_crossentropy/logits_soft": ("categorical_crossentropy", True, logits, soft),
+        "categorical_crossentropy/probabilities": ("categorical_crossentropy", False, probs, soft),
+        "binary_crossentropy/logits_binary": ("binary_crossentropy", True, binary_logits, binary),
+        "binary_crossentropy/logits_multilabel": ("binary_crossentropy", True, logits, multi),
+        "binary_crossentropy/probabilities": ("binary_crossentropy", False, sig, multi),
+        "mean_squared_error": ("mean_squared_error", False, preds, targets),
+        "mean_absolute_error": ("mean_absolute_error", False, preds, targets),
+    }
+    classes = {
+        "categorical_crossentropy": keras.losses.CategoricalCrossentropy,
+        "binary_crossentropy": keras.losses.BinaryCrossentropy,
+        "mean_squared_error": keras.losses.MeanSquaredError,
+        "mean_absolute_error": keras.losses.MeanAbsoluteError,
+    }
+    out = {}
+    for key, (name, from_logits, inputs, labels) in cases.items():
+        cls = classes[name]
+        loss_fn = cls(from_logits=from_logits) if "crossentropy" in name else cls()
+        xt = tf.constant(inputs)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            loss = loss_fn(tf.constant(labels), xt)
+        out[key] = {
+            "name": name,
+            "from_logits": from_logits,
+            "output": _list(inputs),
+            "labels": _list(labels),
+            "loss": float(np.float32(loss.numpy())),
+            "grad": _list(tape.gradient(loss, xt)),
+        }
+    return out
+
+
 def aux_label_case(rng: np.random.Generator) -> dict:
     """c_hat = c - dL/dc travels down; the receiver's gradient of 1/2 ||c_hat - c||^2 at c
     is c - c_hat, which must give back dL/dc."""
@@ -161,6 +223,8 @@ def main() -> None:
         "batchnorm": batchnorm_cases(rng),
         "sparse_categorical_crossentropy": loss_cases(rng),
         "aux_label": aux_label_case(rng),
+        # its own generator, so adding these left every earlier case's numbers as they were
+        "losses": more_loss_cases(np.random.default_rng(20261209)),
     }
     OUT.write_text(json.dumps(golden) + "\n")
     print(f"wrote {OUT}")

@@ -20,6 +20,7 @@ import * as tf from '@tensorflow/tfjs';
 
 import { DeviceError } from './errors.mjs';
 import { allLayers, reseed, unrepeatableLayers } from './layers.mjs';
+import { kerasLoss } from './losses.mjs';
 import { KerasOptimizer } from './optim.mjs';
 
 /**
@@ -55,19 +56,8 @@ export async function loadLayersModel(modelJson, readShard) {
   }
 }
 
-/** Mean sparse categorical cross-entropy, as Keras computes it. */
-export function sparseCrossEntropy(output, labels, numClasses, fromLogits) {
-  return tf.tidy(() => {
-    let logits = output;
-    if (!fromLogits) {
-      // Keras: log(clip(p, eps, 1 - eps)), then softmax cross-entropy on those "logits".
-      const eps = 1e-7;
-      logits = tf.log(tf.clipByValue(output, eps, 1 - eps));
-    }
-    const onehot = tf.oneHot(labels, numClasses);
-    return tf.neg(tf.mean(tf.sum(tf.mul(onehot, tf.logSoftmax(logits)), -1)));
-  });
-}
+// The losses live in losses.mjs; sparseCrossEntropy stays importable from here.
+export { sparseCrossEntropy } from './losses.mjs';
 
 /** `value` plus the model's weight penalties (kernel_regularizer etc.), if it has any. */
 function addPenalties(value, model) {
@@ -212,7 +202,7 @@ export class TfjsSlices {
     reseed(this.c, this.stepSeed, C_SEED_OFFSET); // C's Dropout masks: a function of the step too
     try {
       const { value, grads } = tf.variableGrads(
-        () => addPenalties(sparseCrossEntropy(this.c.apply(bVar, { training: true }), y, k, loss.from_logits), this.c),
+        () => addPenalties(kerasLoss(loss, this.c.apply(bVar, { training: true }), y, k), this.c),
         [bVar, ...vars],
       );
       const gB = grads[bVar.name];
@@ -289,7 +279,7 @@ export class TfjsSlices {
 
   /** Loss of the whole device+server network is the caller's; this is C's loss alone. */
   loss(output, labels) {
-    return sparseCrossEntropy(output, labels, this.manifest.num_classes, this.manifest.loss.from_logits);
+    return kerasLoss(this.manifest.loss, output, labels, this.manifest.num_classes);
   }
 
   /**

@@ -2,7 +2,8 @@
  * TF.js' math against tf_keras' own numbers (tests/golden/math.json, written by
  * tests/golden/make_math.py): KerasOptimizer (SGD, momentum, Nesterov, Adam), the
  * Keras-exact BatchNormalization of layers.mjs (training forward/backward and moving
- * statistics) and sparseCrossEntropy on logits and probabilities, within 1e-6 relative
+ * statistics), sparseCrossEntropy on logits and probabilities and kerasLoss's other losses
+ * (categorical / binary cross-entropy, MSE, MAE; losses.mjs), within 1e-6 relative
  * to each tensor's largest magnitude. tests/test_golden_math.py holds the Python twins.
  */
 import assert from 'node:assert/strict';
@@ -13,6 +14,7 @@ import * as tf from '@tensorflow/tfjs';
 
 import '../src/layers.mjs'; // registers the Keras-exact BatchNormalization
 import { KerasOptimizer } from '../src/optim.mjs';
+import { kerasLoss } from '../src/losses.mjs';
 import { sparseCrossEntropy } from '../src/slices.mjs';
 
 await tf.setBackend('cpu');
@@ -76,6 +78,18 @@ for (const [key, c] of Object.entries(golden.sparse_categorical_crossentropy)) {
     const loss = sparseCrossEntropy(out, labels, k, c.from_logits);
     assertClose(loss.dataSync(), c.loss, `${key} loss`);
     const grad = tf.grad((o) => sparseCrossEntropy(o, labels, k, c.from_logits))(out);
+    assertClose(grad.dataSync(), c.grad, `${key} gradient`);
+  });
+}
+
+for (const [key, c] of Object.entries(golden.losses)) {
+  test(`kerasLoss ${key}`, () => {
+    const out = tf.tensor(c.output);
+    const labels = tf.tensor(c.labels);
+    const spec = { name: c.name, from_logits: c.from_logits };
+    const loss = kerasLoss(spec, out, labels, out.shape[1]);
+    assertClose(loss.dataSync(), c.loss, `${key} loss`);
+    const grad = tf.grad((o) => kerasLoss(spec, o, labels, out.shape[1]))(out);
     assertClose(grad.dataSync(), c.grad, `${key} gradient`);
   });
 }
