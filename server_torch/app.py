@@ -50,6 +50,8 @@ from .sessions import Reply, SplitService
 if TYPE_CHECKING:
     from torch import nn
 
+    from .trainer import Trainer
+
 DEFAULT_MAX_BATCH = 1024
 MIN_BODY_LIMIT = 1 << 20
 MAX_BODY_LIMIT = 1 << 30  # unless asked for explicitly
@@ -268,6 +270,7 @@ def create_app(
     sync_every: int = 1,
     round_timeout: float = 30.0,
     codecs: tuple[str, ...] | None = None,
+    trainer: Trainer | None = None,
 ) -> FastAPI:
     """The server for one bundle.
 
@@ -295,6 +298,11 @@ def create_app(
 
     ``codecs``: the wire codecs a session may ask for (None: all of
     ``shared_schema.codec``); ``/v1/health`` lists them.
+
+    ``trainer``: B's trainer ready-made (``server_torch.distributed.GatewayTrainer`` for
+    B on several workers); then ``module`` is not used. In parallel mode a state dir's
+    checkpoints hold B, its optimizer and the step count; sessions are not resumed
+    (their rounds' stores and syncs are not kept): devices open new sessions.
     """
     from .checkpoint import Checkpointer
     from .trainer import Trainer
@@ -304,7 +312,7 @@ def create_app(
         if bundle is None:
             raise ValueError("create_app needs a bundle directory or a manifest")
         manifest = load_manifest(bundle, verify=True)
-    if module is None:
+    if module is None and trainer is None:
         if bundle is None:
             raise ValueError("create_app needs a bundle directory or a module")
         from .rebuild import load_server_slice
@@ -314,7 +322,7 @@ def create_app(
     raw_manifest = _manifest_bytes(bundle, manifest)
     digest = hashlib.sha256(raw_manifest).hexdigest()
     service = SplitService(
-        Trainer(module, manifest),
+        trainer if trainer is not None else Trainer(module, manifest),
         manifest,
         digest,
         max_sessions=max_sessions,
@@ -333,7 +341,10 @@ def create_app(
         except BaseException:
             checkpointer.close()
             raise
-        checkpointer.attach()
+        if mode == "parallel":
+            service.table.replace_all([])  # see the docstring: B resumes, sessions do not
+        else:
+            checkpointer.attach()
     limit = (
         max_body_bytes if max_body_bytes is not None else default_body_limit(manifest, max_batch)
     )
@@ -350,6 +361,7 @@ def create_app(
         from .parallel import ParallelRounds
 
         rounds = ParallelRounds(service, devices_per_round, sync_every, round_timeout)
+        rounds.checkpointer = checkpointer
     elif mode != "turns":
         raise ValueError(f"mode must be 'turns' or 'parallel', not {mode!r}")
 
@@ -368,7 +380,9 @@ def create_app(
     app.state.budget = budget
     app.state.admission = admission
     app.state.rounds = rounds
-    if checkpointer is not None:
+    if rounds is not None:
+        app.state.on_exit = rounds.final  # drains the round in flight, then checkpoints
+    elif checkpointer is not None:
         app.state.on_exit = checkpointer.final
     install_handlers(app)
 
@@ -410,8 +424,9 @@ def create_app(
     @app.get("/v1/health")
     async def health() -> dict:
         """Answered on the event loop, never behind B's lock or a worker thread."""
+        workers = getattr(service.trainer, "workers", None)
         return {
-            "status": "ok",
+            "status": "error" if workers is not None and workers.failed else "ok",
             "model": manifest.model,
             "split_mode": manifest.split_mode,
             "manifest_sha256": digest,
@@ -424,6 +439,7 @@ def create_app(
                 else {"checkpoint": None, "resumed_from": None}
             ),
             **({"parallel": rounds.info()} if rounds is not None else {}),
+            **({"workers": workers.info()} if workers is not None else {}),
         }
 
     @app.get("/v1/manifest")

@@ -25,7 +25,14 @@ as long, then averages what arrived.
 Exactly-once: each session's last forward, backward and sync replies are kept with the
 hash of their request, so a resent message (a dropped connection, a reconnected
 WebSocket) is answered from that store and never counted twice. Everything here runs on
-the server's event loop; B runs in a worker thread, one round at a time.
+the server's event loop; B runs in a worker thread, one round at a time. B's trainer may
+be a :class:`~server_torch.distributed.GatewayTrainer`, which shares each round's
+forward and backward among W worker processes: nothing here changes for it.
+
+Checkpoints (``--state-dir``): after every ``checkpointer.every``-th round, while this
+coordinator still holds B (between a backward and the next forward: B quiescent), and
+once more by :meth:`ParallelRounds.final` on shutdown, which first refuses new rounds
+(503 ``shutting_down``) and waits for the one in flight.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import struct
 import time
 from dataclasses import dataclass, field
@@ -43,8 +51,10 @@ from starlette.concurrency import run_in_threadpool
 
 from shared_schema import Frame, FrameKind, encode
 
-from .errors import BadRequest, StaleForward, StepConflict, WrongSplitMode
+from .errors import BadRequest, ShuttingDown, StaleForward, StepConflict, WrongSplitMode
 from .sessions import Reply, SplitService
+
+log = logging.getLogger("spliteasy.server")
 
 
 @dataclass
@@ -89,6 +99,10 @@ class ParallelRounds:
         # (op, seconds) once per round's B call: the metrics' B time (a member's reply
         # reports the round's time too, so counting replies would count it N times)
         self.on_compute: Any = None
+        self.checkpointer: Any = None  # server_torch.checkpoint.Checkpointer, or None
+        self.draining = False  # shutting down: no new round may start
+        self._inflight = 0  # rounds between their first forward and their backward's end
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def info(self) -> dict:
         return {
@@ -138,9 +152,15 @@ class ParallelRounds:
                 return Reply(held, 0.0, replayed=True)
             if step != s.next_step or s.expect != "forward":
                 raise _conflict(s, "forward", step)
+            if self.draining:
+                raise ShuttingDown(
+                    "the server is shutting down; send this forward after it restarts"
+                )
             g = self._open
             if g is None or g.closed:
                 g = self._open = _Gather()
+                self._inflight += 1
+                self._loop = asyncio.get_running_loop()
                 self._arm(g, self._close_forward)
             g.members[sid] = frame.array
             g.steps[sid], g.digests[sid], g.sessions[sid] = step, digest, s
@@ -201,6 +221,7 @@ class ParallelRounds:
                 self._in_round.pop(sid, None)
             if release:
                 self._b.release()
+                self._inflight -= 1
             g.done.set()
 
     # -- backward ------------------------------------------------------------------------
@@ -278,6 +299,9 @@ class ParallelRounds:
                 s.next_step, s.expect = step + 1, "forward"
             self.rounds += 1
             self.round_sizes.append(len(g.members))
+            ck = self.checkpointer
+            if ck is not None and ck.every and self.rounds % ck.every == 0:
+                await run_in_threadpool(self._checkpoint)  # B is still ours: quiescent
         except BaseException as exc:  # noqa: BLE001 - every member hears of it
             g.error = exc
             for sid in g.expected:
@@ -288,7 +312,43 @@ class ParallelRounds:
                 if self._bwd_of.get(sid) is g:
                     del self._bwd_of[sid]
             self._b.release()
+            self._inflight -= 1
             g.done.set()
+
+    # -- checkpoints and shutdown --------------------------------------------------------
+
+    def _checkpoint(self) -> None:
+        """Write a checkpoint of B now (the caller holds B between rounds)."""
+        with self.service.lock:
+            self.checkpointer._write_locked()
+
+    def final(self, wait: float = 5.0) -> None:
+        """The shutdown hook (any thread): refuse new rounds, give the round in flight up
+        to ``wait`` s, write the last checkpoint when B is quiescent and healthy."""
+        self.draining = True
+        loop, g = self._loop, self._open
+        if loop is not None and g is not None and not g.closed:
+            # the gathering round goes ahead with whoever came (its members wait for it)
+            loop.call_soon_threadsafe(lambda: loop.create_task(self._close_forward(g)))
+        deadline = time.monotonic() + wait
+        while self._inflight and time.monotonic() < deadline:
+            time.sleep(0.02)
+        ck = self.checkpointer
+        if ck is None:
+            return
+        try:
+            workers = getattr(self.service.trainer, "workers", None)
+            if workers is not None and workers.failed is not None:
+                log.warning("B's workers failed: no final checkpoint (the newest stands)")
+            elif self._inflight:
+                log.warning(
+                    "a round is still in flight after %g s; no final checkpoint (the newest "
+                    "is step %s)", wait, ck.last.step if ck.last else "none",
+                )  # fmt: skip
+            else:
+                self._checkpoint()
+        finally:
+            ck.close()
 
     # -- averaging A and C ---------------------------------------------------------------
 

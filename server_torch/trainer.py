@@ -181,7 +181,7 @@ class Trainer:
         self._pending = None
         self._save_buffers()
         p = self._run(a)
-        if not bool(torch.isfinite(p.out).all()):
+        if not self._all_ranks_ok(bool(torch.isfinite(p.out).all())):
             self._refuse("B's output on this batch")
         self._pending = p
         return to_wire(p.out, self.out_spec.layout, self._out_dtype(self.out_spec))
@@ -219,7 +219,7 @@ class Trainer:
         p = self._run(a)
         with torch.enable_grad():
             loss = keras_loss(p.out, y, self.manifest.loss)
-        if not bool(torch.isfinite(loss.detach())):
+        if not self._all_ranks_ok(bool(torch.isfinite(loss.detach()))):
             self._refuse("the loss on this batch")
         loss.backward()
         return self._finish(p.leaf, target), float(loss.detach())
@@ -241,6 +241,15 @@ class Trainer:
             for b, c in zip(self.module.buffers(), self._buffer_copy, strict=True):
                 b.copy_(c)
 
+    # Replicas of B on several workers (``server_torch.distributed``) decide together:
+    # these hooks turn one process's verdict into all ranks' (one process: as is).
+
+    def _all_ranks_ok(self, ok: bool) -> bool:
+        return ok
+
+    def _reduce_max(self, value: float) -> float:
+        return value
+
     def _refuse(self, what: str) -> None:
         """Undo what this step did so far (gradients, BatchNorm statistics) and refuse it."""
         self._pending = None
@@ -260,6 +269,7 @@ class Trainer:
         grads = [p.grad for p in params if p.grad is not None]
         # one pass each: a max-norm is NaN or Inf as soon as one element is
         top = _abs_max([leaf.grad, *grads]) if leaf.grad is not None else float("nan")
+        top = self._reduce_max(top)
         if not math.isfinite(top):
             self._refuse("the gradients of this batch")
         risky = top > SAFE_GRADIENT or _abs_max(params) > SAFE_PARAMETER

@@ -3,6 +3,11 @@
 B, its optimizer and the session table are checkpointed into a state directory (default
 ``runs/serve-<manifest sha256[:12]>/``), so running the same command again resumes where
 the last checkpoint stands (``server_torch.checkpoint``).
+
+``--mode parallel --workers W`` trains B on W processes (``server_torch.distributed``):
+this process is rank 0 (the HTTP gateway) and starts W-1 copies of itself as ranks
+1..W-1 on this machine. Under ``torchrun`` (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+set) every rank runs this same command: rank 0 serves, the others become workers.
 """
 
 from __future__ import annotations
@@ -186,6 +191,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="devices average A and C every K rounds, weighted by batch size (default 1)",
     )
     par.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="W",
+        help="train B on W processes of this machine with torch.distributed (DDP, gloo; "
+        "BatchNorm synchronised); devices still use the one URL. Under torchrun the "
+        "launch's WORLD_SIZE is used instead (default 1)",
+    )
+    par.add_argument(
+        "--worker-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="a worker that does not answer a collective within S s counts as dead: the "
+        "server answers 503 workers_failed and exits with status 1 (default %(default)s)",
+    )
+    par.add_argument(
         "--round-timeout",
         type=float,
         default=30.0,
@@ -212,7 +234,10 @@ def run(args: argparse.Namespace) -> int:
             raise SpliteasyError(f"--{name.replace('_', '-')} must be at least 1")
     if args.checkpoint_every < 0:
         raise SpliteasyError("--checkpoint-every must be 0 or more")
-    _log_to_stdout(args.log_level, args.log_format)
+    launch = _launch(args)
+    _log_to_stdout(args.log_level, args.log_format, launch.rank if launch else None)
+    if launch is not None and launch.rank > 0:
+        return _run_worker(args, launch)
     from server_torch.guard import load_auth_keys
 
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
@@ -232,16 +257,18 @@ def run(args: argparse.Namespace) -> int:
             )
         if manifest.split_mode != "double":
             raise SpliteasyError("--mode parallel trains a double-split bundle")
-        if args.state_dir is not None:
-            raise SpliteasyError("--mode parallel keeps no checkpoints yet; drop --state-dir")
-        print("spliteasy serve: --mode parallel keeps no server state (no checkpoints)")
-    elif not args.no_state:
+    if not args.no_state:
         from server_torch.checkpoint import default_state_dir
         from shared_schema import manifest_digest
 
         state_dir = args.state_dir or default_state_dir(manifest_digest(args.bundle))
     sock = bind_socket(args.host, args.port)
+    group = None
     try:
+        trainer = None
+        if launch is not None:
+            configure_threads(args.threads)
+            group, trainer = _start_group(args, launch, manifest)
         app = create_app(
             args.bundle,
             manifest=manifest,
@@ -264,7 +291,10 @@ def run(args: argparse.Namespace) -> int:
             devices_per_round=args.devices_per_round,
             sync_every=args.sync_every,
             round_timeout=args.round_timeout,
+            trainer=trainer,
         )
+        if group is not None:
+            group.workers.broadcast_state(trainer)  # a resumed B reaches every replica
         threads = configure_threads(args.threads)
         tls = bool(args.ssl_certfile)
         url = url_of(sock, tls=tls)
@@ -280,10 +310,219 @@ def run(args: argparse.Namespace) -> int:
         }
         if tls:
             options.update(ssl_certfile=str(args.ssl_certfile), ssl_keyfile=str(args.ssl_keyfile))
-        serve_forever(app, sock, args.log_level, **options)
+        if group is None:
+            serve_forever(app, sock, args.log_level, **options)
+        else:
+            return group.serve(app, sock, args.log_level, **options)
     finally:
         sock.close()
+        if group is not None:
+            group.close()
     return 0
+
+
+def _launch(args: argparse.Namespace) -> Any:
+    """This process's place in B's worker group: None for one process, else a
+    ``server_torch.distributed.Launch`` from torchrun's variables or ``--workers``."""
+    import os
+
+    from server_torch.distributed import Launch
+    from shared_schema import SpliteasyError
+
+    if args.workers is not None and args.workers < 1:
+        raise SpliteasyError("--workers must be at least 1")
+    if args.worker_timeout <= 0:
+        raise SpliteasyError("--worker-timeout must be positive")
+    try:
+        launch = Launch.from_env()
+    except ValueError as exc:
+        raise SpliteasyError(f"torch.distributed launch: {exc}") from None
+    if launch is not None:
+        if args.workers is not None and args.workers != launch.world_size:
+            raise SpliteasyError(
+                f"--workers {args.workers}, but the launch says WORLD_SIZE={launch.world_size}"
+            )
+        if launch.world_size == 1:
+            return None  # one process: nothing to distribute
+    elif (args.workers or 1) > 1:
+        launch = Launch(0, args.workers, "127.0.0.1", _free_port())
+        os.environ.update(
+            RANK="0",
+            WORLD_SIZE=str(launch.world_size),
+            MASTER_ADDR=launch.master_addr,
+            MASTER_PORT=str(launch.master_port),
+        )
+        args._spawn_local = True
+    else:
+        return None
+    if args.mode != "parallel":
+        raise SpliteasyError("B on several workers needs --mode parallel")
+    return launch
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _load_replica(args: argparse.Namespace, launch: Any, manifest: Any, gateway: bool) -> Any:
+    """Join the group and build this rank's trainer (a collective: all ranks at once)."""
+    from server_torch.distributed import GatewayTrainer, ReplicaTrainer, Workers
+    from server_torch.rebuild import load_server_slice
+    from shared_schema import SpliteasyError
+
+    if manifest.split_mode != "double":
+        raise SpliteasyError("B on several workers trains a double-split bundle")
+    module = load_server_slice(args.bundle, manifest)
+    workers = Workers(launch, timeout=args.worker_timeout)
+    try:
+        workers.init()
+    except Exception as exc:  # noqa: BLE001 - rendezvous timeout, refused address, ...
+        raise SpliteasyError(
+            f"rank {launch.rank}: could not join B's worker group at "
+            f"{launch.master_addr}:{launch.master_port} within {args.worker_timeout:g} s: {exc}"
+        ) from None
+    cls = GatewayTrainer if gateway else ReplicaTrainer
+    return cls(module, manifest, workers)
+
+
+def _run_worker(args: argparse.Namespace, launch: Any) -> int:
+    """Ranks above 0: a replica of B serving rank 0's rounds; no HTTP."""
+    from server_torch.distributed import worker_loop
+    from server_torch.serving import configure_threads
+    from shared_schema import load_manifest
+
+    manifest = load_manifest(args.bundle, verify=True)
+    threads = configure_threads(args.threads)
+    trainer = _load_replica(args, launch, manifest, gateway=False)
+    print(
+        f"spliteasy serve: rank {launch.rank}/{launch.world_size}: worker of B ready "
+        f"({threads} torch thread(s), {trainer.synced_batchnorms} synchronised BatchNorm(s))",
+        flush=True,
+    )
+    return worker_loop(trainer)
+
+
+class _Group:
+    """Rank 0's side of a worker group: the local workers it started (``--workers``),
+    watching them, and serving until a stop or a failure."""
+
+    def __init__(self, workers: Any, children: list[Any]) -> None:
+        self.workers = workers
+        self.children = children
+        self._server: Any = None
+        workers.on_failure.append(self._failed)
+
+    def watch(self) -> None:
+        """A local worker that exits before the stop fails the group at once."""
+        import threading
+        import time
+
+        def poll() -> None:
+            while not self.workers.stopped and self.workers.failed is None:
+                for rank, child in enumerate(self.children, start=1):
+                    code = child.poll()
+                    if code is not None and not self.workers.stopped:
+                        self.workers.fail(f"worker rank {rank} exited with status {code}")
+                        return
+                time.sleep(0.2)
+
+        if self.children:
+            threading.Thread(target=poll, name="spliteasy workers watch", daemon=True).start()
+
+    def _failed(self, why: str) -> None:
+        """Stop serving: the round in flight already heard 503 workers_failed."""
+        import threading
+
+        def stop() -> None:
+            hook = getattr(self._app.state, "on_exit", None) if self._server else None
+            try:
+                if hook is not None:
+                    hook()
+            finally:
+                if self._server is not None:
+                    self._server.should_exit = True
+
+        threading.Thread(target=stop, name="spliteasy workers failed", daemon=True).start()
+
+    def serve(self, app: Any, sock: Any, log_level: str, **options: Any) -> int:
+        from server_torch.serving import _uvicorn_server
+
+        inner = getattr(app.state, "on_exit", None)
+        workers = self.workers
+
+        def on_exit() -> None:
+            try:
+                if inner is not None:
+                    inner()
+            finally:
+                workers.stop()
+
+        app.state.on_exit = on_exit
+        self._app = app
+        self._server = _uvicorn_server(app, log_level, **options)
+        workers.start_heartbeat()
+        self.watch()
+        if workers.failed is None:
+            self._server.run(sockets=[sock])
+        if workers.failed is not None:
+            print(
+                f"spliteasy serve: error: B's worker group failed ({workers.failed}); "
+                "stopped without a final checkpoint",
+                flush=True,
+            )
+            return 1
+        return 0
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the group (if nobody did) and reap the local workers."""
+        import subprocess
+
+        self.workers.stop()
+        for child in self.children:
+            try:
+                child.wait(timeout)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait(timeout)
+
+
+def _start_group(args: argparse.Namespace, launch: Any, manifest: Any) -> tuple[_Group, Any]:
+    """Rank 0: start the local workers (``--workers``), join the group, build the gateway."""
+    import os
+    import subprocess
+    import sys
+
+    children = []
+    if getattr(args, "_spawn_local", False):
+        argv = [
+            sys.executable, "-m", "spliteasy_cli.main", "serve", str(args.bundle),
+            "--mode", "parallel", "--worker-timeout", str(args.worker_timeout),
+            "--log-level", args.log_level, "--log-format", args.log_format,
+            *(["--threads", str(args.threads)] if args.threads else []),
+        ]  # fmt: skip
+        for rank in range(1, launch.world_size):
+            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+            # its own session: a Ctrl-C in the terminal reaches rank 0 only, which stops
+            # the workers once it has drained and checkpointed
+            children.append(subprocess.Popen(argv, env=env, start_new_session=True))
+    try:
+        trainer = _load_replica(args, launch, manifest, gateway=True)
+    except BaseException:
+        for child in children:
+            child.kill()
+            child.wait()
+        raise
+    print(
+        f"spliteasy serve: B on {launch.world_size} workers (torch.distributed "
+        f"{trainer.workers.backend}, rank 0 serves; {trainer.synced_batchnorms} "
+        "synchronised BatchNorm(s))",
+        flush=True,
+    )
+    return _Group(trainer.workers, children), trainer
 
 
 def _check_exposure(host: str, tls: bool, keys: bool, insecure: bool) -> None:
@@ -315,7 +554,7 @@ def _check_exposure(host: str, tls: bool, keys: bool, insecure: bool) -> None:
     )
 
 
-def _log_to_stdout(level: str, fmt: str = "text") -> None:
+def _log_to_stdout(level: str, fmt: str = "text", rank: int | None = None) -> None:
     """spliteasy's own log lines (checkpoints, resume, skipped checkpoints) as CLI lines."""
     import logging
     import sys
@@ -327,7 +566,7 @@ def _log_to_stdout(level: str, fmt: str = "text") -> None:
                 msg = f"{record.levelname.lower()}: {msg}"
             if record.exc_info:  # a server bug: its traceback, once, under its request id
                 msg += "\n" + self.formatException(record.exc_info)
-            return f"spliteasy serve: {msg}"
+            return f"spliteasy serve{'' if rank is None else f' [rank {rank}]'}: {msg}"
 
     from server_torch.guard import JsonLines
 
@@ -367,7 +606,10 @@ def _announce(app: Any, url: str, threads: int) -> None:
     if ck is None:
         print("spliteasy serve: no state dir (--no-state): nothing is checkpointed")
     else:
-        every = f"every {ck.every} steps" if ck.every else "at session creation"
+        if app.state.rounds is not None:  # parallel mode: B only, between rounds
+            every = f"every {ck.every} rounds" if ck.every else "B only"
+        else:
+            every = f"every {ck.every} steps" if ck.every else "at session creation"
         print(f"spliteasy serve: state dir {ck.root} (checkpoint {every} and on shutdown)")
         if ck.resumed_from is not None:
             sessions = app.state.service.session_count
