@@ -98,6 +98,8 @@ def run_codec(
         "codec_ms_per_step": codec_ms / max(steps, 1),
         "first_epoch_loss": first,
         "last_epoch_loss": last,
+        "first_steps_loss": sum(losses[:10]) / max(min(steps, 10), 1),  # the first 10 steps
+        "last_steps_loss": sum(losses[-10:]) / max(min(steps, 10), 1),  # the last 10 steps
         "test_accuracy": accuracy,
         "wall_s": time.perf_counter() - t0,
         "cpu_s": time.process_time() - cpu0,

@@ -6,6 +6,7 @@
  *   node device_tf/js/train.mjs --bundle DIR --server URL --data FILE [--epochs E]
  *        [--batch-size B] [--steps N] [--seed S] [--aux-label] [--log-json FILE]
  *        [--weights-out FILE] [--eval-data FILE] [--state-dir DIR] [--reconnect-timeout S]
+ *        [--codec float32|fp16|bf16|int8|int8-channel|int4]
  *
  * Without --bundle the slices are fetched from the server (as the browser page does).
  * The data file is a spliteasy frame message with x and y (src/data.mjs). --log-json writes
@@ -30,8 +31,10 @@ import { loadDeviceModels, readManifest, readSchema } from './src/bundle_node.mj
 import { fetchDeviceModels, fetchManifest } from './src/bundle_http.mjs';
 import { batches, parseData, schedule } from './src/data.mjs';
 import { sha256Hex } from './src/digest.mjs';
+import { CODEC_NAMES } from './src/codec.mjs';
 import { DeviceError, SpliteasyError } from './src/errors.mjs';
-import { SplitTrainer, accuracy, startRun, train } from './src/loop.mjs';
+import { SplitTrainer, startRun, train } from './src/loop.mjs';
+import { metricName, score } from './src/losses.mjs';
 import { SHUFFLE_RULE, shuffled } from './src/shuffle.mjs';
 import { TfjsSlices } from './src/slices.mjs';
 import { RunState } from './src/state.mjs';
@@ -41,7 +44,8 @@ import { describeWait, makeTransport } from './src/transport.mjs';
 
 const USAGE = `usage: node train.mjs --server URL --data FILE [--bundle DIR] [--epochs E] [--batch-size B]
                       [--steps N] [--seed S] [--aux-label] [--log-json FILE] [--weights-out FILE]
-                      [--eval-data FILE] [--state-dir DIR] [--reconnect-timeout S] [--auth-key KEY] [--transport http|ws] [--quiet]`;
+                      [--eval-data FILE] [--state-dir DIR] [--reconnect-timeout S] [--auth-key KEY] [--transport http|ws] [--quiet]
+                      [--codec ${CODEC_NAMES.join('|')}]   (wire codec of activations and gradients)`;
 
 function options(argv) {
   const { values } = parseArgs({
@@ -55,6 +59,7 @@ function options(argv) {
       steps: { type: 'string' },
       seed: { type: 'string' },
       'aux-label': { type: 'boolean', default: false },
+      codec: { type: 'string', default: 'float32' },
       'log-json': { type: 'string' },
       'weights-out': { type: 'string' },
       'eval-data': { type: 'string' },
@@ -94,6 +99,11 @@ function options(argv) {
     steps: int('steps', 1) ?? Infinity,
     seed: int('seed', 0),
     auxLabel: values['aux-label'],
+    codec: CODEC_NAMES.includes(values.codec)
+      ? values.codec
+      : (() => {
+          throw new SpliteasyError(`--codec must be one of ${CODEC_NAMES.join(', ')}, not ${values.codec}`);
+        })(),
     logJson: values['log-json'],
     weightsOut: values['weights-out'],
     evalData: values['eval-data'],
@@ -147,10 +157,10 @@ async function main(argv) {
     models = await fetchDeviceModels(transport, manifest);
   }
   const dataBytes = await readData(opt.data);
-  const data = parseData(dataBytes, manifest.input);
-  const evalData = opt.evalData ? parseData(await readData(opt.evalData), manifest.input) : null;
+  const data = parseData(dataBytes, manifest.input, manifest);
+  const evalData = opt.evalData ? parseData(await readData(opt.evalData), manifest.input, manifest) : null;
   const rt = new TfjsSlices(manifest, models);
-  const trainer = new SplitTrainer(rt, transport, manifest, digest, { auxLabel: opt.auxLabel });
+  const trainer = new SplitTrainer(rt, transport, manifest, digest, { auxLabel: opt.auxLabel, codec: opt.codec });
   const plan = { batchSize: opt.batchSize, epochs: opt.epochs, steps: opt.steps };
   if (opt.seed !== undefined) plan.order = (d, epoch) => shuffled(d, opt.seed, epoch);
   const sched = schedule(data, plan);
@@ -166,6 +176,7 @@ async function main(argv) {
     manifest_sha256: digest,
     runtime: 'tfjs',
     aux_label: opt.auxLabel,
+    ...(opt.codec !== 'float32' ? { codec: opt.codec } : {}), // the session's wire codec
     data_sha256: await sha256Hex(dataBytes),
     n_samples: data.count,
     epochs: opt.epochs,
@@ -201,7 +212,7 @@ async function main(argv) {
           if (evalData && epochEnd) {
             const acc = await evaluate(trainer, evalData, opt.batchSize);
             evals.push({ epoch: r.epoch + 1, step: done, accuracy: acc });
-            log(`epoch ${r.epoch + 1}: accuracy ${acc.toFixed(4)} on ${evalData.count} samples`);
+            log(`epoch ${r.epoch + 1}: ${metricName(manifest.loss)} ${acc.toFixed(4)} on ${evalData.count} samples`);
           }
         },
       });
@@ -224,6 +235,9 @@ async function main(argv) {
     mean_codec_ms: mean('codec_ms'),
     mean_wire_ms: mean('wire_ms'),
     mean_total_ms: mean('total_ms'),
+    codec: opt.codec,
+    mean_bytes_up: mean('bytes_up'),
+    mean_bytes_down: mean('bytes_down'),
     accuracy: evals,
     resumed_at: start.resumed ? start.at : null,
     final_step: trainer.nextStep,
@@ -255,14 +269,17 @@ async function readData(path) {
   }
 }
 
-/** Accuracy of the split model on `data`, in batches through the server's /infer. */
+/**
+ * The split model's validation score on `data` (accuracy, or the loss's own: losses.mjs
+ * score), in batches through the server's /infer.
+ */
 async function evaluate(trainer, data, batchSize) {
-  let hits = 0;
+  let total = 0;
   for (const b of batches(data, { batchSize: Math.max(batchSize, 256) })) {
     const out = await trainer.predict(b.x, b.shape);
-    hits += accuracy(out, b.y) * b.y.length;
+    total += score(trainer.manifest.loss, out.data, b.y, out.shape[1]) * b.shape[0];
   }
-  return hits / data.count;
+  return total / data.count;
 }
 
 main(process.argv.slice(2)).catch((err) => {

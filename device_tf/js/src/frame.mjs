@@ -7,13 +7,18 @@
  *   6  1  dtype               44  . name (UTF-8), ndim x uint32 dims, payload
  *   7  1  layout
  *   8  1  ndim (<= 8)
- *   9  1  flags (0)
+ *   9  1  flags (codec flag)
  *   10 2  name length (<= 200)
  *
  * All integers little-endian. Decoding trusts nothing: every length is checked before it
  * is used and the payload must be exactly dtype size x prod(shape). Unlike the Python
  * codec, decoded payloads are copied: a typed array cannot view a float32 payload at an
  * offset that is not a multiple of 4, and the name makes most offsets odd.
+ *
+ * Compression (codec.mjs): a float32 ACTIVATION or GRADIENT frame may travel encoded by
+ * its session's codec: dtype float32 and the logical shape in the header, the codec's flag
+ * in the flags byte, the encoded payload (its length must be what the codec needs). It
+ * decodes to a Float32Array with `codec` naming the codec it came in.
  */
 
 import {
@@ -23,6 +28,7 @@ import {
   TruncatedFrame,
   UnsupportedVersion,
 } from './errors.mjs';
+import { CODECS, CODEC_NAMES, codecFlag, codecOfFlag, compress, compressible, decompress, payloadSize } from './codec.mjs';
 
 export const MAGIC = new Uint8Array([0x53, 0x50, 0x4c, 0x54]); // "SPLT"
 export const VERSION = 1;
@@ -65,13 +71,16 @@ const utf8Strict = new TextDecoder('utf-8', { fatal: true });
 /**
  * A frame: one tensor with its wire metadata.
  * @typedef {{kind: number, name: string, dtype: string, shape: number[], data: ArrayBufferView,
- *            layout: string, session: Uint8Array, step: number}} Frame
+ *            layout: string, session: Uint8Array, step: number, codec: string}} Frame
  */
 
-/** Build a frame; `data` is a typed array matching `dtype`, C order. */
-export function frame(kind, name, data, shape, layout, { session = NO_SESSION, step = 0, dtype } = {}) {
+/**
+ * Build a frame; `data` is a typed array matching `dtype`, C order. `codec` (codec.mjs):
+ * how a float32 ACTIVATION/GRADIENT frame's payload travels (default float32, raw).
+ */
+export function frame(kind, name, data, shape, layout, { session = NO_SESSION, step = 0, dtype, codec = 'float32' } = {}) {
   const dt = dtype ?? dtypeOf(data);
-  return { kind, name, dtype: dt, shape: [...shape], data, layout, session, step };
+  return { kind, name, dtype: dt, shape: [...shape], data, layout, session, step, codec };
 }
 
 export function scalar(name, value, { session = NO_SESSION, step = 0 } = {}) {
@@ -115,6 +124,15 @@ export function encode(frames) {
     const session = f.session ?? NO_SESSION;
     if (session.length !== 16) throw new FrameSpecMismatch('session id must be 16 bytes');
     if (!Number.isSafeInteger(f.step) || f.step < 0) throw new FrameSpecMismatch(`bad step ${f.step}`);
+    const codec = f.codec ?? 'float32';
+    const flag = codecFlag(codec);
+    let payload = new Uint8Array(f.data.buffer, f.data.byteOffset, f.data.byteLength);
+    if (flag !== 0) {
+      if (!compressible(KIND_NAMES[f.kind], f.dtype)) {
+        throw new FrameSpecMismatch(`${f.name}: a ${KIND_NAMES[f.kind]} ${f.dtype} frame travels raw, not as ${codec}`);
+      }
+      payload = compress(codec, f.data, f.shape, f.layout);
+    }
     const meta = new Uint8Array(HEADER_SIZE + name.length + 4 * f.shape.length);
     const dv = new DataView(meta.buffer);
     meta.set(MAGIC, 0);
@@ -123,14 +141,13 @@ export function encode(frames) {
     dv.setUint8(6, code);
     dv.setUint8(7, layout);
     dv.setUint8(8, f.shape.length);
-    dv.setUint8(9, 0);
+    dv.setUint8(9, flag);
     dv.setUint16(10, name.length, true);
     meta.set(session, 12);
     dv.setBigUint64(28, BigInt(f.step), true);
-    dv.setBigUint64(36, BigInt(f.data.byteLength), true);
+    dv.setBigUint64(36, BigInt(payload.byteLength), true);
     meta.set(name, HEADER_SIZE);
     f.shape.forEach((d, i) => dv.setUint32(HEADER_SIZE + name.length + 4 * i, d, true));
-    const payload = new Uint8Array(f.data.buffer, f.data.byteOffset, f.data.byteLength);
     parts.push(meta, payload);
     total += meta.length + payload.length;
   }
@@ -143,21 +160,27 @@ export function encode(frames) {
   return out;
 }
 
-/** One message body (ArrayBuffer or Uint8Array) to its frames; bad input throws a FrameError. */
-export function decode(buf) {
+/**
+ * One message body (ArrayBuffer or Uint8Array) to its frames; bad input throws a FrameError.
+ * `codec`: the session's codec -- float32 ACTIVATION/GRADIENT frames must come in it, all
+ * others raw (UnsupportedVersion otherwise); undefined accepts any known codec.
+ * `maxElements`: the most elements a compressed frame may decode to.
+ */
+export function decode(buf, { codec, maxElements } = {}) {
+  if (codec !== undefined) codecFlag(codec);
   const bytes = buf instanceof Uint8Array ? buf : new Uint8Array(buf);
   if (bytes.length === 0) throw new TruncatedFrame('empty message: expected at least one frame');
   const frames = [];
   let pos = 0;
   while (pos < bytes.length) {
-    const [f, next] = decodeOne(bytes, pos);
+    const [f, next] = decodeOne(bytes, pos, codec, maxElements);
     frames.push(f);
     pos = next;
   }
   return frames;
 }
 
-function decodeOne(bytes, pos) {
+function decodeOne(bytes, pos, want, maxElements) {
   const left = bytes.length - pos;
   if (left < HEADER_SIZE) {
     const head = bytes.subarray(pos, pos + 4);
@@ -173,6 +196,12 @@ function decodeOne(bytes, pos) {
   const version = dv.getUint8(4);
   if (version !== VERSION) {
     throw new UnsupportedVersion(`frame version ${version}; this build speaks version ${VERSION}`);
+  }
+  const flags = dv.getUint8(9);
+  const codec = codecOfFlag(flags);
+  if (codec === undefined) {
+    const known = CODEC_NAMES.map((c) => `${CODECS[c].flag} ${c}`).join(', ');
+    throw new UnsupportedVersion(`frame flags 0x${flags.toString(16).padStart(2, '0')}: not a codec of version ${VERSION} (${known})`);
   }
   const kind = dv.getUint8(5);
   if (KIND_NAMES[kind] === undefined) throw new FrameSpecMismatch(`unknown frame kind ${kind}`);
@@ -205,7 +234,35 @@ function decodeOne(bytes, pos) {
   pos += 4 * ndim;
   const dtype = DTYPES[dtypeCode];
   const Ctor = ARRAYS[dtype];
-  const expected = BigInt(Ctor.BYTES_PER_ELEMENT) * shape.reduce((a, d) => a * BigInt(d), 1n);
+  const fits = compressible(KIND_NAMES[kind], dtype);
+  if (codec !== 'float32' && !fits) {
+    throw new UnsupportedVersion(`${name}: a ${KIND_NAMES[kind]} ${dtype} frame travels raw (flags 0), not as ${codec}`);
+  }
+  if (want !== undefined && fits && codec !== want) {
+    throw new UnsupportedVersion(`${name}: frame sent as ${codec}; this session negotiated codec ${want}`);
+  }
+  const count = shape.reduce((a, d) => a * BigInt(d), 1n);
+  if (codec !== 'float32') {
+    if (maxElements !== undefined && count > BigInt(maxElements)) {
+      throw new FrameSizeMismatch(`${name}: ${codec} frame of ${count} elements; this receiver decodes at most ${maxElements}`);
+    }
+    const need = payloadSize(codec, shape, LAYOUTS[layoutCode]);
+    if (nbytes64 !== need) {
+      throw new FrameSizeMismatch(
+        `${name}: header says ${nbytes64} payload bytes, ${codec} of ${dtype}[${shape.join(', ')}] needs ${need}`,
+      );
+    }
+    const nbytes = Number(nbytes64);
+    if (bytes.length - pos < nbytes) {
+      throw new TruncatedFrame(`${name}: payload truncated (${bytes.length - pos} of ${nbytes} bytes)`);
+    }
+    if (step64 > BigInt(Number.MAX_SAFE_INTEGER)) throw new FrameSpecMismatch(`step ${step64} out of range`);
+    const start = bytes.byteOffset + pos;
+    const data = decompress(codec, new Uint8Array(bytes.buffer.slice(start, start + nbytes)), shape, LAYOUTS[layoutCode]);
+    const f = { kind, name, dtype, shape, data, layout: LAYOUTS[layoutCode], session, step: Number(step64), codec };
+    return [f, pos + nbytes];
+  }
+  const expected = BigInt(Ctor.BYTES_PER_ELEMENT) * count;
   if (nbytes64 !== expected) {
     throw new FrameSizeMismatch(
       `${name}: header says ${nbytes64} payload bytes, ${dtype}[${shape.join(', ')}] needs ${expected}`,
@@ -219,7 +276,7 @@ function decodeOne(bytes, pos) {
   const start = bytes.byteOffset + pos;
   const data = new Ctor(bytes.buffer.slice(start, start + nbytes));
   pos += nbytes;
-  const f = { kind, name, dtype, shape, data, layout: LAYOUTS[layoutCode], session, step: Number(step64) };
+  const f = { kind, name, dtype, shape, data, layout: LAYOUTS[layoutCode], session, step: Number(step64), codec };
   return [f, pos];
 }
 

@@ -15,7 +15,8 @@
 import * as tf from '@tensorflow/tfjs';
 
 import { DeviceError, ProtocolError, StepConflict } from './errors.mjs';
-import { FrameKind, check, decode, encode, frame, sessionBytes } from './frame.mjs';
+import { codecFlag, compressible } from './codec.mjs';
+import { FrameKind, check, decode, encode, frame, kindName, sessionBytes } from './frame.mjs';
 import { restoreSnapshot, takeSnapshot } from './state.mjs';
 
 const now = () => globalThis.performance.now();
@@ -30,8 +31,12 @@ export class SplitTrainer {
    * @param transport the session interface of transport.mjs (openSession, attach,
    *   exchange, closeSession): the loop builds no URL and holds no token
    * @param manifest the validated manifest; manifestSha256 the hash of its file's bytes
+   * @param codec the wire codec to ask for when the session opens (codec.mjs): its
+   *   ACTIVATION and GRADIENT frames then travel in it, both ways
    */
-  constructor(runtime, transport, manifest, manifestSha256, { auxLabel = false } = {}) {
+  constructor(runtime, transport, manifest, manifestSha256, { auxLabel = false, codec = 'float32' } = {}) {
+    codecFlag(codec); // an unknown name fails here, before any traffic
+    this.codec = codec;
     this.rt = runtime;
     this.transport = transport;
     this.manifest = manifest;
@@ -46,7 +51,14 @@ export class SplitTrainer {
 
   /** A new session; returns {sessionId, token, nextStep, durableStep}. */
   async open() {
-    const s = await this.transport.openSession({ manifestSha256: this.manifestSha256, auxLabel: this.auxLabel });
+    const s = await this.transport.openSession({
+      manifestSha256: this.manifestSha256,
+      auxLabel: this.auxLabel,
+      codec: this.codec,
+    });
+    if ((s.codec ?? 'float32') !== this.codec) {
+      throw new DeviceError(`the server opened the session with codec ${s.codec}, this run asked for ${this.codec}`);
+    }
     this.useSession(s.sessionId);
     this.nextStep = s.nextStep;
     this.heard(s.durableStep);
@@ -95,7 +107,8 @@ export class SplitTrainer {
   }
 
   frameOf(kind, spec, data, shape, step) {
-    return frame(kind, spec.name, data, shape, spec.layout, { session: this.session, step, dtype: spec.dtype });
+    const codec = compressible(kindName(kind), spec.dtype ?? 'float32') ? this.codec : 'float32';
+    return frame(kind, spec.name, data, shape, spec.layout, { session: this.session, step, dtype: spec.dtype, codec });
   }
 
   expect(frames, kind, spec, step) {
@@ -172,7 +185,7 @@ export class SplitTrainer {
       });
       this.nextStep = step + 1;
       t.total_ms = now() - start;
-      return { step, loss, ...t };
+      return { step, loss, ...t, codec: this.codec };
     } finally {
       tf.dispose(keep);
     }

@@ -6,7 +6,7 @@
  * URL and handles no token, and another transport (a WebSocket one, issue #11) can stand
  * in for this one:
  *
- *   openSession({manifestSha256, auxLabel}) -> {sessionId, token, nextStep, durableStep}
+ *   openSession({manifestSha256, auxLabel, codec}) -> {sessionId, token, nextStep, durableStep, codec}
  *   attach({sessionId, token})               a session a restarted device recovered
  *   sessionInfo()  -> {nextStep, durableStep, expect}   (GET /v1/sessions/{sid})
  *   exchange(op, body) -> {body, serverMs, roundTripMs, durableStep, replayed}
@@ -153,9 +153,11 @@ export class HttpTransport {
   // -- the session interface --------------------------------------------------------
 
   /** A new session for this manifest; the transport keeps its id and token. */
-  async openSession({ manifestSha256, auxLabel = false }) {
+  async openSession({ manifestSha256, auxLabel = false, codec = 'float32' }) {
     const key = this.authKey ? { Authorization: `Bearer ${this.authKey}` } : {};
-    const reply = await this.postJson('/v1/sessions', { manifest_sha256: manifestSha256, aux_label: auxLabel }, key);
+    const request = { manifest_sha256: manifestSha256, aux_label: auxLabel };
+    if (codec !== 'float32') request.codec = codec; // the wire codec (codec.mjs); the server may refuse it (422)
+    const reply = await this.postJson('/v1/sessions', request, key);
     this.sessionId = reply.session_id;
     this.token = reply.token;
     return {
@@ -163,6 +165,7 @@ export class HttpTransport {
       token: reply.token,
       nextStep: Number(reply.next_step ?? 0),
       durableStep: intOrNull(reply.durable_step) ?? 0,
+      codec: reply.codec ?? 'float32',
     };
   }
 
