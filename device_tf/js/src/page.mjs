@@ -14,6 +14,8 @@
  *   f16=1       accept a float16-only GPU (otherwise webgl there falls back to cpu)
  *   simulate=float16   pretend this GPU cannot render float32 textures (tests, previews)
  *   aux=1       auxiliary-label form of the backward messages
+ *   codec=NAME  wire codec of activations and gradients (codec.mjs: float32 default, fp16,
+ *               bf16, int8, int8-channel, int4), asked for when the session opens
  *   auto=1      start training on load
  * Progress and loss are shown in the page; window.spliteasyResult holds
  * {status: "idle"|"loading"|"running"|"done"|"error"|"stopped", losses, records, error,
@@ -55,6 +57,7 @@ const settings = {
   steps: params.has('steps') ? Number(params.get('steps')) : undefined,
   seed: params.has('seed') ? Number(params.get('seed')) : undefined,
   aux: params.get('aux') === '1',
+  codec: params.get('codec') ?? 'float32',
   backend: params.get('backend') ?? 'cpu',
   f16: params.get('f16') === '1',
   key: params.get('key'), // enrolment key for a server started with --auth-keys
@@ -162,6 +165,7 @@ function run(saved = null) {
     steps: form.get('steps') ? Number(form.get('steps')) : null,
     seed: form.get('seed') !== '' && form.get('seed') !== null ? Number(form.get('seed')) : null,
     aux: settings.aux,
+    codec: settings.codec,
     backend: $('backend').value || 'cpu', // even a disabled option: the worker says why it cannot
     f16: form.get('f16') === 'on',
   };

@@ -102,7 +102,7 @@ async function run({ settings: st, resume, server, schema: schemaUrl, simulateFl
     const dataBytes = await fetchBytes(st.data, 'the training data');
     const data = parseData(dataBytes, manifest.input);
     rt = new TfjsSlices(manifest, models);
-    trainer = new SplitTrainer(rt, transport, manifest, digest, { auxLabel: st.aux });
+    trainer = new SplitTrainer(rt, transport, manifest, digest, { auxLabel: st.aux, codec: st.codec ?? 'float32' });
     const plan = { batchSize: st.batch, epochs: st.epochs, steps: st.steps ?? Infinity };
     if (st.seed !== null && st.seed !== undefined) plan.order = (d, epoch) => shuffled(d, st.seed, epoch);
     const sched = schedule(data, plan);
@@ -113,6 +113,7 @@ async function run({ settings: st, resume, server, schema: schemaUrl, simulateFl
       manifest_sha256: digest,
       runtime: 'tfjs',
       aux_label: st.aux,
+      ...(st.codec && st.codec !== 'float32' ? { codec: st.codec } : {}),
       data_sha256: await sha256Hex(dataBytes),
       n_samples: data.count,
       epochs: st.epochs,
