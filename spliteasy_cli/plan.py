@@ -104,7 +104,8 @@ def profile_layers(model: Any, batch: int, reps: int = 2, seed: int = 0) -> dict
     ``converters.cuts.Analysis``, so entry p is the layer at cut position p), each call on
     the real output of its parents: forward alone, then forward under a tape and the
     gradient with respect to its inputs and weights for a random upstream gradient.
-    The minimum over ``reps`` repetitions is kept. Also records each call's output bytes
+    The minimum over ``reps`` repetitions is kept, after one untimed round (the first
+    call of a layer builds and traces). Also records each call's output bytes
     per sample and parameter count, for the memory model.
     """
     import numpy as np
@@ -153,7 +154,7 @@ def profile_layers(model: Any, batch: int, reps: int = 2, seed: int = 0) -> dict
         inputs = [t for t in inputs if t.dtype.is_floating]
         fwd, bwd = [], []
         out = None
-        for _ in range(max(reps, 1)):
+        for _ in range(max(reps, 1) + 1):  # the first round builds and traces: not timed
             t0 = time.perf_counter()
             out = layer(*args, **kwargs)
             _ = [o.numpy() for o in tf.nest.flatten(out)][:0]
@@ -169,8 +170,8 @@ def profile_layers(model: Any, batch: int, reps: int = 2, seed: int = 0) -> dict
                 _ = [g.numpy() for g in grads if g is not None][:0]
                 bwd.append(max(time.perf_counter() - t0 - fwd[-1], 0.0))
         values[i] = out
-        row["fwd_ms"] = 1e3 * min(fwd)
-        row["bwd_ms"] = 1e3 * min(bwd) if bwd else 0.0
+        row["fwd_ms"] = 1e3 * min(fwd[1:])
+        row["bwd_ms"] = 1e3 * min(bwd[1:]) if bwd else 0.0
         rows.append(row)
     return {
         "format": PROFILE_FORMAT,
@@ -183,8 +184,7 @@ def profile_layers(model: Any, batch: int, reps: int = 2, seed: int = 0) -> dict
     }
 
 
-def read_profile(path: Path, layers: list[str], batch: int) -> list[float]:
-    """Per-position ms (fwd + bwd) from a saved profile, checked against the model."""
+def _read_doc(path: Path) -> dict[str, Any]:
     from shared_schema import SpliteasyError
 
     try:
@@ -193,6 +193,20 @@ def read_profile(path: Path, layers: list[str], batch: int) -> list[float]:
         raise SpliteasyError(f"cannot read the layer profile {path}: {exc}") from None
     if not isinstance(doc, dict) or doc.get("format") != PROFILE_FORMAT:
         raise SpliteasyError(f"{path} is not a spliteasy layer profile ({PROFILE_FORMAT})")
+    rows = doc.get("layers")
+    keys = ("layer", "fwd_ms", "bwd_ms", "params", "out_bytes_per_sample")
+    if not isinstance(rows, list) or not all(
+        isinstance(r, dict) and all(k in r for k in keys) for r in rows
+    ):
+        raise SpliteasyError(f"{path}: every layer row needs {', '.join(keys)}")
+    return doc
+
+
+def read_profile(path: Path, layers: list[str], batch: int) -> list[float]:
+    """Per-position ms (fwd + bwd) from a saved profile, checked against the model."""
+    from shared_schema import SpliteasyError
+
+    doc = _read_doc(path)
     names = [r.get("layer") for r in doc.get("layers", [])]
     if names != layers:
         raise SpliteasyError(f"{path} profiles another model (its layers differ from this one's)")
@@ -341,7 +355,10 @@ def build_cost_model(
 
         raise SpliteasyError(str(exc)) from None
     analysis = Analysis(model)
-    doc = profile_doc or profile_layers(model, batch, reps)
+    if profile_doc is None and device_profile and server_profile:
+        doc = _read_doc(server_profile)  # both sides given: nothing to measure here
+    else:
+        doc = profile_doc or profile_layers(model, batch, reps)
     here = [r["fwd_ms"] + r["bwd_ms"] for r in doc["layers"]]
     names = [c.layer.name for c in analysis.calls]
     dev = (
@@ -380,7 +397,8 @@ def run(args: argparse.Namespace) -> int:
     if args.device_slowdown <= 0:
         raise SpliteasyError("--device-slowdown must be > 0")
     model = _load(args)
-    print(f"profiling {model.name}'s layers at batch {args.batch} ...", file=sys.stderr)
+    if not (args.device_profile and args.server_profile):
+        print(f"profiling {model.name}'s layers at batch {args.batch} ...", file=sys.stderr)
     cm, doc = build_cost_model(
         model,
         args.batch,
