@@ -97,6 +97,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     br.add_argument(
         "--links", nargs="+", default=["loopback", "lan", "wifi", "lte", "tunnel"], metavar="LINK"
     )
+    br.add_argument("--bundle", type=Path, help="measure this double-split bundle (no conversion)")
     _common(br, size=96, batch=16)
 
 
@@ -350,9 +351,12 @@ def _write_table1(out: Path, args: argparse.Namespace, rows: list[dict[str, Any]
             if "eager_ms" in v:
                 total += f" (eager {_ms(v['eager_ms'])})"
             kib = f"{_kib(v['bytes'])} ({_kib(v['raw_bytes'])})" if "bytes" in v else "-"
+            wire = _ms(v["wire_ms"])
+            if v.get("bound_ms"):
+                wire += f" (bound {_ms(v['bound_ms'] / b)})"
             lines.append(
                 f"| {r['network']} ({r['size']}) | {label} | {total} | {_ms(v['device_ms'])} "
-                f"| {_ms(v['server_ms'])} | {_ms(v['codec_ms'])} | {_ms(v['wire_ms'])} "
+                f"| {_ms(v['server_ms'])} | {_ms(v['codec_ms'])} | {wire} "
                 f"| {kib} | {v['cpu_s']:.2f} |"
             )
     lines += [
@@ -360,7 +364,8 @@ def _write_table1(out: Path, args: argparse.Namespace, rows: list[dict[str, Any]
         "Times in ms per image (step time / batch). device: A and C (Python TF runtime, eager); "
         "server: B's compute as the server reports it (X-Spliteasy-Server-Ms); codec: the "
         "device's frame encode/decode; wire: the rest of each round trip (HTTP, the server's "
-        "framing and checks, the link). TF alone: one tf.function training step of the whole "
+        "framing and checks, the link), with the link profile's floor (bytes / bandwidth + "
+        "RTT x round trips) when shaped. TF alone: one tf.function training step of the whole "
         "network (eager in parentheses); torch alone: the server's trainer on the whole "
         "network but its first layer, no HTTP. CPU s / step: device + server processes.",
     ]
@@ -551,23 +556,35 @@ def _plot_cuts(path: Path, points: list, args: argparse.Namespace) -> None:
 def _breakdown(args: argparse.Namespace, out: Path, bar: Progress) -> dict[str, Any]:
     from converters.models import load_model
 
-    from .bench_run import BundleCache, measure_split, stem_head_cuts
+    from .bench_run import BundleCache, measure_split, start_server, stem_head_cuts
 
     cache = BundleCache(None if args.no_cache else args.cache, seed=args.seed)
     results: list[dict[str, Any]] = []
     try:
-        for net in args.networks:
-            size = _size(net, args.size)
-            model, _ = load_model(net, input_size=size, seed=args.seed)
-            cuts = stem_head_cuts(model)
-            bar.stage(f"{net}: converting")
-            bundle = cache.get(net, size, list(cuts))
+        for net in [None] if args.bundle is not None else args.networks:
+            if net is None:
+                from shared_schema import load_manifest
+
+                bundle = args.bundle
+                manifest = load_manifest(bundle)
+                net, size = manifest.model, manifest.input.sample_shape[0]
+            else:
+                size = _size(net, args.size)
+                model, _ = load_model(net, input_size=size, seed=args.seed)
+                cuts = stem_head_cuts(model)
+                bar.stage(f"{net}: converting")
+                bundle = cache.get(net, size, list(cuts))
             bar.tick()
-            for link in args.links:
-                bar.stage(f"{net} over {link}")
-                m = measure_split(bundle, _settings(args, link), tick=bar.tick).to_json()
-                results.append({"network": net, "size": size, "link": link, **m})
-                _write_breakdown(out, args, results)
+            server = start_server(bundle, _settings(args, "loopback"))  # one for every link
+            try:
+                for link in args.links:
+                    bar.stage(f"{net} over {link}")
+                    settings = _settings(args, link)
+                    m = measure_split(bundle, settings, tick=bar.tick, server=server).to_json()
+                    results.append({"network": net, "size": size, "link": link, **m})
+                    _write_breakdown(out, args, results)
+            finally:
+                server.stop()
     finally:
         cache.cleanup()
     return _write_breakdown(out, args, results)
@@ -670,7 +687,8 @@ def run(args: argparse.Namespace) -> int:
         total = n * (convs + per_measure * (2 if args.bundle is None or args.single_bundle else 1)
                      + 2 * per_measure + (per_measure if args.bundle is None else 0))  # fmt: skip
     elif args.study == "breakdown":
-        total = len(args.networks) * (1 + len(args.links) * per_measure)
+        n = 1 if args.bundle is not None else len(args.networks)
+        total = n * (1 + len(args.links) * per_measure)
     else:
         total = 0
     bar = Progress(total, args.no_progress)

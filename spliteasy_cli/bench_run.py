@@ -321,19 +321,33 @@ def raw_tensor_bytes(manifest: Any, batch: int) -> int:
     return 2 * a + batch * 4 + 4  # a and int32 labels up, dL/da and the loss down
 
 
+def start_server(bundle: Path, settings: Settings) -> Any:
+    """``spliteasy serve BUNDLE`` as a child process (no state kept), started."""
+    from server_torch.serving import ServerProcess
+
+    args = [
+        "--threads",
+        str(settings.server_threads()),
+        "--max-batch",
+        str(max(settings.batch, 64)),
+    ]
+    return ServerProcess(bundle, args).start()
+
+
 def measure_split(
     bundle: Path,
     settings: Settings,
     *,
     tick: Callable[[str], None] = lambda _s: None,
+    server: Any = None,
 ) -> Split:
     """Train ``settings.steps`` steps (after ``warmup``) of ``bundle`` through a real
-    ``spliteasy serve`` child and, unless the link is ``loopback``, a netem child."""
+    ``spliteasy serve`` child (``server``, one already running, or a new one) and,
+    unless the link is ``loopback``, a netem child. Each call opens its own session."""
     from device_tf.factory import make_runtime
     from device_tf.loop import SplitTrainer
     from device_tf.transport import HttpTransport
     from netem.profiles import load_profile
-    from server_torch.serving import ServerProcess
     from shared_schema import load_manifest, manifest_digest
 
     profile = load_profile(settings.link)
@@ -343,12 +357,8 @@ def measure_split(
     x = rng.random((settings.batch, *manifest.input.sample_shape), dtype=np.float32)
     y = (np.arange(settings.batch) % manifest.num_classes).astype(np.int32)
     runtime = make_runtime("tf", bundle, manifest)
-    srv = ServerProcess(
-        bundle,
-        ["--threads", str(settings.server_threads()), "--max-batch", str(max(settings.batch, 64))],
-    )
+    srv = server or start_server(bundle, settings)
     proxy: NetemProcess | None = None
-    srv.start()
     try:
         url = srv.url
         if profile.name != "loopback":
@@ -373,7 +383,8 @@ def measure_split(
     finally:
         if proxy is not None:
             proxy.stop()
-        srv.stop()
+        if server is None:
+            srv.stop()
     n = max(len(results), 1)
 
     def mean(attr: str) -> float:
