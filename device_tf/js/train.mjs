@@ -33,7 +33,8 @@ import { batches, parseData, schedule } from './src/data.mjs';
 import { sha256Hex } from './src/digest.mjs';
 import { CODEC_NAMES } from './src/codec.mjs';
 import { DeviceError, SpliteasyError } from './src/errors.mjs';
-import { SplitTrainer, accuracy, startRun, train } from './src/loop.mjs';
+import { SplitTrainer, startRun, train } from './src/loop.mjs';
+import { metricName, score } from './src/losses.mjs';
 import { SHUFFLE_RULE, shuffled } from './src/shuffle.mjs';
 import { TfjsSlices } from './src/slices.mjs';
 import { RunState } from './src/state.mjs';
@@ -156,8 +157,8 @@ async function main(argv) {
     models = await fetchDeviceModels(transport, manifest);
   }
   const dataBytes = await readData(opt.data);
-  const data = parseData(dataBytes, manifest.input);
-  const evalData = opt.evalData ? parseData(await readData(opt.evalData), manifest.input) : null;
+  const data = parseData(dataBytes, manifest.input, manifest);
+  const evalData = opt.evalData ? parseData(await readData(opt.evalData), manifest.input, manifest) : null;
   const rt = new TfjsSlices(manifest, models);
   const trainer = new SplitTrainer(rt, transport, manifest, digest, { auxLabel: opt.auxLabel, codec: opt.codec });
   const plan = { batchSize: opt.batchSize, epochs: opt.epochs, steps: opt.steps };
@@ -211,7 +212,7 @@ async function main(argv) {
           if (evalData && epochEnd) {
             const acc = await evaluate(trainer, evalData, opt.batchSize);
             evals.push({ epoch: r.epoch + 1, step: done, accuracy: acc });
-            log(`epoch ${r.epoch + 1}: accuracy ${acc.toFixed(4)} on ${evalData.count} samples`);
+            log(`epoch ${r.epoch + 1}: ${metricName(manifest.loss)} ${acc.toFixed(4)} on ${evalData.count} samples`);
           }
         },
       });
@@ -268,14 +269,17 @@ async function readData(path) {
   }
 }
 
-/** Accuracy of the split model on `data`, in batches through the server's /infer. */
+/**
+ * The split model's validation score on `data` (accuracy, or the loss's own: losses.mjs
+ * score), in batches through the server's /infer.
+ */
 async function evaluate(trainer, data, batchSize) {
-  let hits = 0;
+  let total = 0;
   for (const b of batches(data, { batchSize: Math.max(batchSize, 256) })) {
     const out = await trainer.predict(b.x, b.shape);
-    hits += accuracy(out, b.y) * b.y.length;
+    total += score(trainer.manifest.loss, out.data, b.y, out.shape[1]) * b.shape[0];
   }
-  return hits / data.count;
+  return total / data.count;
 }
 
 main(process.argv.slice(2)).catch((err) => {

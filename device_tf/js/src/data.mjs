@@ -2,7 +2,9 @@
  * Training data for the JS device: a spliteasy frame message with two frames,
  *
  *   x  any non-LABELS kind, float32, NHWC (or NC), shape [N, ...input sample shape]
- *   y  kind LABELS, int32, layout N, shape [N]
+ *   y  kind LABELS: int32 class indices, layout N, shape [N] (the sparse cross-entropy), or
+ *      float32 rows, layout NC, shape [N, K] (one-hot, binary / multi-label or regression
+ *      targets: the bundle's other losses, losses.mjs)
  *
  * The codec is the wire codec, so Python writes the file with shared_schema.frame.encode
  * and nothing new has to agree. Batches are taken in file order (step i of an epoch uses
@@ -13,8 +15,12 @@
 import { DeviceError } from './errors.mjs';
 import { FrameKind, decode } from './frame.mjs';
 
-/** Parse a data file's bytes; with `inputSpec` (the manifest's input) check x fits the model. */
-export function parseData(bytes, inputSpec = undefined) {
+/**
+ * Parse a data file's bytes; with `inputSpec` (the manifest's input) check x fits the model,
+ * with `manifest` check y is what its loss takes (manifest.labels).
+ * Returns {x, y, sampleShape, labelShape, count}: labelShape [] (class indices) or [K].
+ */
+export function parseData(bytes, inputSpec = undefined, manifest = undefined) {
   const frames = decode(bytes);
   const ys = frames.filter((f) => f.kind === FrameKind.LABELS);
   const xs = frames.filter((f) => f.kind !== FrameKind.LABELS);
@@ -24,7 +30,20 @@ export function parseData(bytes, inputSpec = undefined) {
   const [x] = xs;
   const [y] = ys;
   if (x.dtype !== 'float32') throw new DeviceError(`data x must be float32, got ${x.dtype}`);
-  if (y.dtype !== 'int32' || y.shape.length !== 1) throw new DeviceError('data y must be int32 of shape [N]');
+  const intLabels = y.dtype === 'int32' && y.shape.length === 1;
+  const rowLabels = y.dtype === 'float32' && y.shape.length === 2;
+  if (!intLabels && !rowLabels) {
+    throw new DeviceError(`data y must be int32 of shape [N] or float32 of shape [N, K], got ${y.dtype} [${y.shape}]`);
+  }
+  if (manifest?.labels) {
+    const want = manifest.labels;
+    const fits = want.dtype === y.dtype && want.shape.length === y.shape.length && want.shape.slice(1).every((d, i) => d === y.shape[i + 1]);
+    if (!fits) {
+      throw new DeviceError(
+        `data y is ${y.dtype} [${y.shape}], the bundle's ${manifest.loss?.name ?? 'loss'} takes ${want.dtype} [N${want.shape.slice(1).map((d) => `, ${d}`).join('')}]`,
+      );
+    }
+  }
   if (x.shape[0] !== y.shape[0]) throw new DeviceError(`data has ${x.shape[0]} samples but ${y.shape[0]} labels`);
   if (x.shape[0] < 1) throw new DeviceError('data file holds no samples');
   if (inputSpec) {
@@ -34,7 +53,12 @@ export function parseData(bytes, inputSpec = undefined) {
       throw new DeviceError(`data samples are [${got}], the model's input is [${want}]`);
     }
   }
-  return { x: x.data, y: y.data, sampleShape: x.shape.slice(1), count: x.shape[0] };
+  return { x: x.data, y: y.data, sampleShape: x.shape.slice(1), labelShape: y.shape.slice(1), count: x.shape[0] };
+}
+
+/** Label values per sample of parsed data (1 for class indices). */
+export function labelSize(data) {
+  return (data.labelShape ?? []).reduce((a, b) => a * b, 1);
 }
 
 /**
@@ -45,6 +69,7 @@ export function parseData(bytes, inputSpec = undefined) {
 export function* batches(data, { batchSize, epochs = 1, steps = Infinity, order = undefined }) {
   if (!(batchSize >= 1)) throw new DeviceError(`batch size must be >= 1, got ${batchSize}`);
   const per = data.sampleShape.reduce((a, b) => a * b, 1);
+  const ly = labelSize(data);
   let step = 0;
   for (let epoch = 0; epoch < epochs; epoch++) {
     if (step >= steps) return;
@@ -57,7 +82,7 @@ export function* batches(data, { batchSize, epochs = 1, steps = Infinity, order 
         index,
         step,
         x: d.x.subarray(start * per, (start + n) * per),
-        y: d.y.subarray(start, start + n),
+        y: d.y.subarray(start * ly, (start + n) * ly),
         shape: [n, ...d.sampleShape],
       };
       step++;
@@ -79,6 +104,7 @@ export function countSteps(data, { batchSize, epochs = 1, steps = Infinity }) {
 export function schedule(data, { batchSize, epochs = 1, steps = Infinity, order = undefined }) {
   if (!(batchSize >= 1)) throw new DeviceError(`batch size must be >= 1, got ${batchSize}`);
   const per = data.sampleShape.reduce((a, b) => a * b, 1);
+  const ly = labelSize(data);
   const perEpoch = Math.ceil(data.count / batchSize);
   const total = countSteps(data, { batchSize, epochs, steps });
   let cached = { epoch: -1, d: null };
@@ -98,7 +124,7 @@ export function schedule(data, { batchSize, epochs = 1, steps = Infinity, order 
         index,
         step,
         x: d.x.subarray(start * per, (start + n) * per),
-        y: d.y.subarray(start, start + n),
+        y: d.y.subarray(start * ly, (start + n) * ly),
         shape: [n, ...d.sampleShape],
       };
     },

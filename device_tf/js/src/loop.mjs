@@ -17,6 +17,7 @@ import * as tf from '@tensorflow/tfjs';
 import { DeviceError, ProtocolError, StepConflict } from './errors.mjs';
 import { codecFlag, compressible } from './codec.mjs';
 import { FrameKind, check, decode, encode, frame, kindName, sessionBytes } from './frame.mjs';
+import { labelsData, labelsShape, labelsTensor } from './losses.mjs';
 import { restoreSnapshot, takeSnapshot } from './state.mjs';
 
 const now = () => globalThis.performance.now();
@@ -131,7 +132,8 @@ export class SplitTrainer {
 
   /**
    * One training step on a batch: x a Float32Array (NHWC, C order) of shape `shape`,
-   * y an Int32Array of labels. Returns the metrics record.
+   * y the labels (an Int32Array of class indices, or a Float32Array of rows for the other
+   * losses: losses.mjs). Returns the metrics record.
    */
   async step(x, y, shape) {
     if (!this.session) await this.open();
@@ -156,7 +158,7 @@ export class SplitTrainer {
         const bf = this.expect(reply, FrameKind.ACTIVATION, m.cuts[1], step);
         const { gBData, lossValue } = this.device(t, () => {
           const b = tf.tensor(bf.data, bf.shape, 'float32');
-          const yT = tf.tensor1d(y, 'int32');
+          const yT = labelsTensor(m, y);
           const { loss: l, gB } = this.rt.cTrain(b, yT);
           // auxiliary label: b_hat = b - dL/db
           const up = this.auxLabel ? tf.sub(b, gB) : gB;
@@ -169,7 +171,7 @@ export class SplitTrainer {
       } else {
         reply = await this.call(t, 'step', [
           this.frameOf(FrameKind.ACTIVATION, m.cuts[0], aData, a.shape, step),
-          this.frameOf(FrameKind.LABELS, m.labels, Int32Array.from(y), [y.length], step),
+          this.frameOf(FrameKind.LABELS, m.labels, labelsData(m, y), labelsShape(m, y), step),
         ]);
         const lf = reply.find((f) => f.kind === FrameKind.SCALAR && f.name === 'loss');
         if (!lf) throw new DeviceError('server reply lacks the loss');

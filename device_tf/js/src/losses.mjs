@@ -152,3 +152,25 @@ export function metricName(spec) {
     }[spec?.name] ?? 'accuracy'
   );
 }
+
+/** The number of label values per sample: 1 (a class index) or the labels' row size. */
+export function labelWidth(manifest) {
+  if (sparseLabels(manifest.loss)) return 1;
+  return manifest.labels.shape.slice(1).reduce((a, b) => a * b, 1);
+}
+
+/** The shape of a batch's labels `y` (a flat typed array): [n] or [n, ...row]. */
+export function labelsShape(manifest, y) {
+  if (sparseLabels(manifest.loss)) return [y.length];
+  return [y.length / labelWidth(manifest), ...manifest.labels.shape.slice(1)];
+}
+
+/** A batch's labels as the LABELS frame carries them: Int32Array or Float32Array. */
+export function labelsData(manifest, y) {
+  return sparseLabels(manifest.loss) ? Int32Array.from(y) : Float32Array.from(y);
+}
+
+/** A batch's labels as the tensor the loss takes (int32 [n] or float32 [n, K]). */
+export function labelsTensor(manifest, y) {
+  return tf.tensor(labelsData(manifest, y), labelsShape(manifest, y), sparseLabels(manifest.loss) ? 'int32' : 'float32');
+}

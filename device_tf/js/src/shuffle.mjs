@@ -27,11 +27,12 @@ export function shuffled(data, seed, epoch) {
     [order[i], order[j]] = [order[j], order[i]];
   }
   const per = data.sampleShape.reduce((a, b) => a * b, 1);
+  const ly = (data.labelShape ?? []).reduce((a, b) => a * b, 1); // 1, or a label row's size
   const x = new Float32Array(data.x.length);
-  const y = new Int32Array(data.count);
+  const y = new data.y.constructor(data.y.length); // Int32Array indices or Float32Array rows
   order.forEach((src, dst) => {
     x.set(data.x.subarray(src * per, (src + 1) * per), dst * per);
-    y[dst] = data.y[src];
+    y.set(data.y.subarray(src * ly, (src + 1) * ly), dst * ly);
   });
   return { ...data, x, y };
 }
