@@ -12,6 +12,11 @@
  *   batch=B epochs=E steps=N seed=S   as the CLI's --batch-size --epochs --steps --seed
  *   backend=cpu|webgl|webgpu          TF.js backend (default cpu: the Node device's numbers)
  *   f16=1       accept a float16-only GPU (otherwise webgl there falls back to cpu)
+ *   transport=http|ws   how frames travel: a request per message, or one WebSocket (the
+ *               browser's native one; the token rides as its `bearer.<token>` subprotocol)
+ *               for the whole run (default http). Against `spliteasy serve --mode parallel`
+ *               the page averages A and C with the round's other devices every
+ *               sync_every rounds (parallel.mjs), as the Node device does.
  *   simulate=float16   pretend this GPU cannot render float32 textures (tests, previews)
  *   aux=1       auxiliary-label form of the backward messages
  *   codec=NAME  wire codec of activations and gradients (codec.mjs: float32 default, fp16,
@@ -20,6 +25,8 @@
  * Progress and loss are shown in the page; window.spliteasyResult holds
  * {status: "idle"|"loading"|"running"|"done"|"error"|"stopped", losses, records, error,
  *  resumedAt, step, backend ({name, requested, note, float32, drift, refused}),
+ *  transport ({kind, connections}), parallel (the server's parallel settings, or null),
+ *  syncs (A/C averagings done),
  *  ui ({ticks, maxGapMs}: the page's own timer, to show it was never blocked),
  *  weights (A's and C's variables once done)} for automation.
  *
@@ -44,6 +51,9 @@ const result = {
   resumedAt: null,
   step: 0,
   backend: null,
+  transport: null,
+  parallel: null,
+  syncs: 0,
   ui: { ticks: 0, maxGapMs: 0 },
 };
 window.spliteasyResult = result;
@@ -61,6 +71,7 @@ const settings = {
   backend: params.get('backend') ?? 'cpu',
   f16: params.get('f16') === '1',
   key: params.get('key'), // enrolment key for a server started with --auth-keys
+  transport: params.get('transport') === 'ws' ? 'ws' : 'http',
 };
 const simulateFloat16 = params.get('simulate') === 'float16';
 showSettings(settings);
@@ -73,6 +84,7 @@ function showSettings(st) {
   $('seed').value = st.seed ?? '';
   $('backend').value = st.backend ?? 'cpu';
   $('f16').checked = Boolean(st.f16);
+  $('transport').value = st.transport ?? 'http';
 }
 
 // One saved run per server in this browser profile.
@@ -168,6 +180,7 @@ function run(saved = null) {
     codec: settings.codec,
     backend: $('backend').value || 'cpu', // even a disabled option: the worker says why it cannot
     f16: form.get('f16') === 'on',
+    transport: form.get('transport') === 'ws' ? 'ws' : 'http',
   };
   showSettings(st);
   $('start').disabled = true;
@@ -180,6 +193,9 @@ function run(saved = null) {
     resumedAt: null,
     step: 0,
     backend: null,
+    transport: null,
+    parallel: null,
+    syncs: 0,
     ui: { ticks: result.ui.ticks, maxGapMs: 0 },
   });
   delete result.weights;
@@ -206,6 +222,14 @@ function run(saved = null) {
           $('backend-used').textContent = m.name;
           break;
         }
+        case 'server':
+          result.transport = m.transport;
+          result.parallel = m.parallel;
+          $('server-mode').textContent = m.text;
+          break;
+        case 'synced':
+          result.syncs = m.syncs;
+          break;
         case 'total':
           total = m.total;
           $('total').textContent = total;
@@ -235,6 +259,7 @@ function run(saved = null) {
         }
         case 'done':
           result.weights = m.weights;
+          if (m.transport) result.transport = m.transport;
           setStatus(m.text);
           result.status = 'done';
           break;

@@ -5,13 +5,19 @@
  * in IndexedDB (state_idb.mjs), which a worker reaches like the page.
  *
  * Messages from the page:
- *   {type: 'start', settings: {data, batch, epochs, steps, seed, aux, backend, f16},
+ *   {type: 'start', settings: {data, batch, epochs, steps, seed, aux, backend, f16, transport},
  *    resume: bool, server, schema, simulateFloat16, key (enrolment key, or null)}
  *   {type: 'stop'}            finish the current step, save it, stop (Start over)
  * Messages to the page (all {type, ...}):
  *   status {text, error}  model {text}  backend {name, requested, note, float32, drift, refused}
+ *   server {transport, parallel, text}  synced {syncs}
  *   total {total}  resumed {at, from, text}  running {step}  stepStart {step}
- *   step {record}  done {text, weights}  stopped  error {error, text}  ended {finished}
+ *   step {record}  done {text, weights, transport}  stopped  error {error, text}  ended {finished}
+ *
+ * Transport (settings.transport): 'http', or 'ws' -- the browser's native WebSocket for every
+ * op's frames (transport.mjs WsTransport). Against `spliteasy serve --mode parallel` (the
+ * server's health says so) A and C are averaged with the round's other devices every
+ * sync_every rounds through POST /v1/sessions/{sid}/sync (parallel.mjs), as train.mjs does.
  */
 
 import { fetchDeviceModels, fetchManifest } from './bundle_http.mjs';
@@ -23,7 +29,8 @@ import { SHUFFLE_RULE, shuffled } from './shuffle.mjs';
 import { TfjsSlices } from './slices.mjs';
 import { RunState } from './state.mjs';
 import { IdbStateStore } from './state_idb.mjs';
-import { HttpTransport, describeWait } from './transport.mjs';
+import { syncSlices } from './parallel.mjs';
+import { describeWait, makeTransport } from './transport.mjs';
 import { chooseBackend } from './web_backend.mjs';
 
 const post = (type, fields = {}) => self.postMessage({ type, ...fields });
@@ -64,6 +71,7 @@ async function run({ settings: st, resume, server, schema: schemaUrl, simulateFl
   let storeWorks = true;
   let trainer = null;
   let rt = null;
+  let transport = null;
   let finished = false;
   try {
     try {
@@ -84,13 +92,24 @@ async function run({ settings: st, resume, server, schema: schemaUrl, simulateFl
       gpu: backend.gpu,
     });
     let waiting = false;
-    const transport = new HttpTransport(server, {
+    transport = makeTransport(st.transport === 'ws' ? 'ws' : 'http', server, {
       authKey: key, // enrolment key for a server started with --auth-keys (?key=)
       onWait: (w) => {
         waiting = true;
         status(describeWait(w), true);
       },
     });
+    // spliteasy serve --mode parallel: average A and C with the round's other devices
+    const parallel = (await transport.getJson('/v1/health')).parallel ?? null;
+    const kind = st.transport === 'ws' ? 'websocket' : 'http';
+    post('server', {
+      transport: { kind: st.transport === 'ws' ? 'ws' : 'http', connections: 0 },
+      parallel,
+      text: parallel
+        ? `parallel rounds of ${parallel.devices_per_round} devices, A and C averaged every ${parallel.sync_every} round(s); frames over ${kind}`
+        : `devices take turns on B; frames over ${kind}`,
+    });
+    let syncs = 0;
     const schema = JSON.parse(new TextDecoder().decode(await fetchBytes(schemaUrl, 'the manifest schema')));
     const { manifest, digest } = await fetchManifest(transport, schema);
     post('model', {
@@ -146,7 +165,12 @@ async function run({ settings: st, resume, server, schema: schemaUrl, simulateFl
       state,
       onEvent,
       shouldStop: () => stopRequested,
-      onStep: async (r) => {
+      onStep: async (r, batch) => {
+        if (parallel && parallel.sync_every > 0 && (r.step + 1) % parallel.sync_every === 0) {
+          await syncSlices(transport, rt, syncs, batch.y.length);
+          syncs += 1;
+          post('synced', { syncs });
+        }
         post('step', { record: { ...r, backend: backend.name } });
         if (waiting) status(training); // the server is back
         waiting = false;
@@ -172,6 +196,7 @@ async function run({ settings: st, resume, server, schema: schemaUrl, simulateFl
     );
     post('done', {
       weights,
+      transport: { kind: st.transport === 'ws' ? 'ws' : 'http', connections: transport.connections ?? null },
       text:
         `done: ${total} steps` +
         (records.length ? `, loss ${first.toFixed(4)} → ${last.toFixed(4)}` : '') +
@@ -192,6 +217,7 @@ async function run({ settings: st, resume, server, schema: schemaUrl, simulateFl
       console.warn(`could not end the finished run's session: ${err.message}`);
     }
     rt?.dispose();
+    transport?.drop?.(); // a kept session's WebSocket (an interrupted run) is closed, not leaked
     post('ended', { finished });
   }
 }
