@@ -89,7 +89,7 @@ def _table(app) -> dict:
     """The session table, everything that is persisted (store bodies included)."""
     return {
         sid: (
-            s.token_sha256, s.aux_label, s.next_step, s.expect, s.stale_step,
+            s.token_sha256, s.aux_label, s.codec, s.next_step, s.expect, s.stale_step,
             {op: (st.step, st.request_sha256, bytes(st.body)) for op, st in s.store.items()},
         )
         for sid, s in app.state.service.table.sessions.items()
@@ -160,7 +160,7 @@ def test_durable_step_header_session_endpoint_and_conflict_body(tmp_path, serve_
     assert got.status_code == 200
     assert got.json() == {
         "session_id": dev.sid, "next_step": 3, "expect": "forward", "durable_step": 2,
-        "split_mode": "double", "aux_label": False,
+        "split_mode": "double", "aux_label": False, "codec": "float32",
     }  # fmt: skip
     assert dev.http.get(f"/v1/sessions/{dev.sid}").status_code == 401
     bad = dev.http.get(f"/v1/sessions/{dev.sid}", headers={"Authorization": "Bearer x"})
