@@ -171,3 +171,49 @@ def test_binary_crossentropy_bundle_on_tflite_and_tfjs(tmp_path, serve_app, digi
     }
     js_weights.update(keras_weights(app.state.trainer.module, TorchSpec.load(bundle / "B")))
     assert_matches_unsplit("binary_crossentropy tfjs", js_losses, js_weights, reference, ref_losses)
+
+
+def test_loss_from_the_compiled_model_else_from_the_flag(tmp_path, capsys):
+    """``spliteasy convert --model saved.h5`` takes the loss the model was compiled with;
+    ``--loss`` names one (aliases, from_logits from the output activation); a compiled loss
+    spliteasy cannot train on every side is refused naming it."""
+    import tf_keras as keras
+
+    from converters._exceptions import ConverterError
+    from converters.losses import compiled_loss, loss_spec, spec_of_keras_loss
+    from shared_schema import LossSpec, load_manifest
+    from split_helpers import digits_model
+    from spliteasy_cli.main import main
+
+    model = digits_model()
+    model.compile(optimizer="sgd", loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    saved = tmp_path / "compiled.h5"
+    model.save(saved)
+    assert compiled_loss(saved) == LossSpec(name="categorical_crossentropy", from_logits=True)
+    capsys.readouterr()
+    out = tmp_path / "bundle"
+    code = main(["convert", "--model", str(saved), "--cuts", "a_out", "--out", str(out)])
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout
+    manifest = load_manifest(out)
+    assert manifest.loss == LossSpec(name="categorical_crossentropy", from_logits=True)
+    assert manifest.labels.dtype == "float32" and manifest.labels.shape == [None, 10]
+    assert "loss categorical_crossentropy, from_logits=True" in stdout
+
+    assert spec_of_keras_loss("mse") == LossSpec(name="mean_squared_error")
+    assert spec_of_keras_loss("binary_crossentropy") == LossSpec(
+        name="binary_crossentropy", from_logits=False
+    )
+    assert spec_of_keras_loss(keras.losses.mean_absolute_error) == LossSpec(
+        name="mean_absolute_error"
+    )
+    assert loss_spec("mae", model) == LossSpec(name="mean_absolute_error")
+    assert loss_spec("binary_crossentropy", model).from_logits  # digits-cnn outputs logits
+    for bad, message in (
+        (keras.losses.Huber(), "does not train"),
+        (keras.losses.CategoricalCrossentropy(label_smoothing=0.1), "label_smoothing=0.1"),
+    ):
+        with pytest.raises(ConverterError, match=message):
+            spec_of_keras_loss(bad)
+    with pytest.raises(ConverterError, match="unknown loss 'hinge'"):
+        loss_spec("hinge", model)
