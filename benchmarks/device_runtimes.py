@@ -3,15 +3,19 @@
 Per-step device compute of the same bundle -- A's forward, C's forward + loss + backward +
 update, A's backward + update, on fixed random inputs and without a server -- in Python TF,
 TFLite and TF.js in Node (cpu backend), for the stem/head splits of ResNet50 and MobileNetV2
-(``tests/zoo_helpers.DEVICE_SPLITS``) at 96-128 px, batch 16; the ratios to Python TF; and
-the kernel-by-kernel gaps on the stems' own shapes (``device_tf/js/tools/profile_kernels.mjs``
-against the same ops in TensorFlow), including the stem convolution's filter gradient
-against its forward. The TF.js page (cpu and webgl) is measured by the browser tooling.
+(``tests/zoo_helpers.DEVICE_SPLITS``) at 96-128 px, batch 16, and TF.js in headless Chromium
+on the cpu and webgl backends (``device_tf/js/tools/bench_browser.mjs``: the same step in a
+page); the ratios to Python TF; and the kernel-by-kernel gaps on the stems' own shapes
+(``device_tf/js/tools/profile_kernels.mjs`` against the same ops in TensorFlow), including the
+stem convolution's filter gradient against its forward. The rows of one network are measured
+back to back (the machine's load average is recorded beside them: on a shared machine wall
+times move with it, CPU seconds much less).
 
 Speed is reported, never asserted. Usage::
 
     python benchmarks/device_runtimes.py [--nets resnet50 mobilenetv2] [--sizes 96 128]
-        [--batch 16] [--steps 3] [--out runs/bench-device.json]
+        [--batch 16] [--steps 3] [--browsers cpu webgl] [--webgl-steps 1] [--no-ops]
+        [--out runs/bench-device.json] [--markdown runs/bench-device.md]
 """
 
 from __future__ import annotations
@@ -86,6 +90,29 @@ def time_tfjs(bundle: Path, batch: int, steps: int) -> dict[str, Any]:
         return json.loads(out.read_text())
 
 
+def time_browser(bundle: Path, backend: str, batch: int, steps: int) -> dict[str, Any]:
+    """The device step in headless Chromium on ``backend`` (tools/bench_browser.mjs)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "page.json"
+        try:
+            subprocess.run(
+                ["node", "tools/bench_browser.mjs", str(bundle), "--backend", backend,
+                 "--batch", str(batch), "--steps", str(steps), "--json", str(out)],
+                cwd=JS_DIR, check=True, capture_output=True, text=True, timeout=3600,
+            )  # fmt: skip
+        except (subprocess.SubprocessError, OSError) as err:
+            return {"error": f"{type(err).__name__}: {err}"}
+        res = json.loads(out.read_text())
+        if res.get("backend") != backend and "error" not in res:
+            res["error"] = f"the page trained on {res.get('backend')}: {res.get('note')}"
+        return res
+
+
+def load_average() -> float:
+    """The 1-minute load average (the machine is shared: wall times scale with it)."""
+    return os.getloadavg()[0]
+
+
 def tf_op_times(size: int, batch: int) -> dict[str, dict[str, float]]:
     """Forward and gradient seconds of profile_kernels.mjs' ops in TensorFlow (tf.function)."""
     import tensorflow as tf
@@ -153,7 +180,9 @@ def js_op_times(size: int, batch: int) -> dict[str, dict[str, float]]:
         return {r["op"]: r for r in json.loads(out.read_text())["rows"]}
 
 
-def bench_net(net: str, size: int, batch: int, steps: int) -> dict[str, Any]:
+def bench_net(
+    net: str, size: int, batch: int, steps: int, browsers: list[str], webgl_steps: int
+) -> dict[str, Any]:
     import zoo_helpers
 
     from device_tf.tf_runtime import TFRuntime
@@ -172,6 +201,7 @@ def bench_net(net: str, size: int, batch: int, steps: int) -> dict[str, Any]:
         "batch": batch,
         "cuts": zoo_helpers.DEVICE_SPLITS[net],
     }
+    res["load_before"] = load_average()
     res["tf"] = time_python_runtime(tf_rt, inputs, steps)
     try:
         from device_tf.tflite_runtime import TFLiteRuntime
@@ -180,7 +210,21 @@ def bench_net(net: str, size: int, batch: int, steps: int) -> dict[str, Any]:
     except Exception as err:  # a bundle without TFLite artefacts, or a TFLite refusal
         res["tflite"] = {"error": f"{type(err).__name__}: {err}"}
     res["tfjs_node"] = time_tfjs(bundle, batch, steps)
+    for backend in browsers:
+        n = webgl_steps if backend != "cpu" else steps
+        res[f"tfjs_chromium_{backend}"] = time_browser(bundle, backend, batch, n)
+    res["load_after"] = load_average()
     return res
+
+
+RUNTIMES = {
+    "tf": "Python TF",
+    "tflite": "TFLite",
+    "tfjs_node": "TF.js Node (cpu)",
+    "tfjs_chromium_cpu": "TF.js Chromium (cpu)",
+    "tfjs_chromium_webgl": "TF.js Chromium (webgl, SwiftShader)",
+    "tfjs_chromium_webgpu": "TF.js Chromium (webgpu)",
+}
 
 
 def report(results: list[dict[str, Any]], ops: dict[int, dict[str, Any]]) -> str:
@@ -191,18 +235,25 @@ def report(results: list[dict[str, Any]], ops: dict[int, dict[str, Any]]) -> str
     ]
     for r in results:
         base, base_cpu = r["tf"]["step_s"], r["tf"]["step_cpu_s"]
-        for rt in ("tf", "tflite", "tfjs_node"):
-            t = r[rt]
-            if "error" in t:
-                lines.append(
-                    f"| {r['net']} ({r['size']}, {r['batch']}) | {rt} | {t['error'][:60]} | | | | | | |"
-                )
+        where = f"{r['net']} ({r['size']}, {r['batch']})"
+        for rt, label in RUNTIMES.items():
+            t = r.get(rt)
+            if t is None:
                 continue
+            if "error" in t:
+                lines.append(f"| {where} | {label} | {t['error'][:80]} | | | | | | |")
+                continue
+            cpu = t.get("step_cpu_s")
+            cpu_cols = f"{cpu:.3f} | {cpu / base_cpu:.1f}x" if cpu else "– | –"
             lines.append(
-                f"| {r['net']} ({r['size']}, {r['batch']}) | {rt} | {t['a_forward_s']:.3f} | {t['c_train_s']:.3f} "
+                f"| {where} | {label} | {t['a_forward_s']:.3f} | {t['c_train_s']:.3f} "
                 f"| {t['a_backward_s']:.3f} | {t['step_s']:.3f} | {t['step_s'] / base:.1f}x "
-                f"| {t['step_cpu_s']:.3f} | {t['step_cpu_s'] / base_cpu:.1f}x |"
+                f"| {cpu_cols} |"
             )
+        lines.append(
+            f"| {where} | (load average {r.get('load_before', 0):.1f} -> "
+            f"{r.get('load_after', 0):.1f} on {os.cpu_count()} cores) | | | | | | | |"
+        )
         kernels = r["tfjs_node"].get("kernels_s", {})
         top = ", ".join(f"{k} {v:.2f} s" for k, v in list(kernels.items())[:6])
         lines.append(f"\n{r['net']} {r['size']} px: TF.js kernels of one step: {top}\n")
@@ -236,17 +287,30 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--no-ops", action="store_true", help="skip the kernel-by-kernel table")
+    ap.add_argument(
+        "--browsers", nargs="*", default=["cpu", "webgl"], help="Chromium backends (none: skip)"
+    )
+    ap.add_argument(
+        "--webgl-steps", type=int, default=1, help="timed steps on GPU backends (SwiftShader: slow)"
+    )
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench-device.json")
+    ap.add_argument("--markdown", type=Path, default=REPO / "runs" / "bench-device.md")
     args = ap.parse_args()
-    results = [bench_net(n, s, args.batch, args.steps) for s in args.sizes for n in args.nets]
+    results = [
+        bench_net(n, s, args.batch, args.steps, args.browsers, args.webgl_steps)
+        for s in args.sizes
+        for n in args.nets
+    ]
     ops = {}
     if not args.no_ops:
         for s in args.sizes:
             ops[s] = {"js": js_op_times(s, args.batch), "tf": tf_op_times(s, args.batch)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"results": results, "ops": ops}, indent=1, default=str))
-    print(report(results, ops))
-    print(f"\n(written to {args.out})")
+    text = report(results, ops)
+    args.markdown.write_text(text + "\n")
+    print(text)
+    print(f"\n(written to {args.out} and {args.markdown})")
 
 
 if __name__ == "__main__":
