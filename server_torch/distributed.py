@@ -93,6 +93,11 @@ class WorkersFailed(ServerError):
 # -- exact synchronised BatchNorm -------------------------------------------------------
 
 
+# Seconds this process spent in the BatchNorm all-reduces (forward and backward): the
+# benchmark's "where the time goes" (benchmarks/workers_speed.py via /v1/health).
+BN_SYNC_SECONDS = [0.0]
+
+
 class _AllReduceSum(torch.autograd.Function):
     """sum over ranks, differentiable: d(sum_k x_k)/dx_j = 1, so the backward is the
     all-reduce (sum) of every rank's incoming gradient."""
@@ -100,14 +105,18 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:  # type: ignore[override]
         ctx.group = group
+        t0 = time.perf_counter()
         out = x.clone()
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        BN_SYNC_SECONDS[0] += time.perf_counter() - t0
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        t0 = time.perf_counter()
         out = grad.clone()
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=ctx.group)
+        BN_SYNC_SECONDS[0] += time.perf_counter() - t0
         return out, None
 
 
@@ -228,6 +237,7 @@ class Workers:
         self.on_failure: list[Callable[[str], None]] = []
         self.stopped = False
         self.seq = 0
+        self.timings: dict[str, dict[str, float]] = {}  # GatewayTrainer fills it
         self._last = time.monotonic()
         self._beat: threading.Thread | None = None
 
@@ -250,6 +260,10 @@ class Workers:
             "timeout": self.timeout,
             "status": "failed" if self.failed else ("stopped" if self.stopped else "ok"),
             **({"error": self.failed} if self.failed else {}),
+            "timings_s": {
+                **{op: {k: round(v, 4) for k, v in t.items()} for op, t in self.timings.items()},
+                "bn_allreduce": round(BN_SYNC_SECONDS[0], 4),
+            },
         }
 
     # -- failure --
@@ -415,7 +429,14 @@ class GatewayTrainer(ReplicaTrainer):
     def __init__(self, module: nn.Module, manifest: Manifest, workers: Workers) -> None:
         super().__init__(module, manifest, workers)
         self._rows: list[int] | None = None
-        self.exchange_ms: dict[str, float] = {"forward": 0.0, "backward": 0.0}
+        # cumulative seconds per op: "send" (header and shards out), "local" (rank 0's own
+        # shard, its collectives inside DDP and BatchNorm included), "gather" (the other
+        # ranks' results in: waiting for the slowest); /v1/health "workers" -> "timings_s"
+        self.timings: dict[str, dict[str, float]] = {
+            op: {"send": 0.0, "local": 0.0, "gather": 0.0, "calls": 0}
+            for op in ("forward", "backward")
+        }
+        workers.timings = self.timings
 
     def _exchange(self, op: int, arr: np.ndarray, target: bool, local: Callable) -> np.ndarray:
         w = self.workers
@@ -426,6 +447,7 @@ class GatewayTrainer(ReplicaTrainer):
             bounds = np.cumsum([0, *rows])
             try:
                 t0 = time.perf_counter()
+                clock = self.timings[_OPS[op]]
                 w.command(op, rows, target)
                 shards = [
                     torch.from_numpy(np.ascontiguousarray(arr[bounds[k] : bounds[k + 1]]))
@@ -434,11 +456,14 @@ class GatewayTrainer(ReplicaTrainer):
                 sends = [dist.isend(t, k) for k, t in enumerate(shards, start=1)]
                 for s in sends:
                     s.wait()
-                send_ms = (time.perf_counter() - t0) * 1e3
+                t1 = time.perf_counter()
+                clock["send"] += t1 - t0
             except Exception as exc:  # noqa: BLE001
                 raise w.fail(_describe(exc)) from None
             try:
                 mine = local(arr[: bounds[1]])
+                t2 = time.perf_counter()
+                clock["local"] += t2 - t1
             except (InvalidTensor, StepConflict):
                 raise  # every rank refused together (the guard's collective decision)
             except ServerError:
@@ -446,14 +471,14 @@ class GatewayTrainer(ReplicaTrainer):
             except Exception as exc:  # noqa: BLE001 - a collective inside B's step failed
                 raise w.fail(_describe(exc)) from None
             try:
-                t1 = time.perf_counter()
                 spec = self.out_spec if op == FORWARD else self.in_spec
                 parts = [mine]
                 for k in range(1, w.world_size):
                     buf = torch.empty((rows[k], *spec.sample_shape), dtype=torch.float32)
                     dist.recv(buf, src=k)
                     parts.append(buf.numpy())
-                self.exchange_ms[_OPS[op]] = send_ms + (time.perf_counter() - t1) * 1e3
+                clock["gather"] += time.perf_counter() - t2
+                clock["calls"] += 1
             except Exception as exc:  # noqa: BLE001
                 raise w.fail(_describe(exc)) from None
         if op == FORWARD:
