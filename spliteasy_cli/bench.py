@@ -207,12 +207,12 @@ def _table1(args: argparse.Namespace, out: Path, bar: Progress) -> dict[str, Any
 
     from .bench_run import (
         BundleCache,
-        first_cut,
         measure_split,
         measure_tf_alone,
         measure_torch_alone,
         stem_head_cuts,
         unsplit_model,
+        whole_network_bundle,
     )
 
     settings = _settings(args, args.link)
@@ -246,7 +246,7 @@ def _table1(args: argparse.Namespace, out: Path, bar: Progress) -> dict[str, Any
             single = cache.get(net, size, [c1])
             bar.tick()
             bar.stage(f"{net}: converting whole (torch alone)")
-            whole = cache.get(net, size, [first_cut(model)])
+            whole = whole_network_bundle(cache, net, size, model)
             bar.tick()
             bar.stage(f"{net}: double split")
             row["double"] = measure_split(double, settings, tick=bar.tick).to_json()

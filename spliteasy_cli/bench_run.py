@@ -87,10 +87,22 @@ def stem_head_cuts(model: Any) -> tuple[str, str]:
     return first.layer, last.layer
 
 
-def first_cut(model: Any) -> str:
-    """The first valid cut: a single split there leaves (nearly) the whole network to B."""
+def first_cuts(model: Any, n: int = 3) -> list[str]:
+    """The first valid cuts: a single split at the first leaves (nearly) the whole network
+    to B; the next ones are fallbacks should the converter refuse a slice A that small."""
     _, cuts, _ = _cut_classes(model)
-    return cuts[0].layer
+    return [c.layer for c in cuts[:n]]
+
+
+def whole_network_bundle(cache: BundleCache, net: str, size: int | None, model: Any) -> Path:
+    """A single-split bundle cut as early as the converter accepts (torch alone's B)."""
+    errors = []
+    for cut in first_cuts(model):
+        try:
+            return cache.get(net, size, [cut])
+        except SpliteasyError as exc:
+            errors.append(f"{cut}: {exc}")
+    raise BenchError(f"{net}: no early single split converts: {'; '.join(errors)}")
 
 
 def sweep_cuts(model: Any, every: int = 1, max_cuts: int | None = None) -> tuple[list, str]:
