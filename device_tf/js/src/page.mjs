@@ -6,7 +6,10 @@
  *
  * Query parameters (all optional):
  *   data=URL    training data, a spliteasy frames file with x and y (default: the server's
- *               /v1/demo/digits.frames, scikit-learn's digits fitted to the bundle's input)
+ *               /v1/demo/digits.frames, scikit-learn's digits fitted to the bundle's input).
+ *               Or the user's own images, picked in the form: a folder of class subfolders
+ *               or several <class>_*.png files, decoded in this page (page_data.mjs); a
+ *               saved run on picked images resumes once the same images are picked again.
  *   schema=URL  the manifest JSON Schema (default /v1/schema)
  *   server=URL  the spliteasy server (default: this page's origin)
  *   batch=B epochs=E steps=N seed=S   as the CLI's --batch-size --epochs --steps --seed
@@ -28,7 +31,8 @@
  *  transport ({kind, connections}), parallel (the server's parallel settings, or null),
  *  syncs (A/C averagings done),
  *  ui ({ticks, maxGapMs}: the page's own timer, to show it was never blocked),
- *  weights (A's and C's variables once done)} for automation.
+ *  weights (A's and C's variables once done), data ({source, classes, count} of picked
+ *  images)} for automation.
  *
  * The run survives a reload: after every step the worker keeps A, C, their optimizer state,
  * the position in the data and its session (id, token) in IndexedDB (state_idb.mjs, the
@@ -168,10 +172,10 @@ function showStep(r, done, total, records) {
  * Train: a new run from the form, or (`saved`: the stored session record) the saved run
  * resumed with the settings it was started with. Resolves when the worker has ended it.
  */
-function run(saved = null) {
+function run(saved = null, local = null) {
   const form = new FormData($('controls'));
   const st = saved?.page ?? {
-    data: String(form.get('data')),
+    data: local ? `local:${local.source}` : String(form.get('data')),
     batch: Number(form.get('batch')),
     epochs: Number(form.get('epochs')) || 1,
     steps: form.get('steps') ? Number(form.get('steps')) : null,
@@ -199,6 +203,7 @@ function run(saved = null) {
     ui: { ticks: result.ui.ticks, maxGapMs: 0 },
   });
   delete result.weights;
+  if (local) result.data = { source: local.source, classes: local.classes, count: local.count };
   $('log').replaceChildren();
   $('resume').hidden = true;
   drawChart([]);
@@ -296,7 +301,8 @@ function run(saved = null) {
       schema: new URL(settings.schema, location.href).href,
       simulateFloat16,
       key: settings.key, // enrolment key (not saved with the run)
-    });
+      dataBytes: local?.bytes.buffer ?? null, // the picked images, decoded (page_data.mjs)
+    }, local ? [local.bytes.buffer] : []);
   });
 }
 
@@ -324,8 +330,51 @@ async function startOver() {
 
 $('controls').addEventListener('submit', (ev) => {
   ev.preventDefault();
-  running = run();
+  running = startFromForm();
 });
+
+// A saved run on picked images: it resumes when the same images are picked again.
+let localResume = null;
+
+/** Train on what the form names: the picked images (decoded here first), or the data URL. */
+async function startFromForm() {
+  const picked = $('images').files?.length ? $('images').files : $('image-files').files;
+  if (!picked?.length) return run();
+  $('start').disabled = true;
+  try {
+    const local = await pickedImages(picked);
+    if (local) {
+      const saved = localResume;
+      localResume = null;
+      await run(saved, local);
+    }
+  } finally {
+    $('start').disabled = false;
+  }
+}
+
+/**
+ * Decode the picked files in this page with TF.js (cpu: the Python device's float32 steps)
+ * for the server's model; null (and the error shown) when they cannot train it.
+ */
+async function pickedImages(files) {
+  setStatus(`decoding ${files.length} picked files in this page…`);
+  try {
+    const [tf, { imagesToFrames }] = await Promise.all([import('@tensorflow/tfjs'), import('./page_data.mjs')]);
+    await tf.setBackend('cpu');
+    const base = settings.server ? new URL(settings.server, location.href).href.replace(/\/$/, '') : location.origin;
+    const r = await fetch(`${base}/v1/manifest`);
+    if (!r.ok) throw new Error(`cannot fetch the manifest: HTTP ${r.status}`);
+    const manifest = await r.json();
+    const out = await imagesToFrames(tf, files, manifest, (done, total) => setStatus(`decoding images in this page: ${done}/${total}`));
+    $('data-note').textContent = `your images: ${out.count} from ${out.source}, ${out.classes.length} classes (${out.classes.join(', ')})`;
+    return out;
+  } catch (err) {
+    Object.assign(result, { status: 'error', error: `${err.name}: ${err.message}` });
+    setStatus(`error: ${err.message}`, true);
+    return null;
+  }
+}
 $('restart').addEventListener('click', () => startOver());
 $('model').textContent = 'ready';
 markBackends();
@@ -362,6 +411,10 @@ async function markBackends() {
     storeWorks = false;
     console.warn(`IndexedDB unavailable, runs will not survive a reload: ${err.message}`);
   }
-  if (saved?.page) running = run(saved);
+  if (saved?.page && String(saved.page.data).startsWith('local:')) {
+    localResume = saved; // the page cannot read the user's files again by itself
+    $('resume').hidden = false;
+    $('resume').textContent = `an unfinished run on your images (${saved.page.data.slice(6)}) is saved: pick the same images and press Train to resume it`;
+  } else if (saved?.page) running = run(saved);
   else if (params.get('auto') === '1') running = run();
 })();

@@ -6,7 +6,8 @@
  *
  * Messages from the page:
  *   {type: 'start', settings: {data, batch, epochs, steps, seed, aux, backend, f16, transport},
- *    resume: bool, server, schema, simulateFloat16, key (enrolment key, or null)}
+ *    resume: bool, server, schema, simulateFloat16, key (enrolment key, or null),
+ *    dataBytes (the user's images as a frames message, decoded by the page; else null)}
  *   {type: 'stop'}            finish the current step, save it, stop (Start over)
  * Messages to the page (all {type, ...}):
  *   status {text, error}  model {text}  backend {name, requested, note, float32, drift, refused}
@@ -64,7 +65,7 @@ async function fetchBytes(url, what) {
 }
 
 /** One run: a new one, or (`resume`) the one saved in IndexedDB, with the settings `st`. */
-async function run({ settings: st, resume, server, schema: schemaUrl, simulateFloat16 = false, key = null }) {
+async function run({ settings: st, resume, server, schema: schemaUrl, simulateFloat16 = false, key = null, dataBytes = null }) {
   stopRequested = false;
   const status = (text, error = false) => post('status', { text, error });
   const store = new IdbStateStore(`run:${new URL(server).origin}`);
@@ -118,8 +119,10 @@ async function run({ settings: st, resume, server, schema: schemaUrl, simulateFl
         `${manifest.optimizer.name} lr ${manifest.optimizer.learning_rate}`,
     });
     const models = await fetchDeviceModels(transport, manifest);
-    const dataBytes = await fetchBytes(st.data, 'the training data');
-    const data = parseData(dataBytes, manifest.input);
+    // The user's own images arrive decoded by the page (page_data.mjs) as a frames message;
+    // anything else is a data URL.
+    const bytes = dataBytes ? new Uint8Array(dataBytes) : await fetchBytes(st.data, 'the training data');
+    const data = parseData(bytes, manifest.input, manifest);
     rt = new TfjsSlices(manifest, models);
     trainer = new SplitTrainer(rt, transport, manifest, digest, { auxLabel: st.aux, codec: st.codec ?? 'float32' });
     const plan = { batchSize: st.batch, epochs: st.epochs, steps: st.steps ?? Infinity };
@@ -133,7 +136,7 @@ async function run({ settings: st, resume, server, schema: schemaUrl, simulateFl
       runtime: 'tfjs',
       aux_label: st.aux,
       ...(st.codec && st.codec !== 'float32' ? { codec: st.codec } : {}),
-      data_sha256: await sha256Hex(dataBytes),
+      data_sha256: await sha256Hex(bytes),
       n_samples: data.count,
       epochs: st.epochs,
       batch_size: st.batch,

@@ -3,6 +3,10 @@
 //   {result: window.spliteasyResult, dom: {status, loss, step, resume, ...}, reload,
 //    console: [...], errors: [...]}
 // Usage: node tools/browser_run.mjs URL [--chromium PATH] [--timeout MS] [--reload-at-step N]
+//        [--pick-folder DIR]
+//
+// --pick-folder DIR (URL without auto=1) hands the page's folder picker (<input
+// webkitdirectory>) the folder DIR, as a user picking it would, then presses Train.
 //
 // --reload-at-step N reloads the page in the middle of a run: when the page sends the
 // request that opens step N (its N+1-th forward, or step in a single split) -- steps
@@ -28,6 +32,7 @@ const { values, positionals } = parseArgs({
     timeout: { type: 'string', default: '300000' },
     'reload-at-step': { type: 'string' },
     'start-over-at-step': { type: 'string' },
+    'pick-folder': { type: 'string' },
   },
 });
 const [url] = positionals;
@@ -75,6 +80,10 @@ try {
     });
   }
   await page.goto(url, { waitUntil: 'load', timeout });
+  if (values['pick-folder']) {
+    await page.setInputFiles('#images', values['pick-folder']);
+    await page.click('#start');
+  }
   if (reloadAt !== null) {
     await Promise.race([
       hold,
