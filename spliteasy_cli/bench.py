@@ -597,7 +597,6 @@ def _write_breakdown(out: Path, args: argparse.Namespace, results: list) -> dict
         "settings": {"batch": args.batch, "steps": args.steps, "size": args.size},
         "results": results,
     }
-    (out / "results.json").write_text(json.dumps(doc, indent=1))
     lines = [
         f"# Figures 4b/4c: double-split step breakdown per network and link (batch {args.batch}, "
         f"mean of {args.steps} steps)",
@@ -630,6 +629,7 @@ def _write_breakdown(out: Path, args: argparse.Namespace, results: list) -> dict
         "through `python -m netem --profile P`; wire - loopback wire is the link's own "
         "share (the proxy's relay included), set against the bound.",
     ]
+    (out / "results.json").write_text(json.dumps(doc, indent=1))
     (out / "report.md").write_text("\n".join(lines) + "\n")
     _plot_breakdown(out, results, args)
     return doc
