@@ -126,7 +126,9 @@ def sweep_cuts(model: Any, every: int = 1, max_cuts: int | None = None) -> tuple
     for i, p in enumerate(pools[:2]):
         chosen.append((p.layer, p.position, f"max-pool {i + 1}"))
     last = max(pos for _, pos, _ in chosen)
-    later = [c for c in cuts if last < c.position < head_pos]
+    head_params = next(c.params_before for c in cuts if c.layer == head)
+    # B must train something: a cut right before the head (B = an activation) is skipped
+    later = [c for c in cuts if last < c.position < head_pos and c.params_before < head_params]
     picked = later[::every] if every > 1 else later
     if max_cuts is not None and len(picked) > max(max_cuts - len(chosen), 0):
         n = max(max_cuts - len(chosen), 0)
