@@ -135,3 +135,86 @@ def test_node_devices_in_parallel_mode_equal_unsplit_large_batch(tmp_path, serve
         losses.append([r["loss"] for r in log["records"]])
     mean = np.mean(losses, axis=0)
     assert max(abs(a - b) / abs(b) for a, b in zip(mean, ref_losses, strict=True)) <= 1e-4
+
+
+@pytest.mark.browser
+def test_browser_page_over_websocket_in_parallel_mode(tmp_path, serve_app, page_files):
+    """The page (native WebSocket, ``?transport=ws``) and a Node device (HTTP), batch 16
+    each, in ``--mode parallel`` rounds of 2 that average A and C every round: the page
+    syncs as the Node device does, so after 3 rounds both hold the same A and C bytes, and
+    A, B and C equal unsplit tf_keras with batch 32 within 1e-4 (digits-cnn, SGD with
+    momentum). The page's frames came over one socket."""
+    import subprocess
+    import urllib.request
+
+    import httpx
+    from js_fixtures import JS_DIR
+    from test_js_browser import SCHEMA, chromium
+
+    from device_tf.keras_util import named_variables
+    from device_tf.reference import train_unsplit
+    from server_torch.app import create_app
+    from server_torch.rebuild import keras_weights
+    from server_torch.spec import TorchSpec
+    from shared_schema import load_manifest
+    from split_helpers import rel
+
+    node()
+    browser = chromium()
+    steps, half = 3, 16
+    bundle, reference = digits_bundle(None, "double", SGD_CFG, ALL_RUNTIMES)
+    manifest = load_manifest(bundle)
+    big = fixed_batches(steps, 2 * half)
+    train_unsplit(reference, big, manifest.optimizer, manifest.loss)
+    app = create_app(bundle, mode="parallel", devices_per_round=2, round_timeout=120)
+    srv = serve_app(app)
+    node_data = write_batches(tmp_path / "node.frames", [(x[:half], y[:half]) for x, y in big])
+    page_data = write_batches(page_files(".frames"), [(x[half:], y[half:]) for x, y in big])
+    args = [node(), "train.mjs", "--server", srv.url, "--data", str(node_data), "--quiet"]
+    args += ["--bundle", str(bundle), "--batch-size", str(half), "--steps", str(steps)]
+    args += ["--weights-out", str(tmp_path / "node.json")]
+    dev = subprocess.Popen(args, cwd=JS_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        query = f"data=../data/{page_data.name}&batch={half}&steps={steps}&auto=1&transport=ws"
+        try:
+            urllib.request.urlopen(f"{srv.url}/v1/schema", timeout=10).close()
+        except OSError:
+            schema = page_files(".schema.json")
+            schema.write_bytes(SCHEMA.read_bytes())
+            query += f"&schema=../data/{schema.name}"
+        proc = run_node(
+            ["tools/browser_run.mjs", f"{srv.url}/device/web/?{query}", "--chromium", browser]
+            + ["--timeout", "240000"]
+        )
+        _, err = dev.communicate(timeout=240)
+    finally:
+        if dev.poll() is None:
+            dev.kill()
+    assert dev.returncode == 0, err.decode()[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = out["result"]
+    assert result is not None and result["status"] == "done", json.dumps(out, indent=1)[:4000]
+    assert result["transport"] == {"kind": "ws", "connections": 1}, result["transport"]
+    assert result["parallel"]["devices_per_round"] == 2 and result["syncs"] == steps
+    assert app.state.rounds.round_sizes == [2] * steps
+    assert 'method="WS"' in httpx.get(f"{srv.url}/metrics", timeout=60).text
+
+    page = {
+        name: np.asarray(w["data"], np.float32).reshape(w["shape"])
+        for part in result["weights"].values()
+        for name, w in part.items()
+    }
+    held = json.loads((tmp_path / "node.json").read_text())
+    node_w = {
+        name: np.asarray(w["data"], np.float32).reshape(w["shape"])
+        for part in held.values()
+        for name, w in part.items()
+    }
+    assert set(page) == set(node_w)
+    assert all(np.array_equal(page[k], node_w[k]) for k in page)  # the same average
+    expected = {k: v.numpy() for k, v in named_variables(reference).items()}
+    got = {**keras_weights(app.state.trainer.module, TorchSpec.load(bundle / "B")), **page}
+    errs = {k: rel(got[k], expected[k]) for k in expected}
+    worst = max(errs, key=errs.get)
+    print(f"\npage (ws) + node (http), parallel: worst rel err {errs[worst]:.2e} ({worst})")
+    assert errs[worst] <= 1e-4, sorted(errs.items(), key=lambda kv: -kv[1])[:5]
