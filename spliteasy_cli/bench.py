@@ -43,6 +43,15 @@ COLORS = {
     "wire_ms": "#c44e52",
 }
 MIN_SIZE = {"inceptionv3": 75, "inceptionresnetv2": 75}
+PAPER_NETWORKS = (
+    "resnet50",
+    "resnet152",
+    "densenet121",
+    "densenet201",
+    "inceptionv3",
+    "inceptionresnetv2",
+)
+NETWORKS = (*PAPER_NETWORKS, "mobilenetv2")
 
 
 def _common(p: argparse.ArgumentParser, *, size: int, batch: int) -> None:
@@ -69,8 +78,6 @@ def _common(p: argparse.ArgumentParser, *, size: int, batch: int) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .bench_run import NETWORKS
-
     sub = p.add_subparsers(dest="study", required=True, metavar="STUDY")
     t1 = sub.add_parser("table1", help="per-image time of double/single/no split (Table 1)")
     t1.add_argument("--networks", nargs="+", default=list(NETWORKS), metavar="NET")
@@ -130,8 +137,6 @@ class Progress:
 def _check(args: argparse.Namespace) -> None:
     from netem.profiles import load_profile
     from shared_schema import SpliteasyError
-
-    from .bench_run import NETWORKS
 
     for name in ("batch", "steps", "size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:

@@ -38,16 +38,9 @@ import numpy as np
 
 from shared_schema import SpliteasyError
 
+from .bench import NETWORKS, PAPER_NETWORKS  # noqa: F401 - re-exported for bench's callers
+
 REPO = Path(__file__).resolve().parents[1]
-PAPER_NETWORKS = (
-    "resnet50",
-    "resnet152",
-    "densenet121",
-    "densenet201",
-    "inceptionv3",
-    "inceptionresnetv2",
-)
-NETWORKS = (*PAPER_NETWORKS, "mobilenetv2")
 CONVERTER_SOURCES = ("converters", "server_torch/passes")
 
 
