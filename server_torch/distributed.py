@@ -16,11 +16,12 @@ rank applies the same optimizer step, so the replicas never drift apart.
 - **BatchNorm statistics are the round's, not the shard's.** ``torch.nn.SyncBatchNorm``
   refuses CPU tensors in this torch ("expected input tensor to be on GPU or XPU") and
   keeps torch's running-statistics rule, not Keras'. So :class:`SyncKerasBatchNorm`
-  extends B's Keras-exact ``KerasBatchNorm``: in training it all-reduces the per-channel
-  sum and count, then the sum of squared deviations from the global mean (two passes:
-  no sum-of-squares cancellation), through :class:`_AllReduceSum`, whose backward is
-  the all-reduce of the gradient, so dL/dx carries every rank's share of the mean and
-  variance. The moving statistics follow from the global mean and variance, identical
+  extends B's Keras-exact ``KerasBatchNorm``: in training it all-reduces, once, the
+  per-channel sums of d and d^2 and the count, d = x - the moving mean (a shift equal on
+  every rank), in float64 (so E[d^2] - E[d]^2 does not cancel), through
+  :class:`_AllReduceSum`, whose backward is the all-reduce of the gradient: dL/dx
+  carries every rank's share of the mean and variance, one collective each way per
+  BatchNorm. The moving statistics follow from the global mean and variance, identical
   on every rank.
 
 *One URL.* Devices talk to rank 0 only: it runs the FastAPI gateway and the round
@@ -131,13 +132,21 @@ class SyncKerasBatchNorm(KerasBatchNorm):
         if not self.training:
             return super().forward(x)
         dims = [0, *range(2, x.ndim)]
-        view = [1, self.num_features] + [1] * (x.ndim - 2)
-        count = torch.full((1,), float(x.numel() // self.num_features), dtype=x.dtype)
-        summed = _AllReduceSum.apply(torch.cat([x.sum(dim=dims), count]), self.group)
-        n = float(summed[-1].detach())
-        mean = summed[:-1] / n
+        c = self.num_features
+        view = [1, c] + [1] * (x.ndim - 2)
+        # One all-reduce of [sum d, sum d^2, count] with d = x - shift, in float64: the
+        # shift (the moving mean: equal on every rank, near the batch mean) and the
+        # float64 sums keep E[d^2] - E[d]^2 free of cancellation.
+        shift = self.running_mean.detach().to(torch.float64)
+        d = x.to(torch.float64) - shift.view(view)
+        count = torch.full((1,), float(x.numel() // c), dtype=torch.float64)
+        packed = torch.cat([d.sum(dim=dims), (d * d).sum(dim=dims), count])
+        total = _AllReduceSum.apply(packed, self.group)
+        n = float(total[-1].detach())
+        m1, m2 = total[:c] / n, total[c : 2 * c] / n
+        mean = (m1 + shift).to(x.dtype)
+        var = (m2 - m1 * m1).clamp_min(0.0).to(x.dtype)
         centred = x - mean.view(view)
-        var = _AllReduceSum.apply((centred * centred).sum(dim=dims), self.group) / n
         with torch.no_grad():
             acc_var = var * (n / max(n - 1, 1)) if self.unbiased_running_var else var
             self.running_mean.mul_(self.momentum).add_(mean, alpha=1.0 - self.momentum)
@@ -398,6 +407,14 @@ class ReplicaTrainer(Trainer):
         )
         self.ddp.register_comm_hook(None, _sum_hook)
 
+    def _check(self, arr: np.ndarray, spec: Any, what: str) -> np.ndarray:
+        """As the trainer's, but an empty shard is fine: a round with fewer rows than
+        ranks leaves some ranks none, and they still take part in every collective."""
+        empty = arr.ndim == len(spec.shape) and arr.shape[0] == 0
+        if empty and tuple(arr.shape[1:]) == spec.sample_shape:
+            return np.ascontiguousarray(arr, dtype=self._np_dtype)
+        return super()._check(arr, spec, what)
+
     def _run(self, a: np.ndarray):  # type: ignore[override]
         from .trainer import _Pending, to_torch_layout
 
@@ -486,14 +503,14 @@ class GatewayTrainer(ReplicaTrainer):
         return np.concatenate(parts)
 
     def forward(self, a: np.ndarray) -> np.ndarray:
-        a = self._check(a, self.in_spec, self.in_spec.name)
+        a = Trainer._check(self, a, self.in_spec, self.in_spec.name)  # at least one row
         self._rows = None
         return self._exchange(FORWARD, a, False, super().forward)
 
     def backward(self, g: np.ndarray, *, target: bool = False) -> np.ndarray:
         if self._pending is None or self._rows is None:
             raise StepConflict("no forward is pending: send the forward of this step first")
-        g = self._check(g, self.out_spec, self.out_spec.name)
+        g = Trainer._check(self, g, self.out_spec, self.out_spec.name)
         if g.shape[0] != sum(self._rows):
             from shared_schema import FrameSpecMismatch
 

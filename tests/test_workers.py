@@ -83,8 +83,10 @@ def test_two_workers_train_b_exactly_as_one_large_batch(
 
 
 def test_a_dead_worker_is_reported_not_waited_for(serve_bundle, digits_bundle_dir) -> None:
-    """A device's forward waits in a round of 2; rank 1 is SIGKILLed: the forward is
-    answered 503 workers_failed (not left hanging), rank 0 exits with status 1."""
+    """One device with batch 1 in rounds of 2 (closed by their 4 s timeout): step 0 trains
+    with an empty shard on rank 1. Step 1's forward waits for a second device; rank 1 is
+    SIGKILLed: the forward is answered 503 workers_failed (not left hanging), rank 0
+    exits with status 1."""
     import threading
 
     import numpy as np
@@ -93,29 +95,35 @@ def test_a_dead_worker_is_reported_not_waited_for(serve_bundle, digits_bundle_di
 
     srv = serve_bundle(
         digits_bundle_dir, "--mode", "parallel", "--workers", "2", "--worker-timeout", "20",
-        "--devices-per-round", "2", "--round-timeout", "60",
+        "--devices-per-round", "2", "--round-timeout", "4",
     )  # fmt: skip
     manifest = load_manifest(digits_bundle_dir)
     created = httpx.post(
         f"{srv.url}/v1/sessions", json={"manifest_sha256": manifest_digest(digits_bundle_dir)}
     ).json()
     sid, token = created["session_id"], created["token"]
-    spec = manifest.server_input
-    x = np.random.default_rng(0).normal(size=(4, *spec.sample_shape)).astype(np.float32)
-    body = encode([Frame(FrameKind.ACTIVATION, spec.name, x, spec.layout, bytes.fromhex(sid), 0)])
-    replies: list[httpx.Response] = []
-    forward = threading.Thread(
-        target=lambda: replies.append(
-            httpx.post(
-                f"{srv.url}/v1/sessions/{sid}/forward",
-                content=body,
-                headers={"Authorization": f"Bearer {token}", "Content-Type": MEDIA_TYPE},
-                timeout=60,
-            )
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": MEDIA_TYPE}
+    rng = np.random.default_rng(0)
+
+    def frames(kind: FrameKind, spec, step: int) -> bytes:
+        x = rng.normal(size=(1, *spec.sample_shape)).astype(np.float32)
+        return encode([Frame(kind, spec.name, x, spec.layout, bytes.fromhex(sid), step)])
+
+    def post(op: str, body: bytes) -> httpx.Response:
+        return httpx.post(
+            f"{srv.url}/v1/sessions/{sid}/{op}", content=body, headers=headers, timeout=60
         )
-    )
+
+    # step 0: 1 row in the round, rank 1's shard is empty
+    assert post("forward", frames(FrameKind.ACTIVATION, manifest.server_input, 0)).is_success
+    assert post("backward", frames(FrameKind.GRADIENT, manifest.server_output, 0)).is_success
+    assert httpx.get(f"{srv.url}/v1/health").json()["steps"] == 1
+
+    body = frames(FrameKind.ACTIVATION, manifest.server_input, 1)
+    replies: list[httpx.Response] = []
+    forward = threading.Thread(target=lambda: replies.append(post("forward", body)))
     forward.start()
-    time.sleep(1.0)  # the forward waits for a second device
+    time.sleep(0.5)  # the forward waits for a second device (up to 4 s)
     assert not replies
     (worker,) = _children(srv.proc.pid)
     t0 = time.monotonic()
