@@ -409,7 +409,7 @@ def _plot_table1(path: Path, rows: list[dict[str, Any]], batch: int) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("ms per image")
     ax.set_title(f"Per-image training time, batch {batch}")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
