@@ -118,7 +118,7 @@ def encode(frames: Iterable[Frame]) -> bytes:
                 raise FrameSpecMismatch(
                     f"{f.name}: a {f.kind.name} {dtype_name} frame travels raw, not as {codec.name}"
                 )
-            payload = codec.compress(arr, f.layout)
+            payload = codec.compress(arr, f.layout, codecs.frame_seed(f.step, int(f.kind)))
         parts.append(
             _HEADER.pack(
                 MAGIC,

@@ -2,7 +2,8 @@
 and split training on digits that still learns with fp16 and int8 on the wire.
 
 - each codec's round trip stays within its error bound (fp16: 2^-11 relative; bf16: 2^-8;
-  affine int8/int4: half a quantisation step of the tensor's or channel's range);
+  affine int8: half a quantisation step of the tensor's or channel's range; int4, which
+  rounds stochastically: one step, and unbiased);
 - the golden compressed frames (``tests/golden/frames/codec/``, ``make golden``) are what
   this codec writes for their inputs and decode to the recorded values; the JS codec
   asserts the same files (``device_tf/js/test/codec.test.mjs``);
@@ -53,7 +54,8 @@ def _bound(codec: str, x: np.ndarray, layout: str) -> np.ndarray:
         span = np.broadcast_to(
             x.max(axis=other, keepdims=True) - x.min(axis=other, keepdims=True), x.shape
         )
-    return span / c.levels * 0.5 * (1 + 1e-6) + np.abs(x) * 2.0**-23
+    half = 1.0 if c.rounding == "stochastic" else 0.5  # stochastic: within one step
+    return span / c.levels * half * (1 + 1e-6) + np.abs(x) * 2.0**-23
 
 
 @pytest.mark.parametrize("codec", NAMES)
@@ -69,6 +71,21 @@ def test_round_trip_within_the_codec_bound(codec: str, shape: tuple, layout: str
     assert (err <= _bound(codec, x, layout)).all(), float((err - _bound(codec, x, layout)).max())
     if codec == "float32":
         assert np.array_equal(got.array, x)
+
+
+def test_int4_rounds_stochastically_without_bias_and_deterministically() -> None:
+    """Small values between two int4 levels keep their mean (nearest rounding would send
+    them all to one level: the bias that stalled training); the same step and kind give
+    the same bytes, another step other ones."""
+    x = np.full((64, 1000), 0.3, np.float32)
+    x[:, 0], x[:, 1] = 0.0, 1.0  # scale 1/15: 0.3 sits 4.5 levels up
+    frame = Frame(FrameKind.GRADIENT, "g", x, "N", step=5, codec="int4")
+    (got,) = decode(encode([frame]))
+    assert abs(float(got.array[:, 2:].mean()) - 0.3) < 2e-3
+    np.testing.assert_allclose(np.unique(got.array[:, 2:]), [4 / 15, 5 / 15], rtol=1e-6)
+    assert encode([frame]) == encode([frame])
+    again = Frame(FrameKind.GRADIENT, "g", x, "N", step=6, codec="int4")
+    assert encode([again]) != encode([Frame(FrameKind.GRADIENT, "g", x, "N", step=5, codec="int4")])
 
 
 def test_payload_sizes_meet_the_issue_targets() -> None:

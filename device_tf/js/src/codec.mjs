@@ -12,8 +12,10 @@
  *   int8-channel  lo[C] f32, scale[C] f32, n x u8 (per channel)             8C + n
  *   int4          lo[C] f32, scale[C] f32, n x 4 bits (low nibble first)    8C + ceil(n/2)
  *
- * Affine: scale = f32((hi - lo) / L), q = clip(floor((x - lo) / scale + 0.5), 0, L) (0 when
- * scale is 0), x' = f32(lo + q * scale): double arithmetic on float32 inputs, one rounding,
+ * Affine: scale = f32((hi - lo) / L), q = clip(floor((x - lo) / scale + u), 0, L) (0 when
+ * scale is 0), x' = f32(lo + q * scale); u = 0.5 (int8: nearest) or, for int4, stochastic
+ * u_i = fmix32(i * 0x9E3779B1 + seed) / 2^32 with seed = frameSeed(step, kind) (unbiased):
+ * double arithmetic on float32 inputs, uint32 hashing, one rounding,
  * the same IEEE operations numpy does, so both sides write the same bytes
  * (tests/golden/frames/codec/). The constants are protocol.json's "codecs" (asserted by
  * test/protocol.test.mjs).
@@ -25,12 +27,12 @@ export const DEFAULT_CODEC = 'float32';
 export const COMPRESSIBLE_KINDS = Object.freeze(['ACTIVATION', 'GRADIENT']);
 export const CHANNEL_AXIS = Object.freeze({ NHWC: 3, NCHW: 1, NC: 1 });
 export const CODECS = Object.freeze({
-  float32: Object.freeze({ flag: 0, bits: 32, scales: null, levels: null }),
-  fp16: Object.freeze({ flag: 1, bits: 16, scales: null, levels: null }),
-  bf16: Object.freeze({ flag: 2, bits: 16, scales: null, levels: null }),
-  int8: Object.freeze({ flag: 3, bits: 8, scales: 'tensor', levels: 255 }),
-  'int8-channel': Object.freeze({ flag: 4, bits: 8, scales: 'channel', levels: 255 }),
-  int4: Object.freeze({ flag: 5, bits: 4, scales: 'channel', levels: 15 }),
+  float32: Object.freeze({ flag: 0, bits: 32, scales: null, levels: null, rounding: null }),
+  fp16: Object.freeze({ flag: 1, bits: 16, scales: null, levels: null, rounding: null }),
+  bf16: Object.freeze({ flag: 2, bits: 16, scales: null, levels: null, rounding: null }),
+  int8: Object.freeze({ flag: 3, bits: 8, scales: 'tensor', levels: 255, rounding: 'nearest' }),
+  'int8-channel': Object.freeze({ flag: 4, bits: 8, scales: 'channel', levels: 255, rounding: 'nearest' }),
+  int4: Object.freeze({ flag: 5, bits: 4, scales: 'channel', levels: 15, rounding: 'stochastic' }),
 });
 export const CODEC_NAMES = Object.freeze(Object.keys(CODECS));
 const BY_FLAG = Object.fromEntries(Object.entries(CODECS).map(([name, c]) => [c.flag, name]));
@@ -109,8 +111,27 @@ function halfToFloat(h) {
   return sign * (1 + mant / 1024) * 2 ** (exp - 15);
 }
 
-/** The payload of `data` (a Float32Array, C order, of `shape`) under codec `name`. */
-export function compress(name, data, shape, layout) {
+/** murmur3's 32-bit finaliser (uint32 in, uint32 out), as codec.py's _fmix32. */
+function fmix32(h) {
+  h ^= h >>> 16;
+  h = Math.imul(h, 0x85ebca6b);
+  h ^= h >>> 13;
+  h = Math.imul(h, 0xc2b2ae35);
+  return (h ^ (h >>> 16)) >>> 0;
+}
+
+/** The stochastic-rounding seed of a frame: its step (up to 2^53) and kind, mixed to 32 bits. */
+export function frameSeed(step, kind) {
+  const hi = fmix32(Math.floor(step / 4294967296) >>> 0);
+  return fmix32(((step >>> 0) ^ hi ^ Math.imul(kind, 0x27d4eb2f)) >>> 0);
+}
+
+/**
+ * The payload of `data` (a Float32Array, C order, of `shape`) under codec `name`; `seed`
+ * (frameSeed of the frame's step and kind) drives int4's stochastic rounding:
+ * q = floor((x - lo) / scale + u_i), u_i = fmix32(i * 0x9E3779B1 + seed) / 2^32.
+ */
+export function compress(name, data, shape, layout, seed = 0) {
   codecFlag(name);
   const n = data.length;
   if (name === 'float32') return new Uint8Array(data.buffer.slice(data.byteOffset, data.byteOffset + data.byteLength));
@@ -130,7 +151,8 @@ export function compress(name, data, shape, layout) {
     }
     return new Uint8Array(out.buffer);
   }
-  const { levels, bits } = CODECS[name];
+  const { levels, bits, rounding } = CODECS[name];
+  const stochastic = rounding === 'stochastic';
   const [axis, ch] = channels(name, shape, layout);
   const inner = axis === null ? n : shape.slice(axis + 1).reduce((a, d) => a * d, 1);
   const outer = axis === null ? 1 : shape.slice(0, axis).reduce((a, d) => a * d, 1);
@@ -165,7 +187,8 @@ export function compress(name, data, shape, layout) {
       const s = scale[c];
       for (let k = 0; k < inner; k++, i++) {
         if (s === 0) continue;
-        const v = Math.floor((data[i] - l) / s + 0.5);
+        const u = stochastic ? fmix32((Math.imul(i, 0x9e3779b1) + seed) >>> 0) / 4294967296 : 0.5;
+        const v = Math.floor((data[i] - l) / s + u);
         q[i] = v < 0 ? 0 : v > levels ? levels : v;
       }
     }

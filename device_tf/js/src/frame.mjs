@@ -28,7 +28,17 @@ import {
   TruncatedFrame,
   UnsupportedVersion,
 } from './errors.mjs';
-import { CODECS, CODEC_NAMES, codecFlag, codecOfFlag, compress, compressible, decompress, payloadSize } from './codec.mjs';
+import {
+  CODECS,
+  CODEC_NAMES,
+  codecFlag,
+  codecOfFlag,
+  compress,
+  compressible,
+  decompress,
+  frameSeed,
+  payloadSize,
+} from './codec.mjs';
 
 export const MAGIC = new Uint8Array([0x53, 0x50, 0x4c, 0x54]); // "SPLT"
 export const VERSION = 1;
@@ -131,7 +141,7 @@ export function encode(frames) {
       if (!compressible(KIND_NAMES[f.kind], f.dtype)) {
         throw new FrameSpecMismatch(`${f.name}: a ${KIND_NAMES[f.kind]} ${f.dtype} frame travels raw, not as ${codec}`);
       }
-      payload = compress(codec, f.data, f.shape, f.layout);
+      payload = compress(codec, f.data, f.shape, f.layout, frameSeed(f.step, f.kind));
     }
     const meta = new Uint8Array(HEADER_SIZE + name.length + 4 * f.shape.length);
     const dv = new DataView(meta.buffer);
