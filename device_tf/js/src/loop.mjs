@@ -130,6 +130,14 @@ export class SplitTrainer {
     return out;
   }
 
+  /** device() for work that awaits reads (webgpu reads results back only asynchronously). */
+  async deviceAsync(t, fn) {
+    const t0 = now();
+    const out = await fn();
+    t.device_ms += now() - t0;
+    return out;
+  }
+
   /**
    * One training step on a batch: x a Float32Array (NHWC, C order) of shape `shape`,
    * y the labels (an Int32Array of class indices, or a Float32Array of rows for the other
@@ -150,21 +158,23 @@ export class SplitTrainer {
       keep.push(xT);
       const a = this.device(t, () => this.rt.aForward(xT));
       keep.push(a);
-      const aData = this.device(t, () => a.dataSync());
+      // data(), not dataSync(): the same values on cpu and webgl, and the only read webgpu has
+      const aData = await this.deviceAsync(t, () => a.data());
       let reply;
       let loss;
       if (m.split_mode === 'double') {
         reply = await this.call(t, 'forward', [this.frameOf(FrameKind.ACTIVATION, m.cuts[0], aData, a.shape, step)]);
         const bf = this.expect(reply, FrameKind.ACTIVATION, m.cuts[1], step);
-        const { gBData, lossValue } = this.device(t, () => {
+        const { gBData, lossValue } = await this.deviceAsync(t, async () => {
           const b = tf.tensor(bf.data, bf.shape, 'float32');
           const yT = labelsTensor(m, y);
-          const { loss: l, gB } = this.rt.cTrain(b, yT);
+          const { loss: l, lossTensor, gB } = this.rt.cTrain(b, yT);
           // auxiliary label: b_hat = b - dL/db
           const up = this.auxLabel ? tf.sub(b, gB) : gB;
-          const data = up.dataSync();
-          tf.dispose([b, yT, gB, up]);
-          return { gBData: data, lossValue: l };
+          const data = await up.data();
+          const lv = lossTensor ? (await lossTensor.data())[0] : l; // webgpu: read asynchronously
+          tf.dispose([b, yT, gB, up, lossTensor ?? []]);
+          return { gBData: data, lossValue: lv };
         });
         loss = lossValue;
         reply = await this.call(t, 'backward', [this.frameOf(down, m.cuts[1], gBData, bf.shape, step)]);
@@ -200,16 +210,15 @@ export class SplitTrainer {
     const t = { device_ms: 0, server_ms: 0, codec_ms: 0, wire_ms: 0, bytes_up: 0, bytes_down: 0 };
     const xT = tf.tensor(x, shape, 'float32');
     const a = this.rt.aInfer(xT);
-    const reply = await this.call(t, 'infer', [
-      this.frameOf(FrameKind.ACTIVATION, m.cuts[0], a.dataSync(), a.shape, this.nextStep),
-    ]);
+    const aData = await a.data(); // asynchronously: the one read every backend has
+    const reply = await this.call(t, 'infer', [this.frameOf(FrameKind.ACTIVATION, m.cuts[0], aData, a.shape, this.nextStep)]);
     tf.dispose([xT, a]);
     const out = m.split_mode === 'double' ? m.cuts[1] : m.output;
     const f = this.expect(reply, FrameKind.ACTIVATION, out, this.nextStep);
     if (m.split_mode !== 'double') return { data: f.data, shape: f.shape };
     const b = tf.tensor(f.data, f.shape, 'float32');
     const y = this.rt.cInfer(b);
-    const result = { data: y.dataSync().slice(), shape: y.shape };
+    const result = { data: (await y.data()).slice(), shape: y.shape };
     tf.dispose([b, y]);
     return result;
   }

@@ -398,8 +398,10 @@ async function markBackends() {
   } catch {
     adapter = null;
   }
-  option('webgpu').disabled = true; // see web_backend.mjs: TF.js 4.22's webgpu backend reads back asynchronously only
-  option('webgpu').textContent = adapter ? 'webgpu (not yet supported)' : 'webgpu (not in this browser)';
+  if (!adapter) {
+    option('webgpu').disabled = true; // the worker trains on cpu and says so if asked anyway
+    option('webgpu').textContent = 'webgpu (not in this browser)';
+  }
 }
 
 // An unfinished run saved in this browser resumes on load; otherwise auto=1 starts one.

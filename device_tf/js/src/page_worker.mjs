@@ -191,6 +191,7 @@ async function run({ settings: st, resume, server, schema: schemaUrl, simulateFl
     const last = records.at(-1)?.loss;
     // A's and C's final variables (weights() of the Node CLI's --weights-out), so a test can
     // compare what the page trained with unsplit Keras, not only its losses.
+    await rt.prefetch(); // webgpu reads back asynchronously only
     const weights = Object.fromEntries(
       Object.entries(rt.weights()).map(([part, vars]) => [
         part,

@@ -118,6 +118,14 @@ class ForwardTape {
   }
 }
 
+/**
+ * Whether the current backend reads results back only asynchronously (TF.js 4.22's webgpu:
+ * dataSync() returns zeros there and leaves the device unusable), so callers await data().
+ */
+export function asyncReads() {
+  return tf.getBackend() === 'webgpu';
+}
+
 /** Keeps C's Dropout seeds apart from A's for the same step. */
 const C_SEED_OFFSET = 1000003;
 
@@ -192,7 +200,9 @@ export class TfjsSlices {
 
   /**
    * C forward, loss and update of C; returns {loss: number, gB: tf.Tensor}. The loss
-   * includes C's weight penalties, as Keras reports it.
+   * includes C's weight penalties, as Keras reports it. On a backend that reads back only
+   * asynchronously (webgpu: its dataSync() returns zeros) the loss is not read here:
+   * {loss: NaN, lossTensor, gB}, and the caller awaits lossTensor.data() and disposes it.
    */
   cTrain(b, y) {
     if (!this.c) throw new DeviceError('a single split holds no slice C');
@@ -207,9 +217,10 @@ export class TfjsSlices {
       );
       const gB = grads[bVar.name];
       this.optC.apply(vars, grads);
+      tf.dispose(vars.map((v) => grads[v.name]));
+      if (asyncReads()) return { loss: NaN, lossTensor: value, gB };
       const lossValue = value.dataSync()[0];
       value.dispose();
-      tf.dispose(vars.map((v) => grads[v.name]));
       return { loss: lossValue, gB };
     } finally {
       bVar.dispose();
@@ -225,6 +236,21 @@ export class TfjsSlices {
     const optimizers = {};
     for (const [name, model, opt] of this.parts()) optimizers[name] = opt.exportState(this.trainables(model));
     return { weights: this.weights(), optimizers, stepSeed: this.stepSeed };
+  }
+
+  /**
+   * Download every variable and optimizer slot where the backend reads back only
+   * asynchronously (webgpu), so exportState() and weights(), which read synchronously, get
+   * the values (TF.js caches what an async read downloaded). Nothing to do on cpu/webgl.
+   */
+  async prefetch() {
+    if (!asyncReads()) return;
+    const tensors = [];
+    for (const [, model, opt] of this.parts()) {
+      tensors.push(...allLayers(model).flatMap((layer) => layer.weights.map((w) => w.read())));
+      for (const slot of opt.slots.values()) tensors.push(...Object.values(slot));
+    }
+    await Promise.all(tensors.map((t) => t.data()));
   }
 
   /** Put back what exportState() returned (any earlier or later state of the same slices). */

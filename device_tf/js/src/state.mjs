@@ -76,6 +76,7 @@ export async function verifyFiles(files, where) {
  * Returns {step, progress, files: Map name -> Uint8Array}.
  */
 export async function takeSnapshot(rt, progress) {
+  await rt.prefetch?.(); // webgpu: download the variables first (exportState reads synchronously)
   const st = rt.exportState();
   const vars = new Map();
   for (const [slice, ws] of Object.entries(st.weights)) {

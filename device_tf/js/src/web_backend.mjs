@@ -1,8 +1,7 @@
 /**
  * Which TF.js backend the browser page trains on (issue #12): cpu (the default: the same
  * kernels as the Node device, so the same numbers), webgl where the GPU renders float32
- * textures, webgpu where the browser has an adapter and a TF.js webgpu backend is registered
- * (none is yet: see chooseBackend).
+ * textures, webgpu where the browser has a WebGPU adapter (loadWebgpuBackend).
  *
  * WebGL keeps tensors in textures. Where the GPU cannot render to float32 textures, TF.js
  * falls back to float16 ones (WEBGL_RENDER_FLOAT32_ENABLED false): 11-bit mantissas, so
@@ -35,16 +34,55 @@ function filled(n, seed) {
   return out;
 }
 
-/** A 3x3 convolution, its loss and gradients w.r.t. input and filter, on the current backend. */
-function probeOnce() {
+/**
+ * A 3x3 convolution, its loss and gradients w.r.t. input and filter, on the current backend
+ * (read back with data(): webgpu has no synchronous read).
+ */
+async function probeOnce() {
   const x = tf.tensor4d(filled(2 * 10 * 10 * 8, 1), [2, 10, 10, 8]);
   const w = tf.tensor4d(filled(3 * 3 * 8 * 16, 2), [3, 3, 8, 16]);
   const f = (a, b) => tf.sum(tf.square(tf.relu(tf.conv2d(a, b, 1, 'same'))));
   const [gx, gw] = tf.grads(f)([x, w]);
   const y = f(x, w);
-  const out = [y, gx, gw].map((t) => t.dataSync().slice());
+  const out = await Promise.all([y, gx, gw].map(async (t) => (await t.data()).slice()));
   tf.dispose([x, w, gx, gw, y]);
   return out;
+}
+
+/**
+ * The page's import map ({name: absolute URL}): the document's, or in the training worker
+ * (where browsers apply no import map) the copy the page handed to worker_boot.mjs.
+ */
+function importMap() {
+  if (globalThis.spliteasyImportMap) return globalThis.spliteasyImportMap;
+  const el = globalThis.document?.querySelector('script[type="importmap"]');
+  const map = el ? JSON.parse(el.textContent).imports ?? {} : {};
+  return Object.fromEntries(Object.entries(map).map(([k, v]) => [k, new URL(v, document.baseURI).href]));
+}
+
+/**
+ * Register TF.js' webgpu backend (@tensorflow/tfjs-backend-webgpu 4.22, loaded only when
+ * asked for). Its ES module imports '@tensorflow/tfjs-core' by name; this page maps only
+ * '@tensorflow/tfjs' (which re-exports core), and a worker maps no names at all, so the
+ * module is fetched and its core imports pointed at the very tfjs module the device runs
+ * (one engine, one kernel registry). Returns false where the page's map does not name it.
+ */
+export async function loadWebgpuBackend() {
+  if (tf.findBackendFactory('webgpu')) return true;
+  const map = importMap();
+  const pkg = map['@tensorflow/tfjs-backend-webgpu'];
+  const core = map['@tensorflow/tfjs'];
+  if (!pkg || !core) return false;
+  const r = await fetch(pkg);
+  if (!r.ok) throw new Error(`cannot fetch ${pkg}: HTTP ${r.status}`);
+  const src = (await r.text()).replace(/from\s*(["'])@tensorflow\/tfjs-core\1/g, `from${JSON.stringify(core)}`);
+  const url = URL.createObjectURL(new Blob([src], { type: 'text/javascript' }));
+  try {
+    await import(url);
+  } finally {
+    URL.revokeObjectURL(url);
+  }
+  return Boolean(tf.findBackendFactory('webgpu'));
 }
 
 function relErr(got, want) {
@@ -60,9 +98,9 @@ function relErr(got, want) {
 /** The probe's largest relative error on `name` against cpu (leaves `name` as the backend). */
 export async function probe(name) {
   await initBackend();
-  const want = probeOnce();
-  await tf.setBackend(name);
-  const got = probeOnce();
+  const want = await probeOnce();
+  if (!(await tf.setBackend(name))) throw new Error(`TF.js could not initialise its ${name} backend`);
+  const got = await probeOnce();
   return Math.max(...got.map((g, i) => relErr(g, want[i])));
 }
 
@@ -111,14 +149,16 @@ export async function chooseBackend(requested = 'cpu', { acceptFloat16 = false, 
   if (requested === 'webgpu') {
     if (!gpu.webgpu) return onCpu('this browser has no WebGPU adapter: training on cpu');
     // TF.js' webgpu backend (a separate package, @tensorflow/tfjs-backend-webgpu 4.22) reads
-    // results back only asynchronously: its dataSync() returns zeros (measured in Chromium
-    // 156), and this device's loop reads A's output, C's loss and the weights synchronously.
-    if (!tf.findBackendFactory('webgpu')) {
-      return onCpu(
-        "WebGPU is available here, but this page's TF.js has no webgpu backend yet (TF.js 4.22's reads results " +
-          'back only asynchronously, the training loop synchronously): training on cpu',
-      );
+    // results back only asynchronously (its dataSync() returns zeros, measured in Chromium
+    // 156): the device loop reads A's output, gradients and C's loss with data(), and the
+    // slices download their variables before a snapshot (slices.mjs asyncReads/prefetch).
+    let loaded;
+    try {
+      loaded = await loadWebgpuBackend();
+    } catch (err) {
+      return onCpu(`the webgpu backend failed to load (${err.message}): training on cpu`);
     }
+    if (!loaded) return onCpu("this page's import map names no @tensorflow/tfjs-backend-webgpu: training on cpu");
   }
   if (requested === 'webgl') {
     if (!gpu.webgl) return onCpu('this browser has no WebGL: training on cpu');

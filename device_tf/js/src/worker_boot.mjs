@@ -29,6 +29,8 @@ self.onmessage = async (ev) => {
     else pending.push(ev.data);
     return;
   }
+  // The page's import map, for modules loaded later by name (web_backend.mjs: the webgpu backend)
+  self.spliteasyImportMap = ev.data.imports ?? {};
   try {
     const main = new URL('./page_worker.mjs', import.meta.url).href;
     let mod;

@@ -36,22 +36,22 @@ async function setUp() {
   const gA = tf.mul(tf.randomNormal(shapeOf(models.A.outputs[0]), 0, 1, 'float32', 2), 1e-3);
   const b = models.C ? tf.randomUniform(shapeOf(models.C.inputs[0]), 0, 1, 'float32', 3) : null;
   const y = tf.tensor1d(Array.from({ length: batch }, (_, i) => i % manifest.num_classes), 'int32');
-  const sync = rt.a.trainableWeights[0]?.read(); // read after A's update: the GPU has finished the step
   let lastLoss = null;
-  const step = () => {
+  // Reads with data() (the one read webgpu has; the same values on cpu and webgl).
+  const step = async () => {
     const t0 = performance.now();
     const a = rt.aForward(x);
-    a.dataSync();
+    await a.data();
     const t1 = performance.now();
     if (b) {
-      const { gB, loss } = rt.cTrain(b, y);
-      gB.dataSync();
-      gB.dispose();
-      lastLoss = loss;
+      const { gB, loss, lossTensor } = rt.cTrain(b, y);
+      await gB.data();
+      lastLoss = lossTensor ? (await lossTensor.data())[0] : loss;
+      tf.dispose([gB, lossTensor ?? []]);
     }
     const t2 = performance.now();
     rt.aBackward(gA);
-    sync?.dataSync();
+    await rt.a.trainableWeights[0]?.read().data(); // A's update has run (on a GPU too)
     const t3 = performance.now();
     a.dispose();
     return {
@@ -64,7 +64,7 @@ async function setUp() {
   window.benchSteps = async (n) => {
     const steps = [];
     for (let i = 0; i < n; i++) {
-      steps.push(step());
+      steps.push(await step());
       await new Promise((r) => setTimeout(r, 0)); // let the page breathe between steps
     }
     return { steps, loss: lastLoss, tensors: tf.memory().numTensors };
