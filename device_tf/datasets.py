@@ -16,7 +16,8 @@ epoch, position) (``data.batch_at``) and a resumed run sees the same data (the s
 records its sha256).
 
 Pixels are scaled to [0, 1] (as the digits are): decoded as uint8 RGB (RGBA for a 4-channel
-input), divided by 255 in float32, resized bilinearly with half-pixel centres
+input; JPEG with the accurate integer IDCT, as libjpeg and browsers decode it), divided by
+255 in float32, resized bilinearly with half-pixel centres
 (``tf.image.resize``), and turned grey with ``tf.image.rgb_to_grayscale``'s weights for a
 1-channel input. The browser page does the same steps with TF.js, so a PNG decodes to
 the same floats on both.
@@ -210,7 +211,14 @@ def decode_image(path: Path, sample_shape: tuple[int, ...]) -> np.ndarray:
     if not raw:
         raise DataError(f"{path}: unreadable image (the file is empty)")
     try:
-        img = tf.io.decode_image(raw, channels=4 if c == 4 else 3, expand_animations=False)
+        if raw[:3] == b"\xff\xd8\xff":
+            # JPEG with the accurate integer IDCT, libjpeg's default and the browsers':
+            # TensorFlow's own default (the fast IDCT) is a few levels off theirs.
+            img = tf.io.decode_jpeg(raw, channels=3, dct_method="INTEGER_ACCURATE")
+            if c == 4:
+                img = tf.concat([img, tf.fill([*img.shape[:2], 1], tf.constant(255, tf.uint8))], -1)
+        else:
+            img = tf.io.decode_image(raw, channels=4 if c == 4 else 3, expand_animations=False)
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError, ValueError) as exc:
         raise DataError(f"{path}: unreadable or truncated image ({_tf_message(exc)})") from exc
     x = tf.cast(img, tf.float32) / 255.0
