@@ -427,6 +427,7 @@ def _cuts(args: argparse.Namespace, out: Path, bar: Progress) -> dict[str, Any]:
     settings = _settings(args, args.link)
     size = _size(args.network, args.size)
     model, _ = load_model(args.network, input_size=size, seed=args.seed)
+    shown = size or int(model.input_shape[1])
     firsts, head = sweep_cuts(model, args.every, args.max_cuts)
     bar.bar.total = len(firsts) * (1 + args.warmup + args.steps) + 1
     bar.bar.refresh()
@@ -447,10 +448,10 @@ def _cuts(args: argparse.Namespace, out: Path, bar: Progress) -> dict[str, Any]:
             pred = cm.double(index[layer], index[head])
             points.append({"layer": layer, "position": pos, "why": why, "measured": m,
                            "predicted": pred.to_json()})  # fmt: skip
-            _write_cuts(out, args, size, head, points, cm)
+            _write_cuts(out, args, shown, head, points, cm)
     finally:
         cache.cleanup()
-    return _write_cuts(out, args, size, head, points, cm)
+    return _write_cuts(out, args, shown, head, points, cm)
 
 
 def _plan_verdict(points: list[dict[str, Any]]) -> dict[str, Any]:
