@@ -261,6 +261,15 @@ def run_mode(args: argparse.Namespace, label: str, devices: list[subprocess.Pope
         return float(np.mean([s[key] for s in recs]))
 
     sync = [v for r in results for v in r["sync_ms"]]
+    # The link's floor: in turns B's lease spans one round trip of every step (forward
+    # reply down, backward up) and steps are serial; a parallel round needs forward,
+    # backward and (every K rounds) sync round trips in sequence.
+    rtt = args.rtt_ms / 1e3
+    link_floor = (
+        len(recs) * rtt if mode == "turns" else b_steps * (2 + 1 / max(sync_every, 1)) * rtt
+    )
+    if mode == "parallel" and sync_every == 0:
+        link_floor = b_steps * 2 * rtt
     dev_cpu = sum(r["cpu_s"] for r in results)
     delta = {k: metrics.get(k, 0.0) - metrics0.get(k, 0.0) for k in metrics}
     return {
@@ -284,6 +293,7 @@ def run_mode(args: argparse.Namespace, label: str, devices: list[subprocess.Pope
         },
         "cpu_share_of_2_cores": round((dev_cpu + cpu_srv + cpu_me) / (2 * wall), 3),
         "device_cpu_ms_per_step": round(1e3 * dev_cpu / max(len(recs), 1), 2),
+        "link_floor_s": round(link_floor, 3),
         "server": {
             "lease_wait_s": round(delta.get("spliteasy_lease_wait_seconds_sum", 0.0), 3),
             "lease_waits": int(delta.get("spliteasy_lease_wait_seconds_count", 0)),
@@ -344,7 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for _ in range(args.repeat):
             for mode in modes:
-                r = run_mode(args, mode, devices)
+                try:
+                    r = run_mode(args, mode, devices)
+                except Exception as exc:  # noqa: BLE001 - a loaded machine: report, go on
+                    print(f"{mode}: failed: {exc}"[:2000], file=sys.stderr, flush=True)
+                    runs.append({"mode": mode, "error": str(exc)[:2000]})
+                    continue
                 runs.append(r)
                 print(
                     f"{mode:8s} epoch {r['epoch_s']:7.2f} s  {r['device_steps']} device steps, "
@@ -356,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
     finally:
         stop_devices(devices)
-    best = {m: min(r["epoch_s"] for r in runs if r["mode"] == m) for m in modes}
+    done = [r for r in runs if "epoch_s" in r]
+    best = {m: min(r["epoch_s"] for r in done if r["mode"] == m) for m in {r["mode"] for r in done}}
     report = {
         "devices": args.devices,
         "rtt_ms": args.rtt_ms,
@@ -367,12 +383,23 @@ def main(argv: list[str] | None = None) -> int:
         "device_threads": args.device_threads,
         "device_startup_s": round(startup, 2),
         "load_average": os.getloadavg(),
+        # if devices, server and proxies took no time: turns pays one RTT per device step,
+        # parallel (2 + 1/K) RTTs per round of N device steps
+        "link_bound_speedup": {
+            m: round(args.devices / (2 + 1 / int(m.partition(":")[2] or args.sync_every)), 2)
+            for m in modes
+            if m.startswith("parallel") and int(m.partition(":")[2] or args.sync_every) > 0
+        },
         "runs": runs,
     }
     # each parallel run against the turns run just before it (back to back)
     ratios: dict[str, list[float]] = {}
     last_turns = None
     for r in runs:
+        if "epoch_s" not in r:
+            if r["mode"] == "turns":
+                last_turns = None  # no back-to-back partner
+            continue
         if r["mode"] == "turns":
             last_turns = r["epoch_s"]
         elif last_turns is not None:
