@@ -503,8 +503,8 @@ def _write_cuts(
         f"Machine: {doc['machine']['cpus']} CPUs, load average {doc['machine']['load_average']}.",
         "",
         "| pos | first cut | why | step ms | device | server | codec | wire | bound | KiB/step "
-        "| plan predicts | error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| CPU ms (device + server) | plan predicts | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in points:
         m, pr = p["measured"], p["predicted"]
@@ -513,6 +513,7 @@ def _write_cuts(
             f"| {p['position']} | {p['layer']} | {p['why']} | {_ms(m['total_ms'])} "
             f"| {_ms(m['device_ms'])} | {_ms(m['server_ms'])} | {_ms(m['codec_ms'])} "
             f"| {_ms(m['wire_ms'])} | {_ms(m['bound_ms'])} | {_kib(m['bytes_up'] + m['bytes_down'])} "
+            f"| {1e3 * m['device_cpu_s']:.0f} + {1e3 * m['server_cpu_s']:.0f} "
             f"| {_ms(pr['predicted_ms'])} | {err:+.0%} |"
         )
     if verdict:
