@@ -155,12 +155,27 @@ class BundleCache:
     def _dir(self) -> Path:
         if self.root is not None:
             self.root.mkdir(parents=True, exist_ok=True)
+            self._sweep(self.root)
             return self.root
         if self._tmp is None:
             import tempfile
 
             self._tmp = Path(tempfile.mkdtemp(prefix="spliteasy-bench-"))
         return self._tmp
+
+    @staticmethod
+    def _sweep(root: Path) -> None:
+        """Remove half-written conversions of bench processes that no longer run."""
+        for tmp in root.iterdir():
+            m = re.search(r"\.tmp(\d+)", tmp.name)
+            if m is None:
+                continue
+            try:
+                os.kill(int(m.group(1)), 0)
+            except ProcessLookupError:
+                shutil.rmtree(tmp, ignore_errors=True)
+            except OSError:
+                pass
 
     def cleanup(self) -> None:
         if self._tmp is not None:
