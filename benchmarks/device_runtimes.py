@@ -181,14 +181,20 @@ def js_op_times(size: int, batch: int) -> dict[str, dict[str, float]]:
 
 
 def bench_net(
-    net: str, size: int, batch: int, steps: int, browsers: list[str], webgl_steps: int
+    net: str,
+    size: int,
+    batch: int,
+    steps: int,
+    browsers: list[str],
+    webgl_steps: int,
+    bundle: Path | None = None,
 ) -> dict[str, Any]:
     import zoo_helpers
 
     from device_tf.tf_runtime import TFRuntime
     from shared_schema import load_manifest
 
-    bundle = zoo_helpers.device_bundle(net, size)
+    bundle = bundle or zoo_helpers.device_bundle(net, size)
     manifest = load_manifest(bundle)
     tf_rt = TFRuntime.from_bundle(bundle)
     shapes = {"x": tuple(tf_rt.a.input_shape[1:]), "a": tuple(tf_rt.a.output_shape[1:])}
@@ -295,9 +301,18 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench-device.json")
     ap.add_argument("--markdown", type=Path, default=REPO / "runs" / "bench-device.md")
+    ap.add_argument(
+        "--bundle",
+        action="append",
+        default=[],
+        metavar="NET=DIR",
+        help="an already converted stem/head bundle of NET (with tf, tfjs, tflite artefacts) "
+        "instead of the test cache's (which converts on a cache miss)",
+    )
     args = ap.parse_args()
+    given = {k: Path(v) for k, v in (b.split("=", 1) for b in args.bundle)}
     results = [
-        bench_net(n, s, args.batch, args.steps, args.browsers, args.webgl_steps)
+        bench_net(n, s, args.batch, args.steps, args.browsers, args.webgl_steps, given.get(n))
         for s in args.sizes
         for n in args.nets
     ]

@@ -9,7 +9,7 @@
 
 import * as tf from '@tensorflow/tfjs';
 
-import { registerFastKernels } from './kernels.mjs';
+import { installArrayPool, registerFastKernels } from './kernels.mjs';
 import './layers.mjs';
 
 export async function initBackend() {
@@ -18,6 +18,8 @@ export async function initBackend() {
   registerFastKernels();
   await tf.setBackend('cpu');
   await tf.ready();
+  // Output arrays of those kernels are recycled instead of left to V8's full GCs (kernels.mjs).
+  installArrayPool(tf.backend());
   // The cpu backend greets Node users with advice to install tfjs-node on first use; the
   // advice does not apply here (see above) and would interleave with the progress output.
   if ('firstUse' in tf.backend()) tf.backend().firstUse = false;

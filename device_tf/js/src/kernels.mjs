@@ -75,6 +75,96 @@ function wasmBlocks(w, ...sizes) {
 const up4 = (n) => (n + 3) & ~3;
 const up8 = (n) => (n + 7) & ~7;
 
+/**
+ * Recycled output arrays (issue #12). Every op of a step allocates its output (a ResNet50
+ * stem activation at 96 px, batch 16: 9.4 MB), and V8 frees large ArrayBuffers only in full
+ * garbage collections, which then took about half of a step's wall time. The arrays this
+ * module allocates for its outputs go back to a pool, by length, when TF.js disposes their
+ * tensor -- unless anything else may still see them: an array read outside these kernels
+ * (dataSync()/data() hand out the backend's own array; TF.js' own kernels may keep views of
+ * their inputs, e.g. a contiguous slice) is marked escaped and never reused. Inside these
+ * kernels (`inFast`) reads do not mark: they keep no reference past the call.
+ */
+const POOL_MIN = 1 << 14; // floats; smaller arrays are cheap to collect
+const POOL_MAX_BYTES = 256 << 20;
+const pool = new Map(); // length -> [Float32Array]
+let pooledBytes = 0;
+const ours = new WeakSet();
+const escaped = new WeakSet();
+let inFast = 0;
+
+/** A Float32Array of n floats for a kernel's output: recycled if one is free (zeroed if `zero`). */
+function out32(n, zero = true) {
+  if (n < POOL_MIN) return new Float32Array(n);
+  const free = pool.get(n);
+  if (free?.length) {
+    const a = free.pop();
+    pooledBytes -= a.byteLength;
+    if (zero) a.fill(0);
+    return a;
+  }
+  const a = new Float32Array(n);
+  ours.add(a);
+  return a;
+}
+
+/** f run as one of these kernels: its reads of TF.js data do not mark arrays escaped. */
+function fastly(f) {
+  return (...args) => {
+    inFast += 1;
+    try {
+      return f(...args);
+    } finally {
+      inFast -= 1;
+    }
+  };
+}
+
+/** A backend's own kernel, called from one of these: its reads do mark (it may keep views). */
+function callOriginal(name, args) {
+  const saved = inFast;
+  inFast = 0;
+  try {
+    return callOriginal(name, args);
+  } finally {
+    inFast = saved;
+  }
+}
+
+/**
+ * Hook the array pool into a cpu backend instance (backend.mjs, after setBackend('cpu')):
+ * its data storage's get() marks escaped arrays, its disposeData() returns ours to the pool.
+ */
+export function installArrayPool(backend) {
+  if (!backend?.data || backend.spliteasyPool) return;
+  backend.spliteasyPool = true;
+  const store = backend.data;
+  const get = store.get.bind(store);
+  store.get = (dataId) => {
+    const d = get(dataId);
+    if (!inFast && d?.values && ours.has(d.values)) escaped.add(d.values);
+    return d;
+  };
+  const dispose = backend.disposeData.bind(backend);
+  backend.disposeData = (dataId, force) => {
+    inFast += 1;
+    try {
+      const values = store.has(dataId) ? get(dataId).values : null;
+      const done = dispose(dataId, force);
+      if (values && !store.has(dataId) && ours.has(values) && !escaped.has(values)) {
+        if (pooledBytes + values.byteLength <= POOL_MAX_BYTES) {
+          if (!pool.has(values.length)) pool.set(values.length, []);
+          pool.get(values.length).push(values);
+          pooledBytes += values.byteLength;
+        }
+      }
+      return done;
+    } finally {
+      inFast -= 1;
+    }
+  };
+}
+
 /** Rows of output positions per wasm block: about 256 KiB of patch matrix, a multiple of 4. */
 function wasmChunk(k) {
   return Math.max(4, Math.min(1024, Math.floor(65536 / Math.max(k, 1)))) & ~3;
@@ -283,7 +373,7 @@ function conv2dForwardSimd(wg, x, w, g, bias) {
   const Bv = B.view;
   Bv.fill(0);
   for (let k = 0; k < K; k++) Bv.set(w.subarray(k * N, (k + 1) * N), k * Np);
-  const y = new Float32Array(M * N);
+  const y = out32(M * N, false);
   const pointwise = isPointwise(g);
   const Cv = C.view;
   for (let m0 = 0; m0 < M; m0 += chunk) {
@@ -433,7 +523,7 @@ function conv2dInputGradSimd(wg, dy, w, g) {
   for (let k = 0; k < K; k++) for (let n = 0; n < N; n++) Bv[n * Kp + k] = w[k * N + n];
   const pointwise = isPointwise(g);
   const inSize = g.batch * g.inH * g.inW * g.inC;
-  const dx = pointwise ? new Float32Array(inSize) : new Float64Array(inSize);
+  const dx = pointwise ? out32(inSize, false) : new Float64Array(inSize);
   for (let m0 = 0; m0 < M; m0 += chunk) {
     const rows = Math.min(chunk, M - m0);
     const rowsP = up4(rows);
@@ -445,7 +535,10 @@ function conv2dInputGradSimd(wg, dy, w, g) {
       else for (let r = 0; r < rows; r++) dx.set(Cv.subarray(r * Kp, r * Kp + K), (m0 + r) * K);
     } else col2im(Cv, g, m0, rows, dx, Kp);
   }
-  return pointwise ? dx : Float32Array.from(dx);
+  if (pointwise) return dx;
+  const out = out32(inSize, false);
+  for (let i = 0; i < inSize; i++) out[i] = dx[i];
+  return out;
 }
 
 /** dL/dx = col2im(dy W^T). */
@@ -532,7 +625,7 @@ export function depthwiseInputGrad(dy, w, g) {
 /** Depthwise (channel multiplier 1) forward. */
 export function depthwiseForward(x, w, g) {
   const { batch, inH, inW, inC: C, outH, outW, kH, kW, sH, sW, top, left } = g;
-  const y = new Float32Array(batch * outH * outW * C);
+  const y = out32(batch * outH * outW * C, false);
   const acc = new Float64Array(C);
   for (let b = 0; b < batch; b++) {
     for (let oy = 0; oy < outH; oy++) {
@@ -592,7 +685,9 @@ export function maxPoolGrad(x, dy, info) {
       }
     }
   }
-  return Float32Array.from(dx);
+  const out = out32(dx.length, false);
+  for (let i = 0; i < dx.length; i++) out[i] = dx[i];
+  return out;
 }
 
 /** Max pooling's forward, channels innermost (NaN never wins, as in the backend's own). */
@@ -601,7 +696,7 @@ export function maxPoolForward(x, info) {
   const { strideHeight: sH, strideWidth: sW, filterHeight: kH, filterWidth: kW } = info;
   const top = info.padInfo.top;
   const left = info.padInfo.left;
-  const y = new Float32Array(batchSize * outH * outW * C);
+  const y = out32(batchSize * outH * outW * C, false);
   const best = new Float64Array(C);
   for (let b = 0; b < batchSize; b++) {
     for (let oy = 0; oy < outH; oy++) {
@@ -806,7 +901,7 @@ function conv2DKernel(args) {
   const { inputs, backend, attrs } = args;
   const { x, filter } = inputs;
   const g = isF32(x, filter) && convGeometry(x.shape, filter.shape, attrs.strides, attrs.pad, attrs.dimRoundingMode, attrs.dataFormat, attrs.dilations);
-  if (!g) return originals.get(tf.Conv2D).kernelFunc(args);
+  if (!g) return callOriginal(tf.Conv2D, args);
   return backend.makeTensorInfo(g.outShape, 'float32', conv2dForward(vals(backend, x), vals(backend, filter), g));
 }
 
@@ -820,7 +915,7 @@ function fusedConv2DKernel(args) {
     FUSED_ACTIVATIONS.has(attrs.activation) &&
     (!bias || (bias.dtype === 'float32' && bias.shape.length <= 1 && (bias.shape.length === 0 || bias.shape[0] === filter.shape[3] || bias.shape[0] === 1)));
   const g = fast && convGeometry(x.shape, filter.shape, attrs.strides, attrs.pad, attrs.dimRoundingMode, attrs.dataFormat, attrs.dilations);
-  if (!g) return originals.get(tf.FusedConv2D).kernelFunc(args);
+  if (!g) return callOriginal(tf.FusedConv2D, args);
   const y = conv2dForward(vals(backend, x), vals(backend, filter), g, bias ? vals(backend, bias) : null);
   if (attrs.activation === 'relu') {
     for (let i = 0; i < y.length; i++) if (y[i] < 0) y[i] = 0;
@@ -834,7 +929,7 @@ function conv2DBackpropFilterKernel(args) {
   const { inputs, backend, attrs } = args;
   const { x, dy } = inputs;
   const g = isF32(x, dy) && convGeometry(x.shape, attrs.filterShape, attrs.strides, attrs.pad, attrs.dimRoundingMode, attrs.dataFormat, 1);
-  if (!g) return originals.get(tf.Conv2DBackpropFilter).kernelFunc(args);
+  if (!g) return callOriginal(tf.Conv2DBackpropFilter, args);
   return backend.makeTensorInfo(g.filterShape, 'float32', conv2dFilterGrad(vals(backend, x), vals(backend, dy), g));
 }
 
@@ -842,7 +937,7 @@ function conv2DBackpropInputKernel(args) {
   const { inputs, backend, attrs } = args;
   const { dy, filter } = inputs;
   const g = isF32(dy, filter) && convGeometry(attrs.inputShape, filter.shape, attrs.strides, attrs.pad, attrs.dimRoundingMode, attrs.dataFormat, 1);
-  if (!g) return originals.get(tf.Conv2DBackpropInput).kernelFunc(args);
+  if (!g) return callOriginal(tf.Conv2DBackpropInput, args);
   return backend.makeTensorInfo(g.inShape, 'float32', conv2dInputGrad(vals(backend, dy), vals(backend, filter), g));
 }
 
@@ -855,7 +950,7 @@ function depthwiseKernel(args) {
   const { inputs, backend, attrs } = args;
   const { x, filter } = inputs;
   const g = isF32(x, filter) && depthwiseGeometry(x.shape, filter.shape, attrs);
-  if (!g) return originals.get(tf.DepthwiseConv2dNative).kernelFunc(args);
+  if (!g) return callOriginal(tf.DepthwiseConv2dNative, args);
   return backend.makeTensorInfo(g.outShape, 'float32', depthwiseForward(vals(backend, x), vals(backend, filter), g));
 }
 
@@ -863,7 +958,7 @@ function depthwiseFilterKernel(args) {
   const { inputs, backend, attrs } = args;
   const { x, dy } = inputs;
   const g = isF32(x, dy) && depthwiseGeometry(x.shape, attrs.filterShape, attrs);
-  if (!g) return originals.get(tf.DepthwiseConv2dNativeBackpropFilter).kernelFunc(args);
+  if (!g) return callOriginal(tf.DepthwiseConv2dNativeBackpropFilter, args);
   return backend.makeTensorInfo(g.filterShape, 'float32', depthwiseFilterGrad(vals(backend, x), vals(backend, dy), g));
 }
 
@@ -871,7 +966,7 @@ function depthwiseInputKernel(args) {
   const { inputs, backend, attrs } = args;
   const { dy, filter } = inputs;
   const g = isF32(dy, filter) && depthwiseGeometry(attrs.inputShape, filter.shape, attrs);
-  if (!g) return originals.get(tf.DepthwiseConv2dNativeBackpropInput).kernelFunc(args);
+  if (!g) return callOriginal(tf.DepthwiseConv2dNativeBackpropInput, args);
   return backend.makeTensorInfo(g.inShape, 'float32', depthwiseInputGrad(vals(backend, dy), vals(backend, filter), g));
 }
 
@@ -879,7 +974,7 @@ function maxPoolKernel(args) {
   const { inputs, backend, attrs } = args;
   const { x } = inputs;
   const { filterSize, strides, pad, dimRoundingMode } = attrs;
-  if (!isF32(x) || x.shape.length !== 4) return originals.get(tf.MaxPool).kernelFunc(args);
+  if (!isF32(x) || x.shape.length !== 4) return callOriginal(tf.MaxPool, args);
   const info = bu.computePool2DInfo(x.shape, filterSize, strides, 1, pad, dimRoundingMode);
   return backend.makeTensorInfo(info.outShape, 'float32', maxPoolForward(vals(backend, x), info));
 }
@@ -888,7 +983,7 @@ function maxPoolGradKernel(args) {
   const { inputs, backend, attrs } = args;
   const { dy, input } = inputs;
   const { filterSize, strides, pad, dimRoundingMode } = attrs;
-  if (!isF32(dy, input) || input.shape.length !== 4) return originals.get(tf.MaxPoolGrad).kernelFunc(args);
+  if (!isF32(dy, input) || input.shape.length !== 4) return callOriginal(tf.MaxPoolGrad, args);
   const info = bu.computePool2DInfo(input.shape, filterSize, strides, 1, pad, dimRoundingMode);
   return backend.makeTensorInfo(input.shape, 'float32', maxPoolGrad(vals(backend, input), vals(backend, dy), info));
 }
@@ -897,7 +992,7 @@ function reduction(name, scale) {
   return (args) => {
     const { inputs, backend, attrs } = args;
     const { x } = inputs;
-    if (x.dtype !== 'float32') return originals.get(name).kernelFunc(args);
+    if (x.dtype !== 'float32') return callOriginal(name, args);
     const axes = tf.util.parseAxisParam(attrs.axis, x.shape);
     const [outShape, reduceShape] = bu.computeOutAndReduceShapes(x.shape, axes);
     const n = tf.util.sizeFromShape(reduceShape);
@@ -913,10 +1008,10 @@ function transposeKernel(args) {
   const { inputs, backend, attrs } = args;
   const { x } = inputs;
   if (x.dtype === 'string' || x.dtype === 'complex64' || x.shape.length < 2) {
-    return originals.get(tf.Transpose).kernelFunc(args);
+    return callOriginal(tf.Transpose, args);
   }
   const values = vals(backend, x);
-  const out = new values.constructor(values.length);
+  const out = x.dtype === 'float32' ? out32(values.length, false) : new values.constructor(values.length);
   transpose(values, x.shape, attrs.perm, out);
   return backend.makeTensorInfo(
     attrs.perm.map((p) => x.shape[p]),
@@ -929,10 +1024,10 @@ function binary(name, code) {
   return (args) => {
     const { inputs, backend } = args;
     const { a, b } = inputs;
-    if (!isF32(a, b)) return originals.get(name).kernelFunc(args);
+    if (!isF32(a, b)) return callOriginal(name, args);
     const outShape = bu.assertAndGetBroadcastShape(a.shape, b.shape);
     const size = tf.util.sizeFromShape(outShape);
-    const out = new Float32Array(size);
+    const out = out32(size, false);
     const av = vals(backend, a);
     const bv = vals(backend, b);
     if (av.length === size && bv.length === size) binaryRow(code, av, 0, 1, bv, 0, 1, out, 0, size);
@@ -945,10 +1040,10 @@ function binary(name, code) {
 function clipKernel(args) {
   const { inputs, backend, attrs } = args;
   const { x } = inputs;
-  if (!isF32(x)) return originals.get(tf.ClipByValue).kernelFunc(args);
+  if (!isF32(x)) return callOriginal(tf.ClipByValue, args);
   const { clipValueMin: lo, clipValueMax: hi } = attrs;
   const v = vals(backend, x);
-  const out = new Float32Array(v.length);
+  const out = out32(v.length, false);
   for (let i = 0; i < v.length; i++) {
     const e = v[i];
     out[i] = e > hi ? hi : e < lo ? lo : e;
@@ -959,9 +1054,9 @@ function clipKernel(args) {
 function reluKernel(args) {
   const { inputs, backend } = args;
   const { x } = inputs;
-  if (!isF32(x)) return originals.get(tf.Relu).kernelFunc(args);
+  if (!isF32(x)) return callOriginal(tf.Relu, args);
   const v = vals(backend, x);
-  const out = new Float32Array(v.length);
+  const out = out32(v.length, false);
   for (let i = 0; i < v.length; i++) out[i] = v[i] < 0 ? 0 : v[i]; // NaN stays NaN, as Math.max
   return backend.makeTensorInfo(x.shape, 'float32', out);
 }
@@ -971,12 +1066,13 @@ const NUMERIC = new Set(['float32', 'int32', 'bool']);
 function sliceKernel(args) {
   const { inputs, backend, attrs } = args;
   const { x } = inputs;
-  if (!NUMERIC.has(x.dtype) || x.shape.length < 2) return originals.get(tf.Slice).kernelFunc(args);
+  if (!NUMERIC.has(x.dtype) || x.shape.length < 2) return callOriginal(tf.Slice, args);
   const [begin, size] = tf.slice_util.parseSliceParams(x, attrs.begin, attrs.size);
-  if (tf.slice_util.isSliceContinous(x.shape, begin, size)) return originals.get(tf.Slice).kernelFunc(args);
+  if (tf.slice_util.isSliceContinous(x.shape, begin, size)) return callOriginal(tf.Slice, args);
   tf.slice_util.assertParamsValid(x, begin, size);
   const values = vals(backend, x);
-  const out = new values.constructor(tf.util.sizeFromShape(size));
+  const n = tf.util.sizeFromShape(size);
+  const out = x.dtype === 'float32' ? out32(n, false) : new values.constructor(n);
   copyBlock(values, x.shape, begin, out, size, new Array(size.length).fill(0), size);
   return backend.makeTensorInfo(size, x.dtype, out);
 }
@@ -984,11 +1080,12 @@ function sliceKernel(args) {
 function padKernel(args) {
   const { inputs, backend, attrs } = args;
   const { x } = inputs;
-  if (!NUMERIC.has(x.dtype) || x.shape.length < 1) return originals.get(tf.PadV2).kernelFunc(args);
+  if (!NUMERIC.has(x.dtype) || x.shape.length < 1) return callOriginal(tf.PadV2, args);
   const { paddings, constantValue } = attrs;
   const outShape = paddings.map((p, i) => p[0] + x.shape[i] + p[1]);
   const values = vals(backend, x);
-  const out = new values.constructor(tf.util.sizeFromShape(outShape));
+  const n = tf.util.sizeFromShape(outShape);
+  const out = x.dtype === 'float32' ? out32(n, constantValue === 0) : new values.constructor(n);
   if (constantValue !== 0) out.fill(constantValue);
   copyBlock(values, x.shape, new Array(x.shape.length).fill(0), out, outShape, paddings.map((p) => p[0]), x.shape);
   return backend.makeTensorInfo(outShape, x.dtype, out);
@@ -1028,7 +1125,7 @@ function reluGradKernel({ inputs, backend }) {
   const { dy, x } = inputs;
   const d = vals(backend, dy);
   const v = vals(backend, x);
-  const out = new Float32Array(v.length);
+  const out = out32(v.length, false);
   // step(NaN) is NaN and step(x) is 1 above 0, else 0; times dy, as TF.js' own gradient.
   for (let i = 0; i < v.length; i++) out[i] = d[i] * (v[i] > 0 ? 1 : v[i] === v[i] ? 0 : NaN);
   return backend.makeTensorInfo(x.shape, 'float32', out);
@@ -1058,10 +1155,10 @@ export function registerFastKernels(only = Object.keys(FAST_KERNELS)) {
     if (current?.fast) continue;
     originals.set(name, current);
     tf.unregisterKernel(name, 'cpu');
-    tf.registerKernel({ kernelName: name, backendName: 'cpu', kernelFunc: FAST_KERNELS[name], fast: true });
+    tf.registerKernel({ kernelName: name, backendName: 'cpu', kernelFunc: fastly(FAST_KERNELS[name]), fast: true });
   }
   if (only.includes(tf.Relu) && !tf.getKernel(RELU_GRAD, 'cpu')) {
-    tf.registerKernel({ kernelName: RELU_GRAD, backendName: 'cpu', kernelFunc: reluGradKernel });
+    tf.registerKernel({ kernelName: RELU_GRAD, backendName: 'cpu', kernelFunc: fastly(reluGradKernel) });
     reluGradOriginal = tf.getGradient(tf.Relu);
     tf.registerGradient(fastReluGrad);
   }
@@ -1108,7 +1205,7 @@ export function batchNormTraining(x, gamma, beta, epsilon) {
   const mean = new Float32Array(C);
   const variance = new Float32Array(C);
   const inv = new Float32Array(C);
-  const op = tf.customGrad((xT, gT, bT, save) => {
+  const op = tf.customGrad(fastly((xT, gT, bT, save) => {
     const xv = vals(backend, xT);
     const gv = vals(backend, gT);
     const bv = vals(backend, bT);
@@ -1128,14 +1225,14 @@ export function batchNormTraining(x, gamma, beta, epsilon) {
       inv[c] = 1 / Math.sqrt(Math.fround(variance[c] + eps));
       factor[c] = inv[c] * gv[c];
     }
-    const y = new Float32Array(xv.length);
+    const y = out32(xv.length, false);
     for (let s = 0; s < xv.length; s += C) {
       for (let c = 0; c < C; c++) y[s + c] = Math.fround(Math.fround(xv[s + c] - mean[c]) * factor[c]) + bv[c];
     }
     save([xT, gT]);
     return {
       value: tf.tensor(y, xT.shape, 'float32'),
-      gradFunc: (dy, [xs, gs]) => {
+      gradFunc: fastly((dy, [xs, gs]) => {
         const dyv = dy.dataSync();
         const xs2 = vals(backend, xs);
         const g2 = vals(backend, gs);
@@ -1154,7 +1251,7 @@ export function batchNormTraining(x, gamma, beta, epsilon) {
           a[c] = (g2[c] * inv[c]) / n;
           k[c] = inv[c] * inv[c] * sdyx[c];
         }
-        const dx = new Float32Array(xs2.length);
+        const dx = out32(xs2.length, false);
         for (let s = 0; s < xs2.length; s += C) {
           for (let c = 0; c < C; c++) {
             dx[s + c] = a[c] * (n * dyv[s + c] - sdy[c] - Math.fround(xs2[s + c] - mean[c]) * k[c]);
@@ -1167,9 +1264,9 @@ export function batchNormTraining(x, gamma, beta, epsilon) {
           tf.tensor(dgamma, gs.shape, 'float32'),
           tf.tensor(Float32Array.from(sdy), bT.shape, 'float32'),
         ];
-      },
+      }),
     };
-  });
+  }));
   const y = op(x, gamma, beta);
   return { y, mean: tf.tensor(mean, [C], 'float32'), variance: tf.tensor(variance, [C], 'float32') };
 }
