@@ -12,9 +12,9 @@
  *
  * AveragePooling2D, padding "same": TF.js' gradient is wrong at the borders (below).
  *
- * Dropout: A's backward recomputes A's forward (TF.js' gradient tape cannot stay open across
- * the server round trip), so the random mask must be drawn twice identically. reseed() gives
- * every Dropout layer a per-step seed before both passes.
+ * Dropout: reseed() gives every Dropout layer a per-step seed, so a step's masks are a
+ * function of the step (a redone or resumed step draws the same ones). A's backward no longer
+ * recomputes A's forward (slices.mjs keeps its tape), so each mask is drawn once per step.
  */
 
 import * as tf from '@tensorflow/tfjs';
