@@ -15,7 +15,7 @@ import importlib
 import importlib.util
 import sys
 
-SUBCOMMANDS = ["demo", "convert", "cuts", "serve", "train", "export", "plan", "bench"]
+SUBCOMMANDS = ["demo", "convert", "cuts", "serve", "train", "data", "export", "plan", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -144,3 +144,50 @@ def test_image_folder_trains_split_as_unsplit(digits_bundles, serve_bundle, tmp_
     split_acc = float(result.stdout.split("validation accuracy")[1].split()[0])
     assert split_acc == pytest.approx(accuracy(reference, ds.x_val, ds.y_val), abs=1e-9)
     assert run["per_epoch"]["validation accuracy"][-1] == split_acc
+
+
+@pytest.mark.js
+def test_node_device_takes_the_same_folder(tmp_path, serve_app, digits_bundles):
+    """``node train.mjs --data FOLDER``: decoded by ``spliteasy data`` (the Python device's
+    decoding), trained in file order like unsplit tf_keras on the same images; a bad folder
+    is the same one-line error, exit status 2."""
+    from js_fixtures import node, run_node
+
+    from device_tf.datasets import load_dataset
+    from device_tf.reference import train_unsplit
+    from server_torch.app import create_app
+    from shared_schema import load_manifest
+    from split_helpers import ALL_RUNTIMES
+
+    node()
+    bundle, reference = digits_bundles("double", SGD_CFG, ALL_RUNTIMES)
+    manifest = load_manifest(bundle)
+    folder = make_image_folder(tmp_path / "imgs", per_class=8)
+    ds = load_dataset(folder, manifest)
+    in_order = [(ds.x_train[i : i + 8], ds.y_train[i : i + 8]) for i in range(0, 24, 8)]
+    ref_losses = train_unsplit(reference, in_order, manifest.optimizer, manifest.loss)
+    srv = serve_app(create_app(bundle))
+    log = tmp_path / "log.json"
+    proc = run_node(
+        ["train.mjs", "--bundle", str(bundle), "--server", srv.url, "--data", str(folder)]
+        + ["--batch-size", "8", "--log-json", str(log)]
+    )
+    assert "3 classes (bottom, left, top), decoded by spliteasy data" in proc.stdout, proc.stdout
+    losses = [r["loss"] for r in json.loads(log.read_text())["records"]]
+    errs = [abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True)]
+    print(f"\nnode, image folder: loss rel errors {[f'{e:.1e}' for e in errs]}")
+    assert max(errs) < 1e-4, (losses, ref_losses)
+
+    (tmp_path / "empty").mkdir()
+    import subprocess
+
+    from js_fixtures import JS_DIR
+
+    bad = subprocess.run(
+        ["node", "train.mjs", "--bundle", str(bundle), "--server", srv.url,
+         "--data", str(tmp_path / "empty")],
+        cwd=JS_DIR, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode == 2, bad.stderr
+    assert f"{tmp_path / 'empty'}: empty folder: no class subfolders" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr

@@ -9,7 +9,8 @@
  *        [--codec float32|fp16|bf16|int8|int8-channel|int4]
  *
  * Without --bundle the slices are fetched from the server (as the browser page does).
- * The data file is a spliteasy frame message with x and y (src/data.mjs). --log-json writes
+ * The data file is a spliteasy frame message with x and y (src/data.mjs), or a folder of
+ * images in class subfolders / an .npz, which `spliteasy data` decodes (src/data_folder.mjs). --log-json writes
  * every step's metrics; --weights-out the trained variables of A and C as JSON
  * {"A": {"layer/var": {"shape": [...], "data": [...]}}, "C": ...}. --eval-data (same format)
  * reports accuracy after each epoch: A and C here, B on the server in inference mode.
@@ -30,6 +31,7 @@ import { initBackend } from './src/backend.mjs';
 import { loadDeviceModels, readManifest, readSchema } from './src/bundle_node.mjs';
 import { fetchDeviceModels, fetchManifest } from './src/bundle_http.mjs';
 import { batches, parseData, schedule } from './src/data.mjs';
+import { dataFileFor } from './src/data_folder.mjs';
 import { sha256Hex } from './src/digest.mjs';
 import { CODEC_NAMES } from './src/codec.mjs';
 import { DeviceError, SpliteasyError } from './src/errors.mjs';
@@ -156,7 +158,9 @@ async function main(argv) {
     ({ manifest, digest } = await fetchManifest(transport, schema));
     models = await fetchDeviceModels(transport, manifest);
   }
-  const dataBytes = await readData(opt.data);
+  // a folder of images or an .npz: decoded by `spliteasy data` (src/data_folder.mjs)
+  const { file: dataFile } = await dataFileFor(opt.data, opt.bundle ?? opt.server, log);
+  const dataBytes = await readData(dataFile);
   const data = parseData(dataBytes, manifest.input, manifest);
   const evalData = opt.evalData ? parseData(await readData(opt.evalData), manifest.input, manifest) : null;
   const rt = new TfjsSlices(manifest, models);
