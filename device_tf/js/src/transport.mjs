@@ -44,6 +44,17 @@ function intOrNull(v) {
   return Number.isInteger(n) ? n : null;
 }
 
+/** 503/429 error codes that mean "come back later" (Retry-After), not "refused". */
+const WAIT_CODES = new Set(['busy', 'shutting_down', 'rate_limited']);
+
+/** An attempt that an identical later attempt may get through (not sooner than retryAfterMs). */
+export class Retry extends Error {
+  constructor(message, retryAfterMs = 0) {
+    super(message);
+    this.retryAfterMs = retryAfterMs;
+  }
+}
+
 export class HttpTransport {
   /**
    * @param baseUrl e.g. "http://127.0.0.1:8000" ('' in a page: same origin)
@@ -69,63 +80,83 @@ export class HttpTransport {
    * ProtocolError (StepConflict for 409 step_conflict).
    */
   async send(method, path, { body, headers = {}, patient = true } = {}) {
-    let firstFailure = null;
-    let attempt = 0;
-    let why = '';
-    for (;;) {
-      let reply = null;
-      let retryAfterMs = 0;
-      try {
-        const response = await fetch(this.baseUrl + path, {
-          method,
-          body,
-          headers,
-          keepalive: false, // (the page-unload flag, not connection reuse; that is on by default)
-          signal: AbortSignal.timeout(this.timeoutMs),
-        });
-        reply = new Reply(response.status, response.headers, new Uint8Array(await response.arrayBuffer()));
-      } catch (err) {
-        why = err?.cause?.code ?? err?.cause?.message ?? err?.message ?? 'no answer';
-        if (/CERT|UNABLE_TO_VERIFY|SELF_SIGNED/.test(String(why))) {
-          // an untrusted TLS certificate: waiting will not fix it
-          throw new ProtocolError(
-            `${this.baseUrl}: the server's TLS certificate is not trusted (${why}); ` +
-              'give Node the CA that signed it (NODE_EXTRA_CA_CERTS=ca.pem, or spliteasy train --ca-file)',
-          );
+    const reply = await this.retrying(
+      async () => {
+        let response;
+        try {
+          response = await fetch(this.baseUrl + path, {
+            method,
+            body,
+            headers,
+            keepalive: false, // (the page-unload flag, not connection reuse; that is on by default)
+            signal: AbortSignal.timeout(this.timeoutMs),
+          });
+          response = new Reply(response.status, response.headers, new Uint8Array(await response.arrayBuffer()));
+        } catch (err) {
+          const why = err?.cause?.code ?? err?.cause?.message ?? err?.message ?? 'no answer';
+          if (/CERT|UNABLE_TO_VERIFY|SELF_SIGNED/.test(String(why))) {
+            // an untrusted TLS certificate: waiting will not fix it
+            throw new ProtocolError(
+              `${this.baseUrl}: the server's TLS certificate is not trusted (${why}); ` +
+                'give Node the CA that signed it (NODE_EXTRA_CA_CERTS=ca.pem, or spliteasy train --ca-file)',
+            );
+          }
+          throw new Retry(String(why));
         }
-      }
-      if (reply) {
         // 503 busy: B is another device's for now; 503 shutting_down: the server is writing
         // its final checkpoint before it stops. Both: wait as for a restart.
         // 429 rate_limited: too many sessions created from here; come back later.
-        const code = reply.status === 503 || reply.status === 429 ? reply.errorCode() : '';
-        if (code === 'busy' || code === 'shutting_down' || code === 'rate_limited') {
-          why = `${reply.status} ${code}`;
+        const code = response.status === 503 || response.status === 429 ? response.errorCode() : '';
+        if (WAIT_CODES.has(code)) {
           // the server says when to come back (Retry-After, seconds): not sooner
-          retryAfterMs = Math.min(Math.max(Number(reply.headers.get('retry-after')) || 0, 0), 30) * 1000;
-        } else {
-          if (firstFailure !== null && attempt >= 2) this.onBack?.({ url: this.baseUrl, waitedMs: now() - firstFailure });
-          if (reply.status >= 400) throw rejection(reply);
-          return reply;
+          const afterMs = Math.min(Math.max(Number(response.headers.get('retry-after')) || 0, 0), 30) * 1000;
+          throw new Retry(`${response.status} ${code}`, afterMs);
         }
+        return response;
+      },
+      { target: `${this.baseUrl}${path}`, patient },
+    );
+    if (reply.status >= 400) throw rejection(reply);
+    return reply;
+  }
+
+  /**
+   * The one patience rule of both transports: call `attempt` until it resolves (or throws
+   * anything but a Retry). The first retry at once (a lone dropped connection is not news),
+   * then 0.1 s doubling to 5 s, never sooner than the server's Retry-After; `patient` calls
+   * keep trying for reconnectTimeoutMs, impatient ones `retries` times. `onWait` hears of
+   * every wait from the second failure on, `onBack` of the server's return.
+   */
+  async retrying(attempt, { target, patient = true }) {
+    let firstFailure = null;
+    let attempts = 0;
+    for (;;) {
+      let why = '';
+      let retryAfterMs = 0;
+      try {
+        const result = await attempt();
+        if (firstFailure !== null && attempts >= 2) this.onBack?.({ url: this.baseUrl, waitedMs: now() - firstFailure });
+        return result;
+      } catch (err) {
+        if (!(err instanceof Retry)) throw err;
+        why = err.message;
+        retryAfterMs = err.retryAfterMs;
       }
       const t = now();
       firstFailure ??= t;
-      attempt += 1;
+      attempts += 1;
       const waitedMs = t - firstFailure;
       const limitMs = patient ? this.reconnectTimeoutMs : 0;
-      const outOfTime = patient ? attempt > 1 && waitedMs >= limitMs : attempt > this.retries;
+      const outOfTime = patient ? attempts > 1 && waitedMs >= limitMs : attempts > this.retries;
       if (outOfTime) {
-        const waited = `no answer for ${(waitedMs / 1000).toFixed(1)} s (${attempt} attempts; last: ${why})`;
+        const waited = `no answer for ${(waitedMs / 1000).toFixed(1)} s (${attempts} attempts; last: ${why})`;
         throw new ProtocolError(
-          `${this.baseUrl}${path}: ${waited}; is the server running?` +
-            (patient ? ' Restart the same command to resume where it stopped.' : ''),
+          `${target}: ${waited}; is the server running?` + (patient ? ' Restart the same command to resume where it stopped.' : ''),
         );
       }
-      // the first retry at once (a lone dropped connection is not news), then 0.1 s doubling to 5 s
-      let delayMs = Math.max(attempt === 1 ? 0 : Math.min(100 * 2 ** (attempt - 2), 5000), retryAfterMs);
+      let delayMs = Math.max(attempts === 1 ? 0 : Math.min(100 * 2 ** (attempts - 2), 5000), retryAfterMs);
       if (patient) delayMs = Math.min(delayMs, Math.max(firstFailure + limitMs - t, 0));
-      if (attempt >= 2) this.onWait?.({ url: this.baseUrl, why, waitedMs, delayMs, limitMs: this.reconnectTimeoutMs, attempt });
+      if (attempts >= 2) this.onWait?.({ url: this.baseUrl, why, waitedMs, delayMs, limitMs: this.reconnectTimeoutMs, attempt: attempts });
       await sleep(delayMs);
     }
   }
@@ -274,15 +305,6 @@ function rejection(reply) {
 
 /** Op codes of the WebSocket envelope (docs/protocol.md, "WebSocket binding"). */
 export const WS_OPS = { forward: 1, backward: 2, step: 3, infer: 4 };
-const WS_WAIT_CODES = new Set(['busy', 'shutting_down', 'rate_limited']);
-
-/** Internal: an attempt that an identical later attempt may get through. */
-class WsRetry extends Error {
-  constructor(message, retryAfterMs = 0) {
-    super(message);
-    this.retryAfterMs = retryAfterMs;
-  }
-}
 
 /**
  * Frames over one WebSocket (`/v1/sessions/{sid}/ws`) for the whole run; sessions, health
@@ -292,9 +314,9 @@ class WsRetry extends Error {
  * `bearer.<token>` beside `spliteasy.v1`.
  *
  * Exactly-once survives a dropped socket as over HTTP: the same message is sent again on a
- * new socket and the server answers an applied step from its retry store. Waits follow
- * the HTTP transport's rule (at once, then 0.1 s doubling to 5 s, for up to
- * reconnectTimeoutMs; the server's retry_after on busy / shutting_down / rate_limited).
+ * new socket and the server answers an applied step from its retry store. Waits are the
+ * HTTP transport's, by the same code (`retrying`: at once, then 0.1 s doubling to 5 s, for
+ * up to reconnectTimeoutMs; the server's retry_after on busy / shutting_down / rate_limited).
  * Keepalive: uvicorn pings every 20 s (answered by both clients); in Node the client
  * pings too (`pingIntervalMs`) and drops a socket whose pong does not come back.
  */
@@ -350,7 +372,7 @@ export class WsTransport extends HttpTransport {
       } catch (httpErr) {
         if (httpErr instanceof ProtocolError && httpErr.status >= 400 && httpErr.status !== 429 && httpErr.status < 500) throw httpErr;
       }
-      throw new WsRetry(err.message);
+      throw new Retry(err.message);
     }
     ws.onmessage = (ev) => this.onMessage(ev.data);
     ws.onclose = (ev) => this.onSocketGone(ws, `websocket closed (${ev?.code ?? '?'} ${ev?.reason ?? ''})`.trim());
@@ -379,7 +401,7 @@ export class WsTransport extends HttpTransport {
     const p = this.pending;
     if (p) {
       this.pending = null;
-      p.reject(new WsRetry(why));
+      p.reject(new Retry(why));
     }
   }
 
@@ -391,8 +413,8 @@ export class WsTransport extends HttpTransport {
       if (err.id !== p.rid) return; // the answer to an earlier attempt
       this.pending = null;
       const { id: _id, status, retry_after: retryAfter, ...body } = err;
-      if ((status === 503 || status === 429) && WS_WAIT_CODES.has(body.error)) {
-        p.reject(new WsRetry(`${status} ${body.error}`, Math.min(Math.max(Number(retryAfter) || 0, 0), 30) * 1000));
+      if ((status === 503 || status === 429) && WAIT_CODES.has(body.error)) {
+        p.reject(new Retry(`${status} ${body.error}`, Math.min(Math.max(Number(retryAfter) || 0, 0), 30) * 1000));
       } else {
         p.reject(rejection(new Reply(status, new Headers(), new TextEncoder().encode(JSON.stringify(body)))));
       }
@@ -421,7 +443,7 @@ export class WsTransport extends HttpTransport {
         if (this.pending?.rid !== rid) return;
         this.pending = null;
         this.drop();
-        reject(new WsRetry(`no reply within ${this.timeoutMs / 1000} s`));
+        reject(new Retry(`no reply within ${this.timeoutMs / 1000} s`));
       }, this.timeoutMs);
       const done = (fn) => (v) => {
         clearTimeout(timer);
@@ -436,41 +458,14 @@ export class WsTransport extends HttpTransport {
     const code = WS_OPS[op];
     if (!code) throw new Error(`unknown operation ${op}`);
     const t0 = now();
-    let firstFailure = null;
-    let attempt = 0;
-    for (;;) {
-      let why = '';
-      let retryAfterMs = 0;
-      try {
-        const { meta, frames } = await this.once(code, body);
-        if (firstFailure !== null && attempt >= 2) this.onBack?.({ url: this.baseUrl, waitedMs: now() - firstFailure });
-        return {
-          body: frames,
-          serverMs: Number(meta.server_ms) || 0,
-          roundTripMs: now() - t0,
-          durableStep: intOrNull(meta.durable_step),
-          replayed: Boolean(meta.replayed),
-        };
-      } catch (err) {
-        if (!(err instanceof WsRetry)) throw err;
-        why = err.message;
-        retryAfterMs = err.retryAfterMs;
-      }
-      const t = now();
-      firstFailure ??= t;
-      attempt += 1;
-      const waitedMs = t - firstFailure;
-      if (attempt > 1 && waitedMs >= this.reconnectTimeoutMs) {
-        throw new ProtocolError(
-          `${this.wsUrl()}: no answer for ${(waitedMs / 1000).toFixed(1)} s (${attempt} attempts; last: ${why}); ` +
-            'is the server running? Restart the same command to resume where it stopped.',
-        );
-      }
-      let delayMs = Math.max(attempt === 1 ? 0 : Math.min(100 * 2 ** (attempt - 2), 5000), retryAfterMs);
-      delayMs = Math.min(delayMs, Math.max(firstFailure + this.reconnectTimeoutMs - t, 0));
-      if (attempt >= 2) this.onWait?.({ url: this.baseUrl, why, waitedMs, delayMs, limitMs: this.reconnectTimeoutMs, attempt });
-      await sleep(delayMs);
-    }
+    const { meta, frames } = await this.retrying(() => this.once(code, body), { target: this.wsUrl() });
+    return {
+      body: frames,
+      serverMs: Number(meta.server_ms) || 0,
+      roundTripMs: now() - t0,
+      durableStep: intOrNull(meta.durable_step),
+      replayed: Boolean(meta.replayed),
+    };
   }
 
   /** Close the socket (a later exchange opens a new one). */
