@@ -75,8 +75,37 @@ def digits_bn(num_classes: int = 10, seed: int = 0):
     return keras.Model(image, logits, name="digits_bn")
 
 
+TABULAR_MLP = "tabular-mlp"
+TABULAR_FEATURES = 64
+
+
+def tabular_mlp(num_classes: int = 10, seed: int = 0):
+    """A tabular MLP: 64 float features (the digits, flattened) -> logits; 2-D cuts.
+
+    Every cut tensor is rank 2 (layout NC). No BatchNormalization in B: over rank 2 Keras
+    takes its non-fused path, which the server refuses in training (converters/cuts.py).
+    Cuts: ``a_out`` | ``b_out``.
+    """
+    import tf_keras as keras
+
+    keras.utils.set_random_seed(seed)
+    L = keras.layers
+    features = L.Input((TABULAR_FEATURES,), name="features")
+    h = L.Dense(48, name="a_dense")(features)
+    h = L.ReLU(name="a_out")(h)
+    h = L.Dense(32, activation="tanh", name="b_dense1")(h)
+    h = L.Dense(32, name="b_dense2")(h)
+    h = L.LeakyReLU(0.1, name="b_out")(h)
+    logits = L.Dense(num_classes, name="c_logits")(h)
+    return keras.Model(features, logits, name="tabular_mlp")
+
+
 # Built-in test models: name -> (builder, natural cuts).
-BUILTINS = {BUILTIN: (digits_cnn, DIGITS_CUTS), DIGITS_BN: (digits_bn, DIGITS_CUTS)}
+BUILTINS = {
+    BUILTIN: (digits_cnn, DIGITS_CUTS),
+    DIGITS_BN: (digits_bn, DIGITS_CUTS),
+    TABULAR_MLP: (tabular_mlp, DIGITS_CUTS),
+}
 
 
 def builtin_cuts(name: str) -> tuple[str, ...]:
