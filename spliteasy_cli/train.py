@@ -113,7 +113,10 @@ def run(args: argparse.Namespace) -> int:
     log = args.log or Path("runs") / f"train-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
     log.parent.mkdir(parents=True, exist_ok=True)
     if args.runtime == "tfjs":
-        return _run_tfjs(args, manifest, (x_tr, y_tr, x_te, y_te), log)
+        code = _run_tfjs(args, manifest, (x_tr, y_tr, x_te, y_te), log)
+        if code == 0:
+            print(f"run record: {_write_run_record(args, manifest, ds, log, {})}")
+        return code
     digest = manifest_digest(args.bundle)
     state = None
     if args.state_dir is not None:
