@@ -173,32 +173,34 @@ def test_binary_crossentropy_bundle_on_tflite_and_tfjs(tmp_path, serve_app, digi
     assert_matches_unsplit("binary_crossentropy tfjs", js_losses, js_weights, reference, ref_losses)
 
 
-def test_loss_from_the_compiled_model_else_from_the_flag(tmp_path, capsys):
-    """``spliteasy convert --model saved.h5`` takes the loss the model was compiled with;
+def test_loss_from_the_compiled_model_else_from_the_flag(tmp_path):
+    """``spliteasy convert --model saved.h5`` takes the loss the model was compiled with
+    (``_loss_from_args``, convert's choice);
     ``--loss`` names one (aliases, from_logits from the output activation); a compiled loss
     spliteasy cannot train on every side is refused naming it."""
+    import argparse
+
     import tf_keras as keras
 
     from converters._exceptions import ConverterError
     from converters.losses import compiled_loss, loss_spec, spec_of_keras_loss
-    from shared_schema import LossSpec, load_manifest
+    from shared_schema import LossSpec
     from split_helpers import digits_model
-    from spliteasy_cli.main import main
+    from spliteasy_cli.convert import _loss_from_args
 
     model = digits_model()
     model.compile(optimizer="sgd", loss=keras.losses.CategoricalCrossentropy(from_logits=True))
     saved = tmp_path / "compiled.h5"
     model.save(saved)
     assert compiled_loss(saved) == LossSpec(name="categorical_crossentropy", from_logits=True)
-    capsys.readouterr()
-    out = tmp_path / "bundle"
-    code = main(["convert", "--model", str(saved), "--cuts", "a_out", "--out", str(out)])
-    stdout = capsys.readouterr().out
-    assert code == 0, stdout
-    manifest = load_manifest(out)
-    assert manifest.loss == LossSpec(name="categorical_crossentropy", from_logits=True)
-    assert manifest.labels.dtype == "float32" and manifest.labels.shape == [None, 10]
-    assert "loss categorical_crossentropy, from_logits=True" in stdout
+    # convert's choice, without a conversion (write_bundle's use of a loss is shown above):
+    # the compiled loss, unless --loss / --from-logits say otherwise
+    args = argparse.Namespace(model=str(saved), loss=None, from_logits=None)
+    assert _loss_from_args(args, model, True) == compiled_loss(saved)
+    args = argparse.Namespace(model=str(saved), loss="mse", from_logits=None)
+    assert _loss_from_args(args, model, True) == LossSpec(name="mean_squared_error")
+    args = argparse.Namespace(model="digits-cnn", loss=None, from_logits="false")
+    assert _loss_from_args(args, model, True) == LossSpec(from_logits=False)
 
     assert spec_of_keras_loss("mse") == LossSpec(name="mean_squared_error")
     assert spec_of_keras_loss("binary_crossentropy") == LossSpec(
