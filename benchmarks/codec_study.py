@@ -69,11 +69,13 @@ def run_codec(
     up = down = 0
     codec_ms = 0.0
     cpu0, t0 = time.process_time(), time.perf_counter()
-    with ServerThread(create_app(bundle)) as srv:
-        transport = HttpTransport(srv.url)
+    # generous start-up and request timeouts: the study (and tests/test_codec.py) may run
+    # on a machine loaded far beyond its cores
+    srv = ServerThread(create_app(bundle)).start(timeout=180)
+    try:
+        transport = HttpTransport(srv.url, timeout=300)
         try:
             with SplitTrainer(rt, transport, manifest, manifest_digest(bundle), codec=codec) as tr:
-                info = transport.session
                 for step in range(epochs * steps_per_epoch):
                     epoch, pos = divmod(step, steps_per_epoch)
                     xb, yb = batch_at(x, y, batch_size, epoch, pos, seed)
@@ -83,14 +85,17 @@ def run_codec(
                     down += r.timings.bytes_down
                     codec_ms += r.timings.codec_ms
                 accuracy = tr.evaluate(x_te, y_te)
+                info = transport.session  # as the server opened it (codec included)
         finally:
             transport.close()
+    finally:
+        srv.stop()
     steps = len(losses)
     first = sum(losses[:steps_per_epoch]) / max(min(steps, steps_per_epoch), 1)
     last = sum(losses[-steps_per_epoch:]) / max(min(steps, steps_per_epoch), 1)
     return {
         "codec": codec,
-        "session_codec": info.codec if info is not None else codec,
+        "session_codec": info.codec if info is not None else None,
         "steps": steps,
         "bytes_up_per_step": up / max(steps, 1),
         "bytes_down_per_step": down / max(steps, 1),

@@ -172,6 +172,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="an idle keep-alive connection is closed after S s (default %(default)s)",
     )
+    parser.add_argument(
+        "--codecs",
+        default=None,
+        metavar="LIST",
+        help="wire codecs a session may ask for, comma-separated (default: all of "
+        "float32,fp16,bf16,int8,int8-channel,int4; docs/protocol.md, Compression)",
+    )
     par = parser.add_argument_group(
         "parallel mode", "synchronous rounds of several devices on one B (docs/protocol.md)"
     )
@@ -292,6 +299,7 @@ def run(args: argparse.Namespace) -> int:
             sync_every=args.sync_every,
             round_timeout=args.round_timeout,
             trainer=trainer,
+            codecs=tuple(c.strip() for c in args.codecs.split(",")) if args.codecs else None,
         )
         if group is not None:
             group.workers.broadcast_state(trainer)  # a resumed B reaches every replica
