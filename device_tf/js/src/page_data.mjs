@@ -45,10 +45,11 @@ export function classify(files) {
     const path = file.webkitRelativePath || file.name;
     const parts = path.split('/');
     const name = parts.at(-1);
+    if (parts.length >= 2) root = parts[0];
     if (!isImage(name)) continue;
     let cls;
     if (parts.length >= 3) {
-      [root, cls] = parts;
+      cls = parts[1];
       if (parts.some((p) => p.startsWith('.'))) continue;
     } else if (parts.length === 2) {
       continue; // directly in the picked folder: no class (tf_keras skips these too)
