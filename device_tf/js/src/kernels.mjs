@@ -1131,6 +1131,38 @@ function reluGradKernel({ inputs, backend }) {
   return backend.makeTensorInfo(x.shape, 'float32', out);
 }
 
+/**
+ * ClipByValue's (ReLU6's) gradient, dy where min <= x <= max else 0, in one pass (TF.js:
+ * GreaterEqual, LessEqual, LogicalAnd, ZerosLike, Select over a full activation each).
+ */
+const CLIP_GRAD = 'SpliteasyClipGrad';
+
+function clipGradKernel({ inputs, backend, attrs }) {
+  const { dy, x } = inputs;
+  const d = vals(backend, dy);
+  const v = vals(backend, x);
+  const lo = Math.fround(attrs.clipValueMin);
+  const hi = Math.fround(attrs.clipValueMax);
+  const out = out32(v.length, false);
+  for (let i = 0; i < v.length; i++) out[i] = v[i] >= lo && v[i] <= hi ? d[i] : 0;
+  return backend.makeTensorInfo(x.shape, 'float32', out);
+}
+
+let clipGradOriginal = null;
+
+/** ClipByValue's gradient through CLIP_GRAD on the cpu backend (float32), TF.js' own elsewhere. */
+const fastClipGrad = {
+  kernelName: tf.ClipByValue,
+  inputsToSave: ['x'],
+  gradFunc: (dy, saved, attrs) => {
+    const [x] = saved;
+    const fast = tf.getBackend() === 'cpu' && dy.dtype === 'float32' && x.dtype === 'float32' && tf.getKernel(CLIP_GRAD, 'cpu');
+    if (!fast) return clipGradOriginal.gradFunc(dy, saved, attrs);
+    const { clipValueMin, clipValueMax } = attrs;
+    return { x: () => tf.engine().runKernel(CLIP_GRAD, { dy, x }, { clipValueMin, clipValueMax }) };
+  },
+};
+
 let reluGradOriginal = null;
 
 /** Relu's gradient through RELU_GRAD on the cpu backend (float32), TF.js' own elsewhere. */
@@ -1162,6 +1194,11 @@ export function registerFastKernels(only = Object.keys(FAST_KERNELS)) {
     reluGradOriginal = tf.getGradient(tf.Relu);
     tf.registerGradient(fastReluGrad);
   }
+  if (only.includes(tf.ClipByValue) && !tf.getKernel(CLIP_GRAD, 'cpu')) {
+    tf.registerKernel({ kernelName: CLIP_GRAD, backendName: 'cpu', kernelFunc: fastly(clipGradKernel) });
+    clipGradOriginal = tf.getGradient(tf.ClipByValue);
+    tf.registerGradient(fastClipGrad);
+  }
 }
 
 /** Put the backend's own kernels back (for measurements against them). */
@@ -1176,6 +1213,11 @@ export function restoreKernels(only = [...originals.keys()]) {
     tf.registerGradient(reluGradOriginal);
     tf.unregisterKernel(RELU_GRAD, 'cpu');
     reluGradOriginal = null;
+  }
+  if (only.includes(tf.ClipByValue) && clipGradOriginal) {
+    tf.registerGradient(clipGradOriginal);
+    tf.unregisterKernel(CLIP_GRAD, 'cpu');
+    clipGradOriginal = null;
   }
 }
 
