@@ -47,8 +47,9 @@ bench: install js
 	$(BIN)/python benchmarks/device_runtimes.py --out runs/bench-device.json
 
 # issue #12: per-step device compute of the ResNet50 / MobileNetV2 stem/head bundles in
-# Python TF, TFLite and TF.js (Node, cpu), and the kernel-by-kernel gaps (minutes; converts
-# the bundles once into the test cache)
+# Python TF, TFLite and TF.js (Node cpu; headless Chromium cpu and webgl), and the
+# kernel-by-kernel gaps (tens of minutes: webgl runs on SwiftShader here; converts the bundles
+# once into the test cache); the table also goes to runs/bench-device.md
 bench-device: install js
 	$(BIN)/python benchmarks/device_runtimes.py --out runs/bench-device.json
 
