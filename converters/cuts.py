@@ -47,8 +47,9 @@ __all__ = [
     "validate_cuts",
 ]
 
-# Tensor ranks a cut may carry: NHWC feature maps and NC vectors (the manifest's layouts).
-CUT_RANKS = (2, 4)
+# Tensor ranks a cut may carry: NHWC feature maps, NWC sequences and NC vectors (the
+# manifest's layouts).
+CUT_RANKS = (2, 3, 4)
 FLOAT32_BYTES = 4
 
 # Which layer classes each slice and runtime carries, and why not, is one table:
@@ -218,8 +219,8 @@ class Analysis:
             return f"its output has an unknown dimension {list(c.shape)}; fix the input size"
         if len(c.shape) + 1 not in CUT_RANKS:
             return (
-                f"its output has rank {len(c.shape) + 1}; a cut carries rank 4 (NHWC) "
-                "or rank 2 (NC) tensors"
+                f"its output has rank {len(c.shape) + 1}; a cut carries rank 4 (NHWC), "
+                "rank 3 (NWC) or rank 2 (NC) tensors"
             )
         spanning = self._shared_across(p) if self._has_shared else None
         if spanning:

@@ -100,11 +100,43 @@ def tabular_mlp(num_classes: int = 10, seed: int = 0):
     return keras.Model(features, logits, name="tabular_mlp")
 
 
+TEXT_CNN = "text-cnn"
+TEXT_LENGTH = 16
+TEXT_VOCAB = 50
+
+
+def text_cnn(num_classes: int = 10, seed: int = 0):
+    """A text classifier: 16 int32 token ids -> Embedding (A) -> Conv1D and pooling (B) ->
+    Dense (C). Cuts: ``a_out`` (the embedded tokens, NWC) | ``b_out`` (NC).
+
+    The device feeds integer ids; only A's float32 embedding crosses the wire (NWC, as
+    TensorFlow holds it), and torch B computes its convolutions on NCW.
+    """
+    import tf_keras as keras
+
+    keras.utils.set_random_seed(seed)
+    L = keras.layers
+    tokens = L.Input((TEXT_LENGTH,), dtype="int32", name="tokens")
+    h = L.Embedding(TEXT_VOCAB, 8, name="a_out")(tokens)
+    h = L.Conv1D(16, 3, padding="same", activation="relu", name="b_conv1")(h)
+    h = L.MaxPooling1D(2, name="b_maxpool")(h)
+    h = L.Conv1D(16, 3, padding="valid", name="b_conv2")(h)
+    h = L.ReLU(name="b_relu2")(h)
+    h = L.AveragePooling1D(2, padding="same", name="b_avgpool")(h)
+    top = L.GlobalMaxPooling1D(name="b_gmax")(h)
+    mean = L.GlobalAveragePooling1D(name="b_gavg")(h)
+    h = L.Concatenate(name="b_out")([top, mean])
+    h = L.Dense(16, activation="relu", name="c_dense")(h)
+    logits = L.Dense(num_classes, name="c_logits")(h)
+    return keras.Model(tokens, logits, name="text_cnn")
+
+
 # Built-in test models: name -> (builder, natural cuts).
 BUILTINS = {
     BUILTIN: (digits_cnn, DIGITS_CUTS),
     DIGITS_BN: (digits_bn, DIGITS_CUTS),
     TABULAR_MLP: (tabular_mlp, DIGITS_CUTS),
+    TEXT_CNN: (text_cnn, DIGITS_CUTS),
 }
 
 

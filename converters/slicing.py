@@ -38,14 +38,27 @@ class Slices:
         return "double" if self.c is not None else "single"
 
 
-def tensor_spec(name: str, shape) -> TensorSpec:
+def tensor_spec(name: str, shape, dtype: str = "float32") -> TensorSpec:
     dims = [None, *[int(d) for d in shape[1:]]]
-    layout = {4: "NHWC", 2: "NC"}.get(len(dims))
+    layout = {4: "NHWC", 3: "NWC", 2: "NC"}.get(len(dims))
     if layout is None:
-        raise InvalidCut(f"tensor {name!r} has rank {len(dims)}; cuts support rank 4 (NHWC) or 2")
+        raise InvalidCut(
+            f"tensor {name!r} has rank {len(dims)}; cuts support rank 4 (NHWC), 3 (NWC) or 2"
+        )
     if any(d is None for d in dims[1:]):
         raise InvalidCut(f"tensor {name!r} has an unknown dimension {dims}; fix the input size")
-    return TensorSpec(name=name, shape=dims, layout=layout)
+    return TensorSpec(name=name, shape=dims, dtype=dtype, layout=layout)
+
+
+def _input_dtype(tensor) -> str:
+    """The model input's dtype on the device: float32, or int32 token ids (an Embedding's)."""
+    dtype = tensor.dtype.name
+    if dtype in ("float32", "int32"):
+        return dtype
+    raise UnsupportedLayer(
+        f"the model input {tensor.name!r} is {dtype}; spliteasy feeds float32 (or int32 ids): "
+        "build the Input with dtype='float32' or 'int32'"
+    )
 
 
 def _check_cuts(model, cut_names: list[str]) -> None:
@@ -149,7 +162,7 @@ def slice_model(model, cut_names: list[str]) -> Slices:
             raise InvalidCut(f"layer {cut!r} is shared (called {len(layer._inbound_nodes)} times)")
     cut_tensors = [model.get_layer(c).output for c in cut_names]
     input_name = model.layers[0].name
-    input_spec = tensor_spec(input_name, model.inputs[0].shape)
+    input_spec = tensor_spec(input_name, model.inputs[0].shape, _input_dtype(model.inputs[0]))
     cuts = [tensor_spec(c, t.shape) for c, t in zip(cut_names, cut_tensors, strict=True)]
     out_shape = model.outputs[0].shape
     if len(out_shape) != 2:

@@ -26,8 +26,9 @@ MANIFEST_FILE = "manifest.json"
 
 DType = Literal["float32", "float16", "int32", "int64", "uint8"]
 # Layout of the bytes on the wire. Device runtimes are TensorFlow, so image tensors
-# travel NHWC; the server translates to NCHW at its boundary.
-Layout = Literal["NHWC", "NCHW", "NC", "N"]
+# travel NHWC and sequences (Conv1D feature maps, embedded tokens) NWC; torch B computes
+# on NCHW / NCW.
+Layout = Literal["NHWC", "NCHW", "NC", "N", "NWC"]
 SliceName = Literal["A", "B", "C"]
 Side = Literal["device", "server"]
 ArtifactFormat = Literal[

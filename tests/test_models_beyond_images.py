@@ -42,3 +42,38 @@ def test_tabular_mlp_split_equals_unsplit(serve_app, split):
     ref_losses = train_unsplit(reference, batches, manifest.optimizer, manifest.loss)
     losses, weights = split_run(bundle, TFRuntime.from_bundle(bundle), batches, serve_app)
     assert_matches_unsplit(f"tabular-mlp/{split}", losses, weights, reference, ref_losses, TOL)
+
+
+def token_batches(n: int = 5, batch_size: int = 32, seed: int = 0):
+    """Learnable token sequences: class k's sequences are sprinkled with ids from its own
+    band of the vocabulary among uniform noise ids (int32, shape (batch, 16))."""
+    from converters.models import TEXT_LENGTH, TEXT_VOCAB
+
+    rng = np.random.default_rng(seed)
+    classes, band = 10, 4
+    out = []
+    for _ in range(n):
+        y = rng.integers(0, classes, batch_size).astype(np.int32)
+        x = rng.integers(classes * band, TEXT_VOCAB, (batch_size, TEXT_LENGTH))
+        marks = rng.random((batch_size, TEXT_LENGTH)) < 0.4
+        ids = y[:, None] * band + rng.integers(0, band, (batch_size, TEXT_LENGTH))
+        out.append((np.where(marks, ids, x).astype(np.int32), y))
+    return out
+
+
+@pytest.mark.parametrize("split", ["double", "single"])
+def test_text_cnn_split_equals_unsplit(serve_app, split):
+    """Embedding on int32 ids in A; Conv1D, Max/AveragePooling1D and global pooling in B
+    (the cut a_out is NWC on the wire); Dense in C."""
+    from device_tf.reference import train_unsplit
+    from device_tf.tf_runtime import TFRuntime
+    from shared_schema import load_manifest
+
+    bundle, reference = digits_bundle(None, split, SGD_CFG, ("tf",), "text-cnn")
+    manifest = load_manifest(bundle)
+    assert manifest.input.dtype == "int32"
+    assert manifest.cuts[0].layout == "NWC" and manifest.cuts[0].shape == [None, 16, 8]
+    batches = token_batches()
+    ref_losses = train_unsplit(reference, batches, manifest.optimizer, manifest.loss)
+    losses, weights = split_run(bundle, TFRuntime.from_bundle(bundle), batches, serve_app)
+    assert_matches_unsplit(f"text-cnn/{split}", losses, weights, reference, ref_losses, TOL)

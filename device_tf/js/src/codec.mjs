@@ -25,7 +25,7 @@ import { FrameSpecMismatch } from './errors.mjs';
 
 export const DEFAULT_CODEC = 'float32';
 export const COMPRESSIBLE_KINDS = Object.freeze(['ACTIVATION', 'GRADIENT']);
-export const CHANNEL_AXIS = Object.freeze({ NHWC: 3, NCHW: 1, NC: 1 });
+export const CHANNEL_AXIS = Object.freeze({ NHWC: 3, NCHW: 1, NC: 1, NWC: 2 });
 export const CODECS = Object.freeze({
   float32: Object.freeze({ flag: 0, bits: 32, scales: null, levels: null, rounding: null }),
   fp16: Object.freeze({ flag: 1, bits: 16, scales: null, levels: null, rounding: null }),

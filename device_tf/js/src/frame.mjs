@@ -67,7 +67,7 @@ const ARRAYS = {
   int64: BigInt64Array,
   uint8: Uint8Array,
 };
-export const LAYOUTS = Object.freeze({ 0: 'N', 1: 'NC', 2: 'NHWC', 3: 'NCHW', 4: 'scalar' });
+export const LAYOUTS = Object.freeze({ 0: 'N', 1: 'NC', 2: 'NHWC', 3: 'NCHW', 4: 'scalar', 5: 'NWC' });
 const LAYOUT_CODES = Object.fromEntries(Object.entries(LAYOUTS).map(([k, v]) => [v, Number(k)]));
 
 if (new Uint8Array(new Uint16Array([1]).buffer)[0] !== 1) {

@@ -11,7 +11,7 @@ import { ManifestError } from './errors.mjs';
 
 export const MANIFEST_FILE = 'manifest.json';
 // The manifest rules of shared_schema/protocol.json (test/protocol.test.mjs checks them).
-export const LAYOUT_RANK = Object.freeze({ NHWC: 4, NCHW: 4, NC: 2, N: 1 });
+export const LAYOUT_RANK = Object.freeze({ NHWC: 4, NCHW: 4, NC: 2, N: 1, NWC: 3 });
 export const SPLIT_MODES = Object.freeze({
   double: Object.freeze({ slices: ['A', 'B', 'C'], cuts: 2, label_holder: 'device' }),
   single: Object.freeze({ slices: ['A', 'B'], cuts: 1, label_holder: 'server' }),
