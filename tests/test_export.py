@@ -457,6 +457,7 @@ def test_export_in_process(tmp_path, model, split, opt):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("resnet50")  # zoo_helpers.on: the worker that holds ResNet50's build
 def test_export_equals_split_inference_resnet50(tmp_path):
     import tf_keras as keras
     from zoo_helpers import bundle as zoo_bundle

@@ -35,8 +35,8 @@ CUT_PAIRS: dict[str, list[tuple[str, str]]] = {
 
 
 # Issue #12: the device's share of a real network -- the stem in A, the head in C, all the
-# rest in B -- at 96 px, as the TF.js speed test and the device-runtime benchmark
-# (benchmarks/device_runtimes.py) train it. One bundle per network holds every runtime.
+# rest in B -- at 96 px, as the device-runtime benchmark (benchmarks/device_runtimes.py)
+# trains it. One bundle per network holds every runtime.
 DEVICE_SPLITS: dict[str, tuple[str, str]] = {
     "resnet50": ("pool1_pool", "conv5_block3_out"),
     "mobilenetv2": ("expanded_conv_project_BN", "block_16_project_BN"),
@@ -86,15 +86,27 @@ def built(name: str) -> tuple[Any, bool]:
     return zoo.build(name, zoo.entry(name).min_size)
 
 
+# Zoo bundles converted with the TF.js device artefacts too: the TF.js zoo device test
+# (test_js_zoo_device.py) trains this one, so the suite converts ResNet50 for it only once.
+TFJS_BUNDLES = {("resnet50", ("conv2_block3_out", "conv4_block6_out"))}
+
+
 @functools.cache
 def bundle(name: str, cuts: tuple[str, ...]) -> Path:
-    """The bundle ``spliteasy convert --model NAME --cuts ... --optimizer sgd`` writes."""
+    """The bundle ``spliteasy convert --model NAME --cuts ... --optimizer sgd`` writes
+    (``--runtimes tf,tfjs`` for ``TFJS_BUNDLES``)."""
     from shared_schema import SGDSpec
 
     model, from_logits = built(name)
     cfg = {k: v for k, v in SGD_CFG.items() if k != "name"}
+    runtimes = ("tf", "tfjs") if (name, tuple(cuts)) in TFJS_BUNDLES else ("tf",)
     return bundle_cache.converted(
-        model, cuts, model_name=name, optimizer=SGDSpec(**cfg), from_logits=from_logits
+        model,
+        cuts,
+        model_name=name,
+        optimizer=SGDSpec(**cfg),
+        from_logits=from_logits,
+        runtimes=runtimes,
     )
 
 
