@@ -216,16 +216,20 @@ def test_supported_layer_list_matches_installed_tfjs(tmp_path: Path) -> None:
 
 @pytest.mark.js
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # 10 min measured on 2 cores shared with a zoo conversion
+@pytest.mark.xdist_group("inceptionv3")  # zoo_helpers.on: shares the worker's InceptionV3 build
+@pytest.mark.timeout(1800)  # 30 CPU s, 3.5 min wall at load ~12; 10 min beside a conversion
 def test_inceptionv3_slices_with_scale_free_batchnorm_train_in_tfjs(tmp_path: Path) -> None:
     """InceptionV3's BatchNormalization(scale=False) layers in A (stem) and C (mixed9 ..
     logits) train in TF.js as in Keras: A's output and update from a given upstream
     gradient, C's loss, dL/db and update, two SGD-momentum steps."""
-    from converters import zoo
+    from zoo_helpers import built
+
     from converters.slicing import slice_model
     from shared_schema.frame import Frame, FrameKind, decode, encode
 
-    model, from_logits = zoo.build("inceptionv3", input_size=75, num_classes=10, seed=0)
+    # 75 px, 10 classes, seed 0: the build test_cuts and test_zoo_convert share (slicing
+    # copies the layers, the shared model is never trained)
+    model, from_logits = built("inceptionv3")
     slices = slice_model(model, ["activation_2", "mixed8"])
     a_model, c_model = slices.a, slices.c
     n_scale_free = sum(
