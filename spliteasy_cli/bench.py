@@ -420,6 +420,7 @@ def _plot_table1(path: Path, rows: list[dict[str, Any]], batch: int) -> None:
 
 def _cuts(args: argparse.Namespace, out: Path, bar: Progress) -> dict[str, Any]:
     from converters.models import load_model
+    from shared_schema import SpliteasyError
 
     from .bench_run import BundleCache, measure_split, sweep_cuts
     from .plan import build_cost_model
@@ -438,20 +439,28 @@ def _cuts(args: argparse.Namespace, out: Path, bar: Progress) -> dict[str, Any]:
     (out / "layer-profile.json").write_text(json.dumps(profile, indent=1))
     index = {c.layer: i for i, c in enumerate(cm.cuts)}
     points: list[dict[str, Any]] = []
+    refused: list[dict[str, Any]] = []
     try:
         for layer, pos, why in firsts:
             bar.stage(f"converting cut {layer}")
-            bundle = cache.get(args.network, size, [layer, head])
+            try:
+                bundle = cache.get(args.network, size, [layer, head])
+            except SpliteasyError as exc:  # e.g. a slice B the converter cannot verify
+                refused.append({"layer": layer, "position": pos, "why": why, "error": str(exc)})
+                bar.tick()
+                for _ in range(args.warmup + args.steps):
+                    bar.tick()
+                continue
             bar.tick()
             bar.stage(f"measuring cut {layer}")
             m = measure_split(bundle, settings, tick=bar.tick).to_json()
             pred = cm.double(index[layer], index[head])
             points.append({"layer": layer, "position": pos, "why": why, "measured": m,
                            "predicted": pred.to_json()})  # fmt: skip
-            _write_cuts(out, args, shown, head, points, cm)
+            _write_cuts(out, args, shown, head, points, cm, refused)
     finally:
         cache.cleanup()
-    return _write_cuts(out, args, shown, head, points, cm)
+    return _write_cuts(out, args, shown, head, points, cm, refused)
 
 
 def _plan_verdict(points: list[dict[str, Any]]) -> dict[str, Any]:
@@ -480,7 +489,13 @@ def _plan_verdict(points: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _write_cuts(
-    out: Path, args: argparse.Namespace, size: int | None, head: str, points: list, cm: Any
+    out: Path,
+    args: argparse.Namespace,
+    size: int | None,
+    head: str,
+    points: list,
+    cm: Any,
+    refused: list | None = None,
 ) -> dict:
     verdict = _plan_verdict(points)
     best_pairs = cm.rank("double")[:5]
@@ -492,6 +507,7 @@ def _write_cuts(
         "settings": {"batch": args.batch, "steps": args.steps, "link": args.link},
         "second_cut": head,
         "points": points,
+        "refused": refused or [],
         "plan": verdict,
         "plan_overall_top5": [c.to_json() for c in best_pairs],
     }
@@ -526,6 +542,8 @@ def _write_cuts(
             f"{verdict['choice_prediction_error']:.0%} off the measurement (median error over "
             f"the cuts {verdict['median_prediction_error']:.0%}).",
         ]
+    for r in refused or []:
+        lines.append(f"- not measured: {r['layer']} (position {r['position']}): {r['error']}")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     _plot_cuts(out / "cuts.png", points, args)
     return doc
