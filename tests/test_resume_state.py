@@ -4,6 +4,7 @@ the runtimes' ``state()``/``load_state()``."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -187,10 +188,10 @@ def test_corrupt_latest_falls_back_to_durable(tmp_path) -> None:
 
 def test_other_bundle_or_settings_refused(tmp_path) -> None:
     _state(tmp_path).begin(_Trainer())
-    other = RunSpec("e" * 64, *list(SPEC.__dict__.values())[1:])
+    other = replace(SPEC, manifest_sha256="e" * 64)
     with pytest.raises(StateError, match="another bundle"):
         _state(tmp_path, spec=other).read_session()
-    bigger = RunSpec(*list(SPEC.__dict__.values())[:-2], 20, 0)
+    bigger = replace(SPEC, batch_size=20)
     with pytest.raises(StateError, match="batch_size 10 -> 20"):
         _state(tmp_path, spec=bigger).read_session()
 
