@@ -8,9 +8,24 @@ import numpy as np
 
 from shared_schema import Manifest, load_manifest
 
-from ._exceptions import StateError
+from ._exceptions import DeviceError, StateError
 from .keras_util import keras_loss, keras_optimizer, named_variables
 from .runtime import DeviceRuntime, RuntimeState, state_mismatch
+
+RANDOM_LAYERS = ("Dropout", "SpatialDropout", "GaussianNoise", "GaussianDropout", "AlphaDropout")
+
+
+def _check_recomputable(model) -> None:
+    """``--recompute-a`` recomputes A's forward in the backward pass; a layer that draws
+    random numbers in training would draw others the second time (gradients of another
+    mask than the forward used), so such an A is refused instead of trained inexactly."""
+    for layer in model.submodules:
+        name = type(layer).__name__
+        if any(name.startswith(r) for r in RANDOM_LAYERS):
+            raise DeviceError(
+                f"--recompute-a: slice A holds {name} layer {layer.name!r}, whose random "
+                "draws would differ in the recomputation; train without --recompute-a"
+            )
 
 
 class TFRuntime(DeviceRuntime):
@@ -23,7 +38,7 @@ class TFRuntime(DeviceRuntime):
 
     name = "tf"
 
-    def __init__(self, a_model, c_model, manifest: Manifest) -> None:
+    def __init__(self, a_model, c_model, manifest: Manifest, *, recompute_a: bool = False) -> None:
         self.a = a_model
         self.c = c_model
         self.manifest = manifest
@@ -31,9 +46,14 @@ class TFRuntime(DeviceRuntime):
         self.opt_c = keras_optimizer(manifest.optimizer) if c_model is not None else None
         self.loss_fn = keras_loss(manifest.loss)
         self._pending = None
+        self.recompute_a = recompute_a
+        if recompute_a:
+            _check_recomputable(a_model)
 
     @classmethod
-    def from_bundle(cls, bundle: Path | str, manifest: Manifest | None = None) -> TFRuntime:
+    def from_bundle(
+        cls, bundle: Path | str, manifest: Manifest | None = None, *, recompute_a: bool = False
+    ) -> TFRuntime:
         import tf_keras as keras
 
         bundle = Path(bundle)
@@ -41,14 +61,20 @@ class TFRuntime(DeviceRuntime):
         load = lambda name: keras.models.load_model(  # noqa: E731
             bundle / manifest.slice(name).artifact("savedmodel").path, compile=False
         )
-        return cls(load("A"), load("C") if manifest.split_mode == "double" else None, manifest)
+        c = load("C") if manifest.split_mode == "double" else None
+        return cls(load("A"), c, manifest, recompute_a=recompute_a)
 
     def a_forward(self, x: np.ndarray) -> np.ndarray:
         import tensorflow as tf
 
         x = tf.convert_to_tensor(x)
         with tf.GradientTape() as tape:
-            a = self.a(x, training=True)
+            if self.recompute_a:
+                # Only x and a are kept across the round trip; A's inner activations are
+                # recomputed inside tape.gradient (in a_backward).
+                a = tf.recompute_grad(lambda t: self.a(t, training=True))(x)
+            else:
+                a = self.a(x, training=True)
         self._pending = (tape, a)
         return a.numpy()
 
@@ -58,7 +84,16 @@ class TFRuntime(DeviceRuntime):
         tape, a = self._pending
         self._pending = None
         variables = self.a.trainable_variables
-        grads = tape.gradient(a, variables, output_gradients=upstream_grad)
+        if self.recompute_a:
+            # The recomputation runs A's training forward again, which would move the
+            # BatchNorm moving statistics a second time: keep the values the first forward
+            # left and put them back, so the step stays exactly the plain one.
+            kept = [(v, v.read_value()) for v in self.a.non_trainable_variables]
+            grads = tape.gradient(a, variables, output_gradients=upstream_grad)
+            for v, value in kept:
+                v.assign(value)
+        else:
+            grads = tape.gradient(a, variables, output_gradients=upstream_grad)
         self.opt_a.apply_gradients(zip(grads, variables, strict=True))
 
     def c_train(self, cut_activations: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:

@@ -56,6 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(docs/protocol.md, Compression); float32 is exact",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--recompute-a",
+        action="store_true",
+        help="tf runtime: recompute A's forward in its backward (tf.recompute_grad) instead of "
+        "holding A's activations across the round trip; same results, less device memory",
+    )
     p.add_argument("--log", type=Path, help="per-step JSONL log (default runs/train-<time>.jsonl)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
@@ -104,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.reconnect_timeout < 0:
         raise SpliteasyError("--reconnect-timeout must be >= 0")
+    if args.recompute_a and args.runtime != "tf":
+        raise SpliteasyError(f"--recompute-a is offered by the tf runtime only, not {args.runtime}")
     manifest = load_manifest(args.bundle)
     # All of the data is read and checked here, before anything is sent to the server.
     ds = load_dataset(args.data, manifest, validation_split=args.validation_split, seed=args.seed)
@@ -136,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         state = DeviceState(args.state_dir, spec, server=args.server)
         state.data = ds.record()
         state.read_session()  # another bundle's or run's state dir: refused before any work
-    runtime = make_runtime(args.runtime, args.bundle, manifest)
+    runtime = make_runtime(args.runtime, args.bundle, manifest, recompute_a=args.recompute_a)
     if state is not None:
         state.runtime = runtime
     transport = make_transport(
