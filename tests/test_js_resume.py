@@ -43,9 +43,12 @@ TOL = 1e-6
 MODEL = "digits-bn"  # BatchNormalization in A, B and C: moving statistics must survive too
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def train_data(tmp_path_factory) -> Path:
-    """30 fixed batches of the digits, in order, as one JS data file."""
+    """30 fixed batches of the digits, in order, as one JS data file. (Session-scoped:
+    cheap, and not a module fixture that would tie every test of this module to one
+    xdist worker -- conftest groups the tests that share ``reference_runs`` or
+    ``served_reference``, the costly ones.)"""
     return write_batches(
         tmp_path_factory.mktemp("resume") / "train.frames", fixed_batches(STEPS, BATCH)
     )
