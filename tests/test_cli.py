@@ -2,15 +2,19 @@
 
 Each command runs at least once as a real subprocess (``--help``, ``convert``,
 ``train``, ``demo``; ``serve`` through the ``serve_bundle`` fixture), which is what proves
-the entry point, exit status and output streams. The convert refusals call
-``spliteasy_cli.main.main`` in this process: the same parser, ``run`` and error
-translation, without starting another TensorFlow for each. ``train`` stays a subprocess
-(against an in-thread server): run in a pytest-xdist worker, an in-process ``train``
-left the worker's output capture closed for every later test.
+the entry point, exit status and output streams. The convert refusals and
+the other ``train`` runs (another runtime, a refusal) call ``spliteasy_cli.main.main``
+in this process: the same parser, ``run`` and error translation, without starting
+another TensorFlow for each (~9 CPU s apiece). Their output is caught with
+``contextlib.redirect_*``, not ``capsys``, whenever a uvicorn thread serves the test: a
+uvicorn thread started under ``capsys`` keeps capsys' stream, closed after the test, and
+broke the xdist worker's capture for every later test.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -33,6 +37,17 @@ def in_process(capsys, *args: str) -> tuple[int, str, str]:
     code = main(list(args))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def in_process_redirected(*args: str) -> tuple[int, str, str]:
+    """``spliteasy ARGS`` through ``main`` in this process, its output caught by
+    ``contextlib.redirect_*`` (safe beside a uvicorn thread, unlike ``capsys``)."""
+    from spliteasy_cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
 
 
 def spliteasy(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -109,12 +124,15 @@ def test_convert_errors_are_one_line_messages(tmp_path, capsys, args, message):
     assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
 
 
-def test_train_against_a_served_bundle(digits_bundle_dir, digits_bundles, serve_bundle, tmp_path):
+def test_train_against_a_served_bundle(digits_bundle_dir, digits_bundles, serve_app, tmp_path):
+    """``train`` as a real subprocess (entry point, exit status, streams) against the app
+    ``serve`` builds, in a thread (``spliteasy serve`` as a child: test_server_cli)."""
     from device_tf.data import batches, load_digits_split
     from device_tf.reference import accuracy, train_unsplit
+    from server_torch.app import create_app
     from shared_schema import load_manifest
 
-    srv = serve_bundle(digits_bundle_dir)
+    srv = serve_app(create_app(digits_bundle_dir))
     log = tmp_path / "steps.jsonl"
     result = spliteasy(
         "train",
@@ -158,9 +176,11 @@ def test_train_refuses_a_server_with_another_bundle(digits_bundle_dir, serve_app
     manifest["model"] = "something-else"
     (other / "manifest.json").write_text(json.dumps(manifest))
     srv = serve_app(create_app(digits_bundle_dir))
-    result = spliteasy("train", str(other), "--server", srv.url, "--epochs", "1", "--no-progress")
-    assert result.returncode == 2
-    assert "409" in result.stderr and "Traceback" not in result.stderr
+    code, _, err = in_process_redirected(
+        "train", str(other), "--server", srv.url, "--epochs", "1", "--no-progress"
+    )
+    assert code == 2, err
+    assert "409" in err and "Traceback" not in err
 
 
 def test_demo_learns_and_matches_unsplit(tmp_path):
@@ -191,12 +211,12 @@ def test_train_with_the_tflite_runtime(tmp_path, serve_app, digits_bundles):
     assert {"savedmodel", "keras_weights", "tflite"} <= formats
     srv = serve_app(create_app(bundle))
     log = tmp_path / "steps.jsonl"
-    result = spliteasy(
+    code, out, err = in_process_redirected(
         "train", str(bundle), "--server", srv.url, "--runtime", "tflite",
         "--epochs", "1", "--log", str(log), "--no-progress",
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "runtime tflite" in result.stdout
+    assert code == 0, err
+    assert "runtime tflite" in out
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(rows) == 45 and rows[-1]["loss"] < rows[0]["loss"]
 
@@ -205,12 +225,12 @@ def test_train_tflite_on_a_bundle_without_tflite_is_a_clear_error(digits_bundle_
     from server_torch.app import create_app
 
     srv = serve_app(create_app(digits_bundle_dir))
-    result = spliteasy(
+    code, _, err = in_process_redirected(
         "train", str(digits_bundle_dir), "--server", srv.url, "--runtime", "tflite",
         "--epochs", "1", "--no-progress",
     )  # fmt: skip
-    assert result.returncode == 2 and "tflite" in result.stderr.lower()
-    assert "Traceback" not in result.stderr
+    assert code == 2 and "tflite" in err.lower(), err
+    assert "Traceback" not in err
 
 
 @pytest.mark.js
@@ -220,11 +240,11 @@ def test_train_with_the_tfjs_runtime_in_node(tmp_path, serve_app, digits_bundles
     bundle, _ = digits_bundles("double", SGD, ALL_RUNTIMES)
     srv = serve_app(create_app(bundle))
     log = tmp_path / "steps.jsonl"
-    result = spliteasy(
+    code, out, err = in_process_redirected(
         "train", str(bundle), "--server", srv.url, "--runtime", "tfjs",
         "--epochs", "1", "--log", str(log), "--no-progress",
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert code == 0, out + err
     rows = [json.loads(line) for line in log.read_text().splitlines() if '"loss"' in line]
     assert len(rows) >= 45 and rows[-1]["loss"] < rows[0]["loss"]
     for key in ("device_ms", "server_ms", "codec_ms", "wire_ms"):
