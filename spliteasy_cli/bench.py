@@ -106,6 +106,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     br.add_argument("--bundle", type=Path, help="measure this double-split bundle (no conversion)")
     _common(br, size=96, batch=16)
+    from .bench_memory import add_parser as _memory_parser
+
+    _memory_parser(sub)  # device peak memory, split against unsplit (bench_memory.py)
 
 
 # -- progress ---------------------------------------------------------------------------
@@ -722,6 +725,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.study == "breakdown":
         n = 1 if args.bundle is not None else len(args.networks)
         total = n * (1 + len(args.links) * per_measure)
+    elif args.study == "memory":
+        n = 1 if args.bundle is not None else len(args.networks)
+        total = 1 + n * (3 + (2 if args.cap is not None else 0))
     else:
         total = 0
     bar = Progress(total, args.no_progress)
@@ -730,6 +736,10 @@ def run(args: argparse.Namespace) -> int:
             _table1(args, out, bar)
         elif args.study == "cuts":
             _cuts(args, out, bar)
+        elif args.study == "memory":
+            from .bench_memory import run_memory
+
+            run_memory(args, out, bar)
         else:
             _breakdown(args, out, bar)
     finally:
