@@ -68,3 +68,14 @@ def test_recompute_a_refuses_dropout_in_a() -> None:
     model = keras.Model(inp, keras.layers.Dropout(0.5, name="drop")(keras.layers.Dense(3)(inp)))
     with pytest.raises(DeviceError, match="drop"):
         _check_recomputable(model)
+
+
+def test_memory_cap_is_applied_and_failure_reported() -> None:
+    """``bench memory``'s cap is real: a child under RLIMIT_AS of 300 MB cannot even
+    import TensorFlow (its import alone reserves ~1.9 GB of address space), and the study
+    reports the failure with its error line instead of figures."""
+    from spliteasy_cli.bench_memory import measure
+
+    r = measure("import", cap_mb=300, timeout=120)
+    assert not r["ok"] and r["exit"] != 0
+    assert r["error"] and "peak_rss_mb" not in r
