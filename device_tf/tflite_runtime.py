@@ -241,7 +241,10 @@ class TFLiteRuntime(DeviceRuntime):
 
     def a_forward(self, x: np.ndarray) -> np.ndarray:
         a = self.a.call("forward_train", finite=True, x=x)["a"]
-        self._pending_x = np.ascontiguousarray(x, dtype=np.float32)
+        # float32 inputs, or int32 token ids (A's train signature takes the model's dtype)
+        self._pending_x = np.ascontiguousarray(
+            x, dtype=np.int32 if np.issubdtype(np.asarray(x).dtype, np.integer) else np.float32
+        )
         self._pending_a_shape = a.shape
         return a
 

@@ -119,8 +119,11 @@ def _check_model(model: Any, role: Role) -> None:
             f"slice {role} input {model.inputs[0].name} has unknown non-batch dimensions "
             f"{shape}; fix the spatial size"
         )
-    if model.inputs[0].dtype.name != "float32":
-        raise ConverterError(f"slice {role} input must be float32, is {model.inputs[0].dtype.name}")
+    allowed = ("float32", "int32") if role == "A" else ("float32",)  # int32: token ids
+    if model.inputs[0].dtype.name not in allowed:
+        raise ConverterError(
+            f"slice {role} input must be {' or '.join(allowed)}, is {model.inputs[0].dtype.name}"
+        )
     if role == "A":
         for layer in _all_layers(model):
             if type(layer).__name__ in _STOCHASTIC and getattr(layer, "rate", 1.0) != 0:
@@ -208,7 +211,9 @@ def _build_module(
             f"({len(names)} names for {len(model.weights)} variables)"
         )
     in_spec = tf.TensorSpec(
-        [batch_size, *model.inputs[0].shape[1:]], tf.float32, name="x" if role == "A" else "b"
+        [batch_size, *model.inputs[0].shape[1:]],
+        model.inputs[0].dtype,  # float32, or int32 token ids into A's Embedding
+        name="x" if role == "A" else "b",
     )
     out_shape = [batch_size, *model.outputs[0].shape[1:]]
     path_spec = tf.TensorSpec([], tf.string, name="checkpoint_path")
@@ -255,6 +260,8 @@ def _build_module(
             for var, g, slots in zip(self.trainable, grads, self.slots, strict=True):
                 if g is None:  # unconnected variable: Keras skips it as well
                     continue
+                if isinstance(g, tf.IndexedSlices):  # an Embedding's rows: Keras' sparse
+                    g = tf.convert_to_tensor(g)  # update is the dense one with zero rows
                 keras_update(tf, optimizer, var, g, slots, t, lr)
             self.step.assign_add(1)
 
