@@ -104,8 +104,10 @@ def frames_dataset(x: np.ndarray, y: np.ndarray, input_name: str = "image") -> b
     and a LABELS frame: int32 class indices (N), or float32 rows (NC: one-hot, binary or
     regression targets, as the bundle's loss takes them). The TF.js device (Node and
     page) reads this format."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    layout = {4: "NHWC", 2: "NC"}[x.ndim]
+    # float32 features, or int32 token ids (a model whose A starts with an Embedding)
+    ids = np.asarray(x).dtype.kind in "iu"
+    x = np.ascontiguousarray(x, dtype=np.int32 if ids else np.float32)
+    layout = {4: "NHWC", 3: "NWC", 2: "NC"}[x.ndim]
     if np.asarray(y).dtype.kind == "f":
         y = np.ascontiguousarray(y, dtype=np.float32).reshape(len(x), -1)
         labels = Frame(FrameKind.LABELS, "labels", y, "NC")

@@ -29,7 +29,9 @@ export function parseData(bytes, inputSpec = undefined, manifest = undefined) {
   }
   const [x] = xs;
   const [y] = ys;
-  if (x.dtype !== 'float32') throw new DeviceError(`data x must be float32, got ${x.dtype}`);
+  // float32 features, or int32 token ids when the model's input takes them (an Embedding in A)
+  const xDtype = inputSpec?.dtype ?? manifest?.input?.dtype ?? 'float32';
+  if (x.dtype !== xDtype) throw new DeviceError(`data x must be ${xDtype}, got ${x.dtype}`);
   const intLabels = y.dtype === 'int32' && y.shape.length === 1;
   const rowLabels = y.dtype === 'float32' && y.shape.length === 2;
   if (!intLabels && !rowLabels) {

@@ -154,7 +154,7 @@ export class SplitTrainer {
     // Dropout seeds are a function of the step, so a replayed step draws the same masks.
     if ('stepSeed' in this.rt) this.rt.stepSeed = step;
     try {
-      const xT = tf.tensor(x, shape, 'float32');
+      const xT = tf.tensor(x, shape, this.manifest.input.dtype ?? 'float32'); // int32: token ids
       keep.push(xT);
       const a = this.device(t, () => this.rt.aForward(xT));
       keep.push(a);
@@ -208,7 +208,7 @@ export class SplitTrainer {
     if (!this.session) await this.open();
     const m = this.manifest;
     const t = { device_ms: 0, server_ms: 0, codec_ms: 0, wire_ms: 0, bytes_up: 0, bytes_down: 0 };
-    const xT = tf.tensor(x, shape, 'float32');
+    const xT = tf.tensor(x, shape, m.input.dtype ?? 'float32');
     const a = this.rt.aInfer(xT);
     const aData = await a.data(); // asynchronously: the one read every backend has
     const reply = await this.call(t, 'infer', [this.frameOf(FrameKind.ACTIVATION, m.cuts[0], aData, a.shape, this.nextStep)]);

@@ -28,7 +28,7 @@ export function shuffled(data, seed, epoch) {
   }
   const per = data.sampleShape.reduce((a, b) => a * b, 1);
   const ly = (data.labelShape ?? []).reduce((a, b) => a * b, 1); // 1, or a label row's size
-  const x = new Float32Array(data.x.length);
+  const x = new data.x.constructor(data.x.length); // Float32Array features or Int32Array ids
   const y = new data.y.constructor(data.y.length); // Int32Array indices or Float32Array rows
   order.forEach((src, dst) => {
     x.set(data.x.subarray(src * per, (src + 1) * per), dst * per);
