@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from ._exceptions import ConverterError
 
@@ -44,6 +47,8 @@ class ZooEntry:
     default_size: int  # the size the paper (and ImageNet) uses
     min_size: int  # the smallest input the architecture's strides survive
     from_logits: bool = True  # heads are built with classifier_activation=None
+    # extra keyword arguments of the application (as pairs, so the entry stays hashable)
+    options: tuple[tuple[str, Any], ...] = ()
 
 
 ZOO: dict[str, ZooEntry] = {
@@ -56,6 +61,23 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry("inceptionv3", "InceptionV3", 299, 75),
         ZooEntry("inceptionresnetv2", "InceptionResNetV2", 299, 75),
         ZooEntry("mobilenetv2", "MobileNetV2", 224, 32),
+        # The paper's Figure 3 network, with its fully connected head (fc1, fc2, logits).
+        ZooEntry("vgg16", "VGG16", 224, 32),
+        # Squeeze-excitation (GlobalAveragePooling2D, Reshape, Multiply), swish. No
+        # stochastic depth and no top dropout (0 rates): B trains an inference-exported
+        # graph, which cannot carry Dropout, and stochastic depth puts one in every block,
+        # so no cut could be valid. Its Normalization (identity without ImageNet weights)
+        # becomes a Rescaling(1, 0): see ``replace_scalar_layers``.
+        ZooEntry(
+            "efficientnetb0",
+            "EfficientNetB0",
+            224,
+            32,
+            options=(("drop_connect_rate", 0.0), ("dropout_rate", 0.0)),
+        ),
+        # Squeeze-excitation, hard-swish and Rescaling preprocessing; its hard-sigmoid's
+        # `x + 3` and `x / 6` (TFOpLambda) become Rescaling layers; no head dropout.
+        ZooEntry("mobilenetv3small", "MobileNetV3Small", 224, 32, options=(("dropout_rate", 0.0),)),
     ]
 }
 
@@ -89,6 +111,14 @@ def build(
     import tf_keras as keras
 
     factory: Callable[..., Any] = getattr(keras.applications, e.application)
+    options = dict(e.options)
+    if e.application == "EfficientNetB0":  # its dropout_rate is not a keyword of B0
+        from tf_keras.src.applications import efficientnet
+
+        options.pop("dropout_rate")
+        factory = functools.partial(
+            efficientnet.EfficientNet, 1.0, 1.0, 224, 0.0, model_name="efficientnetb0"
+        )
     keras.utils.set_random_seed(seed)
     with fresh_names():
         model = factory(
@@ -96,9 +126,93 @@ def build(
             input_shape=(size, size, 3),
             classes=num_classes,
             classifier_activation=None,
+            **options,
         )
         model = replace_custom_scale_layers(model)
+        model = replace_scalar_layers(model)
     return model, e.from_logits
+
+
+_SCALAR_OPS = {"__operators__.add": "add", "math.multiply": "mul"}
+
+
+def replace_scalar_layers(model: Any) -> Any:
+    """``model`` with scalar arithmetic and identity normalisation as ``Rescaling`` layers.
+
+    MobileNetV3's hard-sigmoid is ``ReLU6(x + 3) * (1/6)`` written with TF operators, which
+    Keras records as ``TFOpLambda`` layers (Python-only: TF.js and the converters cannot
+    carry them); each ``x + c`` becomes ``Rescaling(1, c)`` and ``x * c`` becomes
+    ``Rescaling(c, 0)``, named ``<op>_const[_k]``. EfficientNet's ``Normalization`` holds
+    mean 0 and variance 1 without ImageNet weights (the identity) and becomes
+    ``Rescaling(1, 0)`` under its own name; one with other statistics is left alone (and
+    refused downstream, naming it). Same arithmetic; weights are copied by layer name.
+    """
+    config = model.get_config()
+    layers = config.get("layers")
+    if not isinstance(layers, list):
+        return model
+    renamed: dict[str, str] = {}
+    changed = False
+    for layer in layers:
+        cls, cfg = layer.get("class_name"), layer["config"]
+        rescale = None
+        if cls == "TFOpLambda" and cfg.get("function") in _SCALAR_OPS:
+            calls = layer["inbound_nodes"]
+            kwargs = calls[0][3] if len(calls) == 1 and len(calls[0]) == 4 else {}
+            y = kwargs.get("y") if isinstance(kwargs, dict) else None
+            if not isinstance(y, (int, float)) or set(kwargs) - {"y", "name"}:
+                continue
+            op = _SCALAR_OPS[cfg["function"]]
+            rescale = (1.0, float(y)) if op == "add" else (float(y), 0.0)
+            new_name = layer["name"].replace("tf.__operators__.", "").replace("tf.math.", "")
+            new_name = new_name.replace("add", "add_const", 1).replace("multiply", "mul_const", 1)
+            renamed[layer["name"]] = new_name
+            layer["inbound_nodes"] = [[[*calls[0][:3], {}]]]
+        elif cls == "Normalization":
+            norm = model.get_layer(layer["name"])
+            weights = {w.name.split("/")[-1].split(":")[0]: w.numpy() for w in norm.weights}
+            if not (
+                np.all(weights.get("mean", 1) == 0) and np.all(weights.get("variance", 0) == 1)
+            ):
+                continue
+            rescale = (1.0, 0.0)
+            layer["inbound_nodes"] = [
+                [ref[:3] + [{}] for ref in call] for call in layer["inbound_nodes"]
+            ]
+        if rescale is None:
+            continue
+        changed = True
+        name = renamed.get(layer["name"], layer["name"])
+        layer["class_name"] = "Rescaling"
+        layer.pop("module", None)
+        layer.pop("registered_name", None)
+        layer["name"] = name
+        layer["config"] = {
+            "name": name,
+            "trainable": True,
+            "dtype": cfg.get("dtype", "float32"),
+            "scale": rescale[0],
+            "offset": rescale[1],
+        }
+    if not changed:
+        return model
+
+    import tf_keras as keras
+
+    def rename(ref: list) -> list:
+        return [renamed.get(ref[0], ref[0]), *ref[1:]]
+
+    for layer in layers:  # a call is a list of refs, or (TFOpLambda) one flat ref
+        layer["inbound_nodes"] = [
+            rename(call) if isinstance(call[0], str) else [rename(ref) for ref in call]
+            for call in layer["inbound_nodes"]
+        ]
+    config["output_layers"] = [rename(ref) for ref in config["output_layers"]]
+    rebuilt = keras.Model.from_config(config)
+    for layer in rebuilt.layers:
+        if layer.weights:
+            layer.set_weights(model.get_layer(layer.name).get_weights())
+    return rebuilt
 
 
 @contextlib.contextmanager
