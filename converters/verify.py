@@ -63,6 +63,10 @@ class VerificationReport:
     gradients_checked_in: str = "float64"  # the torch B whose gradients were compared
     float32: dict[str, float] = field(default_factory=dict)  # torch float32 vs the reference
     keras_float32_max_grad_rel_err: float | None = None
+    # Keras' own float32 training forward against the float64 reference: the rounding
+    # drift float32 itself has on this B (torch float32's is in ``float32``)
+    keras_float32_forward_rel_err: float | None = None
+    forward_checked_in: str = "float64"  # the torch B whose training forward was compared
     batch: int = 0
 
     @property
@@ -275,8 +279,12 @@ def verify_server_slice(
     floor = ZERO_GRAD_FLOOR * max(
         (float(np.linalg.norm(x)) for x in ref.grads.values()), default=0.0
     )
+    # The training forward is checked in float64 too (structure: what conversion can get
+    # wrong); torch's float32 forward is held against Keras' own float32 drift below.
+    forward_from = exact if exact is not None else got
     report = VerificationReport(
-        forward_train_rel_err=rel_err(got.out, ref.out),
+        forward_train_rel_err=rel_err(forward_from.out, ref.out),
+        forward_checked_in="float64" if exact is not None else "float32",
         forward_infer_rel_err=rel_err(got.infer, ref.infer),
         input_grad_rel_err=rel_err(grads_from.input_grad, ref.input_grad),
         reference="keras-float64" if twin is not None else "keras-float32",
@@ -293,6 +301,9 @@ def verify_server_slice(
             (rel_err(got.grads[n], v, floor) for n, v in ref.grads.items()), default=0.0
         ),
     }
+    if exact is not None:
+        report.float32["forward_train_rel_err"] = rel_err(got.out, ref.out)
+        report.keras_float32_forward_rel_err = rel_err(keras32.out, ref.out)
     if twin is not None:
         report.keras_float32_max_grad_rel_err = max(
             (rel_err(keras32.grads[n], v, floor) for n, v in ref.grads.items()), default=0.0
@@ -316,7 +327,11 @@ def verify_server_slice(
             report.moving_stat_rel_err[name] = rel_err(got.after[name], keras32.after[name])
 
     checks = [
-        ("forward (training mode)", report.forward_train_rel_err, forward_tol),
+        (
+            f"forward (training mode, {report.forward_checked_in})",
+            report.forward_train_rel_err,
+            forward_tol,
+        ),
         ("forward (inference mode)", report.forward_infer_rel_err, forward_tol),
         (f"gradient at the input {cut_in.name}", report.input_grad_rel_err, grad_tol),
         *((f"gradient of {n}", e, grad_tol) for n, e in report.param_grad_rel_err.items()),
@@ -329,5 +344,29 @@ def verify_server_slice(
             f"{what}: relative error {err:.3g} > {tol:g}" for what, err, tol in bad[:8]
         )
         more = f" (and {len(bad) - 8} more)" if len(bad) > 8 else ""
-        raise VerificationError(f"torch B disagrees with Keras B: {lines}{more}")
+        exact_ref = "float64" in (report.reference + report.gradients_checked_in)
+        kind = (
+            "a conversion error: the torch graph computes another function (compared with "
+            "the float64 Keras twin, where float32 rounding cannot explain it)"
+            if exact_ref
+            else "compared in float32 only (no float64 twin of Keras B could be built)"
+        )
+        raise VerificationError(f"torch B disagrees with Keras B: {lines}{more} -- {kind}")
+    drift = report.float32.get("forward_train_rel_err")
+    if drift is not None and report.keras_float32_forward_rel_err is not None:
+        allowed = max(forward_tol, FLOAT32_DRIFT_FACTOR * report.keras_float32_forward_rel_err)
+        if not drift <= allowed:
+            raise VerificationError(
+                "torch B is exact in float64 but its float32 forward (training mode) drifts "
+                f"{drift:.3g} from exact, beyond {allowed:.3g} = max({forward_tol:g}, "
+                f"{FLOAT32_DRIFT_FACTOR:g} x Keras' own float32 drift "
+                f"{report.keras_float32_forward_rel_err:.3g})"
+            )
     return report
+
+
+# torch's float32 forward may drift from exact up to this many times Keras' own float32
+# drift on the same B (or the forward tolerance, whichever is larger): deep Bs with
+# BatchNorm in training mode drift ~1e-3 in either framework, which is rounding, not a
+# conversion error (that one shows in float64).
+FLOAT32_DRIFT_FACTOR = 4.0
