@@ -168,6 +168,7 @@ def test_zoo_rejects_unknown_names_and_bad_arguments():
         zoo.build("resnet50", 32, num_classes=1)
     assert zoo.names() == [
         "resnet50", "resnet152", "densenet121", "densenet201", "inceptionv3", "inceptionresnetv2", "mobilenetv2",
+        "vgg16", "efficientnetb0", "mobilenetv3small",
     ]  # fmt: skip
 
 

@@ -152,3 +152,26 @@ def test_recurrent_layer_is_refused_naming_it(cls):
     model = keras.Model(tokens, L.Dense(4, name="c_logits")(h))
     with pytest.raises(UnsupportedLayer, match=rf"layer 'b_rnn' \({cls}\).*recurrent"):
         slice_model(model, ["a_out", "b_out"])
+
+
+def test_scalar_tf_ops_become_rescaling_with_the_same_arithmetic():
+    """MobileNetV3's hard-sigmoid, ReLU6(x + 3) * (1/6), is recorded as Python-only
+    TFOpLambda layers; the zoo rewrites each as a Rescaling, computing the same values."""
+    import tf_keras as keras
+
+    from converters.cuts import check_supported
+    from converters.zoo import replace_scalar_layers
+
+    L = keras.layers
+    x = L.Input((4, 4, 3), name="x")
+    h = L.Conv2D(3, 1, name="conv")(x)
+    gate = L.ReLU(6.0, name="relu6")(h + 3.0) * (1.0 / 6.0)
+    out = L.Flatten(name="flat")(L.Multiply(name="hswish")([h, gate]))
+    model = keras.Model(x, L.Dense(2, name="head")(out))
+    assert "TFOpLambda" in {type(layer).__name__ for layer in model.layers}
+    rewritten = replace_scalar_layers(model)
+    kinds = [type(layer).__name__ for layer in rewritten.layers]
+    assert "TFOpLambda" not in kinds and kinds.count("Rescaling") == 2
+    check_supported(rewritten)  # every layer now trains in B (and on every device)
+    sample = np.random.default_rng(0).normal(size=(2, 4, 4, 3)).astype(np.float32)
+    assert np.array_equal(model(sample).numpy(), rewritten(sample).numpy())
