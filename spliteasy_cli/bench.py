@@ -632,8 +632,9 @@ def _write_breakdown(out: Path, args: argparse.Namespace, results: list) -> dict
         f"Machine: {doc['machine']['cpus']} CPUs, load average {doc['machine']['load_average']}.",
         "",
         "| network (px) | link | step ms | device | server | codec | wire | link bound "
-        "| wire / bound | (wire - loopback wire) / bound | KiB up / down |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| wire / bound | (wire - loopback wire) / bound | expected (+ jitter, loss) "
+        "| KiB up / down |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     loop = {r["network"]: r["wire_ms"] for r in results if r["link"] == "loopback"}
     for r in results:
@@ -646,7 +647,7 @@ def _write_breakdown(out: Path, args: argparse.Namespace, results: list) -> dict
             f"| {r['network']} ({r['size']}) | {r['link']} | {_ms(r['total_ms'])} "
             f"| {_ms(r['device_ms'])} | {_ms(r['server_ms'])} | {_ms(r['codec_ms'])} "
             f"| {_ms(r['wire_ms'])} | {_ms(r['bound_ms'])} | {ratio} | {excess} "
-            f"| {_kib(r['bytes_up'])} / {_kib(r['bytes_down'])} |"
+            f"| {_ms(r['expected_ms'])} | {_kib(r['bytes_up'])} / {_kib(r['bytes_down'])} |"
         )
     lines += [
         "",
@@ -655,7 +656,8 @@ def _write_breakdown(out: Path, args: argparse.Namespace, results: list) -> dict
         "between sending a request and its reply that is not B's compute (the link, HTTP, "
         "the server's framing and checks). loopback connects directly, the other profiles "
         "through `python -m netem --profile P`; wire - loopback wire is the link's own "
-        "share (the proxy's relay included), set against the bound.",
+        "share (the proxy's relay included), set against the bound; expected adds the "
+        "profile's mean jitter and the expected cost of lost segments (an RTO each).",
     ]
     (out / "results.json").write_text(json.dumps(doc, indent=1))
     (out / "report.md").write_text("\n".join(lines) + "\n")
