@@ -7,8 +7,11 @@ writes one from numpy with the wire codec, in the order the batches are to be ta
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -26,6 +29,25 @@ def node() -> str:
     if not (JS_DIR / "node_modules" / "@tensorflow" / "tfjs").is_dir():
         pytest.fail(f"npm packages missing in {JS_DIR}: run `make js` (npm ci)")
     return exe
+
+
+def chromium() -> str:
+    """Debian's chromium for the browser device tests (``make browser``)."""
+    exe = os.environ.get("SPLITEASY_CHROMIUM") or shutil.which("chromium")
+    if not exe:
+        pytest.fail(
+            "Debian chromium is not installed: run `make browser` (apt-get install chromium)"
+        )
+    return exe
+
+
+def has_route(url: str) -> bool:
+    """Whether ``url`` answers 200: a server built without a route answers 404."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def run_node(args: Sequence[str], timeout: float = 300.0) -> subprocess.CompletedProcess:

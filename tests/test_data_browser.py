@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from image_folders import make_image_folder
-from js_fixtures import node, run_node
+from js_fixtures import chromium, has_route, node, run_node
 
 from split_helpers import ALL_RUNTIMES, SGD_CFG, rel
 
@@ -29,25 +27,6 @@ pytestmark = [pytest.mark.js, pytest.mark.browser]
 TOL = 1e-4
 BATCH = 8
 SCHEMA = Path(__file__).resolve().parents[1] / "shared_schema" / "manifest.schema.json"
-
-
-def chromium() -> str:
-    import os
-
-    exe = os.environ.get("SPLITEASY_CHROMIUM") or shutil.which("chromium")
-    if not exe:
-        pytest.fail(
-            "Debian chromium is not installed: run `make browser` (apt-get install chromium)"
-        )
-    return exe
-
-
-def _has_route(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 def test_page_trains_on_a_picked_image_folder(tmp_path, serve_app, page_files, digits_bundles):
@@ -77,7 +56,7 @@ def test_page_trains_on_a_picked_image_folder(tmp_path, serve_app, page_files, d
     app = create_app(bundle)
     srv = serve_app(app)
     query = f"batch={BATCH}&epochs=1"
-    if not _has_route(f"{srv.url}/v1/schema"):
+    if not has_route(f"{srv.url}/v1/schema"):
         schema = page_files(".schema.json")
         shutil.copyfile(SCHEMA, schema)
         query += f"&schema=../data/{schema.name}"

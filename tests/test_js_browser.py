@@ -14,15 +14,12 @@ unsplit training leaves it, within 1e-4.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from js_fixtures import node, run_node, write_batches
+from js_fixtures import chromium, has_route, node, run_node, write_batches
 
 from split_helpers import ALL_RUNTIMES, SGD_CFG, digits_bundle, fixed_batches, rel
 
@@ -31,23 +28,6 @@ pytestmark = [pytest.mark.js, pytest.mark.browser]
 TOL = 1e-4
 STEPS, BATCH = 5, 32
 SCHEMA = Path(__file__).resolve().parents[1] / "shared_schema" / "manifest.schema.json"
-
-
-def chromium() -> str:
-    exe = os.environ.get("SPLITEASY_CHROMIUM") or shutil.which("chromium")
-    if not exe:
-        pytest.fail(
-            "Debian chromium is not installed: run `make browser` (apt-get install chromium)"
-        )
-    return exe
-
-
-def _has_route(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +73,7 @@ def test_browser_page_trains_like_node_and_unsplit(tmp_path, serve_app, page_fil
     app = create_app(bundle)
     srv = serve_app(app)
     query = f"data=../data/{data.name}&batch={BATCH}&steps={STEPS}&auto=1"
-    if not _has_route(f"{srv.url}/v1/schema"):
+    if not has_route(f"{srv.url}/v1/schema"):
         # The server does not publish the schema: hand the page the repository's file.
         schema = page_files(".schema.json")
         shutil.copyfile(SCHEMA, schema)

@@ -20,13 +20,12 @@ The bundle is the cached one the other TF.js tests use (never converted per test
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from js_fixtures import node, run_node, write_batches
+from js_fixtures import chromium, node, run_node, write_batches
 
 from split_helpers import ALL_RUNTIMES, SGD_CFG, digits_bundle, fixed_batches, rel
 
@@ -35,15 +34,6 @@ pytestmark = [pytest.mark.js, pytest.mark.browser]
 TOL = 1e-4
 STEPS, BATCH = 5, 32
 SCHEMA = Path(__file__).resolve().parents[1] / "shared_schema" / "manifest.schema.json"
-
-
-def chromium() -> str:
-    exe = os.environ.get("SPLITEASY_CHROMIUM") or shutil.which("chromium")
-    if not exe:
-        pytest.fail(
-            "Debian chromium is not installed: run `make browser` (apt-get install chromium)"
-        )
-    return exe
 
 
 @pytest.fixture(scope="module")

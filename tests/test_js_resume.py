@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from js_fixtures import JS_DIR, node, run_node, write_batches
+from js_fixtures import JS_DIR, chromium, node, run_node, write_batches
 
 from split_helpers import ADAM_CFG, ALL_RUNTIMES, SGD_CFG, digits_bundle, fixed_batches, rel
 
@@ -322,15 +322,6 @@ def test_server_killed_and_restarted_device_rolls_back_and_ends_as_uninterrupted
     _assert_same(_checkpointed_b(srv_dir), served_reference["b"], "B")
 
 
-def _chromium() -> str:
-    import shutil
-
-    exe = os.environ.get("SPLITEASY_CHROMIUM") or shutil.which("chromium")
-    if not exe:
-        pytest.fail("Debian chromium is not installed: run `make browser`")
-    return exe
-
-
 @pytest.mark.browser
 def test_browser_page_reloaded_mid_run_resumes_from_indexeddb(
     tmp_path, serve_app, train_data, reference_runs
@@ -338,7 +329,7 @@ def test_browser_page_reloaded_mid_run_resumes_from_indexeddb(
     from server_torch.app import create_app
 
     node()
-    browser = _chromium()
+    browser = chromium()
     bundle, _ = digits_bundle(None, "double", SGD_CFG, ALL_RUNTIMES, MODEL)
     ref = reference_runs("double", SGD_CFG)  # the uninterrupted Node run
     ref_b, node_losses = ref["b"], ref["losses"]
@@ -427,7 +418,7 @@ def test_browser_start_over_forgets_the_saved_run_and_ends_its_session(
     from server_torch.app import create_app
 
     node()
-    browser = _chromium()
+    browser = chromium()
     bundle, _ = digits_bundle(None, "double", SGD_CFG, ALL_RUNTIMES, MODEL)
     data_dir = JS_DIR / "data"
     data_dir.mkdir(exist_ok=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from js_fixtures import node, run_node, write_batches
+from js_fixtures import chromium, node, run_node, write_batches
 
 from split_helpers import ALL_RUNTIMES, SGD_CFG, digits_bundle, fixed_batches
 
@@ -149,7 +149,7 @@ def test_browser_page_over_websocket_in_parallel_mode(tmp_path, serve_app, page_
 
     import httpx
     from js_fixtures import JS_DIR
-    from test_js_browser import SCHEMA, chromium
+    from test_js_browser import SCHEMA
 
     from device_tf.keras_util import named_variables
     from device_tf.reference import train_unsplit
