@@ -86,7 +86,7 @@ def export_tfjs(model: Any, out_dir: Path, training: bool = True) -> None:
             topology, _ = h5_merged_saved_model_to_tfjs_format(str(h5))
     except (ValueError, TypeError, NotImplementedError, KeyError) as exc:
         raise TfjsExportError(f"tensorflowjs could not export slice {model.name}: {exc}") from exc
-    topology = _tfjs_regularizers(topology)
+    topology = _tfjs_separable(_tfjs_regularizers(topology))
     # The converter names each weight after Keras' variable name, which a slice rebuilt
     # from config (as converters.slicing makes them) has lost its layer scope in
     # ("kernel", not "a_conv/kernel"), and orders them by layer name. TF.js finds weights
@@ -130,6 +130,26 @@ def _tfjs_regularizers(node: Any) -> Any:
             "config": {"l1": float(cfg.get("l1", 0.0)), "l2": float(cfg.get("l2", 0.0))},
         }
     return {k: _tfjs_regularizers(v) for k, v in node.items()}
+
+
+# Keras' SeparableConv config inherits Conv's kernel_* fields, which the layer never uses
+# (its kernels are depthwise_* and pointwise_*); TF.js' SeparableConv2D refuses a config
+# that has them ("Fields kernelInitializer, kernelRegularizer and kernelConstraint are
+# invalid for SeparableConv2D"), so they are dropped from the exported topology.
+_SEPARABLE = {"SeparableConv1D", "SeparableConv2D"}
+_UNUSED_SEPARABLE_FIELDS = ("kernel_initializer", "kernel_regularizer", "kernel_constraint")
+
+
+def _tfjs_separable(node: Any) -> Any:
+    """Every SeparableConv layer's config without the ``kernel_*`` fields it ignores."""
+    if isinstance(node, list):
+        return [_tfjs_separable(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    if node.get("class_name") in _SEPARABLE and isinstance(node.get("config"), dict):
+        cfg = {k: v for k, v in node["config"].items() if k not in _UNUSED_SEPARABLE_FIELDS}
+        return {**node, "config": _tfjs_separable(cfg)}
+    return {k: _tfjs_separable(v) for k, v in node.items()}
 
 
 def _check_written(out_dir: Path) -> None:
