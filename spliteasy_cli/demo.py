@@ -6,6 +6,11 @@ the device), then trains the same model unsplit in tf_keras from the same initia
 weights on the same batches, and prints both test accuracies side by side. It ends by
 writing the trained model, unsplit, as a tf_keras SavedModel (``spliteasy export`` from
 the run's server and device state) and printing where it is and its accuracy.
+
+``--compare`` is the paper's Figure 3 as a command: both runs are scored on the held-out
+data after every epoch, and the two accuracy curves go to ``compare.json`` and
+``compare.png`` in the run folder. ``--data`` and ``--model`` pick what is trained (the
+data as ``spliteasy train --data`` reads it: ``digits``, a folder of images, an ``.npz``).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from pathlib import Path
 HELP = (
     "Convert the built-in CNN, serve it, train split on digits, and compare with unsplit training."
 )
+# Built-in image classifiers the demo can train on image data (digits, folders, .npz).
+DEMO_MODELS = ("digits-cnn", "digits-bn")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,6 +42,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--model", choices=DEMO_MODELS, default="digits-cnn")
+    p.add_argument(
+        "--data",
+        default="digits",
+        help="digits (default), a folder of images in class subfolders, or an .npz with x, y",
+    )
+    p.add_argument(
+        "--validation-split",
+        type=float,
+        default=None,
+        help="held-out fraction scored each epoch (default: digits' 20%% test split; 0.2 of "
+        "your own data)",
+    )
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="score split and unsplit after every epoch; write the two accuracy curves to "
+        "compare.json and compare.png in --out",
+    )
 
 
 def run_demo(
@@ -45,6 +71,11 @@ def run_demo(
     out: Path = Path("runs/demo"),
     seed: int = 0,
     progress: bool = True,
+    *,
+    model_name: str = "digits-cnn",
+    data: str = "digits",
+    validation_split: float | None = None,
+    compare: bool = False,
 ) -> dict:
     import os
     import shutil
@@ -53,11 +84,13 @@ def run_demo(
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from converters.bundle import write_bundle
     from converters.export.trained import export_trained
-    from converters.models import DIGITS_CUTS, digits_cnn
-    from device_tf.data import batches, load_digits_split
+    from converters.models import builtin_cuts, load_model
+    from device_tf.data import batches
+    from device_tf.datasets import load_dataset
     from device_tf.fit import fit
+    from device_tf.keras_util import keras_loss, keras_optimizer
     from device_tf.loop import SplitTrainer
-    from device_tf.reference import accuracy, clone_with_weights, train_unsplit
+    from device_tf.reference import accuracy, clone_with_weights
     from device_tf.state import DeviceState, RunSpec, data_digest
     from device_tf.tf_runtime import TFRuntime
     from device_tf.transport import HttpTransport
@@ -79,14 +112,14 @@ def run_demo(
     )
     for old in (server_state, device_state):  # a fresh run, never a resumed one
         shutil.rmtree(old, ignore_errors=True)
-    model = digits_cnn(seed=seed)
+    model, _ = load_model(model_name, seed=seed)
     baseline = clone_with_weights(model)
     t0 = time.perf_counter()
     write_bundle(
         model,
-        list(DIGITS_CUTS),
+        list(builtin_cuts(model_name)),
         bundle,
-        model_name="digits-cnn",
+        model_name=model_name,
         optimizer=opt,
         overwrite=True,
         seed=seed,
@@ -94,10 +127,17 @@ def run_demo(
     manifest = load_manifest(bundle)
     report = json.loads((bundle / "report.json").read_text())["verification"]
     say(
-        f"[1/5] converted digits-cnn -> {bundle} in {time.perf_counter() - t0:.1f}s "
+        f"[1/5] converted {model_name} -> {bundle} in {time.perf_counter() - t0:.1f}s "
         f"(B verified: max gradient rel err {report['max_param_grad_rel_err']:.1e})"
     )
-    x_tr, y_tr, x_te, y_te = load_digits_split(seed=seed)
+    if data != "digits" and validation_split is None:
+        validation_split = 0.2  # the demo always scores on held-out samples
+    ds = load_dataset(data, manifest, validation_split=validation_split, seed=seed)
+    x_tr, y_tr, x_te, y_te = ds.x_train, ds.y_train, ds.x_val, ds.y_val
+    if x_te is None:
+        from device_tf.datasets import DataError
+
+        raise DataError(f"{data}: the demo needs held-out samples; give --validation-split > 0")
     digest = manifest_digest(bundle)
     # The server checkpoints B into its state dir (the last time when it is stopped), the
     # device keeps A and C in its own: the two halves `spliteasy export` joins at the end.
@@ -120,7 +160,10 @@ def run_demo(
         t1 = time.perf_counter()
         try:
             trainer = SplitTrainer(runtime, transport, manifest, digest)
-            say(f"[3/5] split training: {epochs} epochs of {len(x_tr)} digits, batch {batch_size}")
+            say(
+                f"[3/5] split training: {epochs} epochs of {len(x_tr)} samples ({data}), "
+                f"batch {batch_size}"
+            )
             history = fit(  # opens the session and saves A, C after every step
                 trainer,
                 x_tr,
@@ -140,8 +183,15 @@ def run_demo(
         split_seconds = time.perf_counter() - t1
     say(f"      {history.summary()}")
     say("[4/5] unsplit baseline: same model, same initial weights, same batches, tf_keras")
-    all_batches = [b for e in range(epochs) for b in batches(x_tr, y_tr, batch_size, e, seed)]
-    train_unsplit(baseline, all_batches, manifest.optimizer, manifest.loss)
+    # One compiled model (one optimizer state) through every epoch's batches, scored after
+    # each epoch as the split run is.
+    baseline.compile(optimizer=keras_optimizer(manifest.optimizer), loss=keras_loss(manifest.loss))
+    unsplit_curve: list[float] = []
+    for e in range(epochs):
+        for xb, yb in batches(x_tr, y_tr, batch_size, e, seed):
+            baseline.train_on_batch(xb, yb)
+        if compare or e == epochs - 1:
+            unsplit_curve.append(accuracy(baseline, x_te, y_te))
     exported = export_trained(bundle, server_state, device_state, trained, overwrite=True)
     import tf_keras as keras
 
@@ -152,7 +202,7 @@ def run_demo(
     )
     result = {
         "split_accuracy": history.epoch_accuracy[-1],
-        "unsplit_accuracy": accuracy(baseline, x_te, y_te),
+        "unsplit_accuracy": unsplit_curve[-1],
         "exported_accuracy": accuracy(trained_model, x_te, y_te),
         "trained_model": str(trained),
         "epochs": epochs,
@@ -161,8 +211,15 @@ def run_demo(
         "mean_step_ms": {k: round(v, 2) for k, v in history.mean_ms().items()},
         "test_samples": int(len(x_te)),
     }
+    if compare:
+        result["compare"] = write_compare(
+            out,
+            history.epoch_accuracy[-epochs:],
+            unsplit_curve,
+            title=f"{model_name} on {data}: {len(x_tr)} training, {len(x_te)} held out",
+        )
     say("")
-    say(f"  test accuracy on {len(x_te)} held-out digits after {epochs} epochs")
+    say(f"  test accuracy on {len(x_te)} held-out samples ({data}) after {epochs} epochs")
     say(
         f"    split   (A, C: TensorFlow on the device; B: PyTorch server)  {result['split_accuracy']:.4f}"
     )
@@ -174,7 +231,47 @@ def run_demo(
     )
     say("")
     say(f"  trained model: {trained}  (tf_keras.models.load_model({str(trained)!r}))")
+    if compare:
+        say(f"  accuracy curves: {result['compare']['png']}  {result['compare']['json']}")
     return result
+
+
+def write_compare(out: Path, split: list[float], unsplit: list[float], title: str) -> dict:
+    """The two per-epoch accuracy curves as ``compare.json`` and ``compare.png`` in ``out``
+    (the paper's Figure 3: split training follows unsplit training epoch for epoch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # a file, never a window
+    import matplotlib.pyplot as plt
+
+    epochs = list(range(1, len(split) + 1))
+    json_path, png_path = out / "compare.json", out / "compare.png"
+    json_path.write_text(
+        json.dumps(
+            {
+                "title": title,
+                "epochs": epochs,
+                "split_accuracy": split,
+                "unsplit_accuracy": unsplit,
+                "max_abs_difference": max(
+                    (abs(a - b) for a, b in zip(split, unsplit, strict=True)), default=0.0
+                ),
+            },
+            indent=2,
+        )
+    )
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, unsplit, "o-", label="unsplit (tf_keras)", linewidth=3, alpha=0.5)
+    ax.plot(epochs, split, "s--", label="split (A, C: TF device; B: PyTorch server)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return {"json": str(json_path), "png": str(png_path)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -186,6 +283,10 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         args.seed,
         progress=not args.no_progress,
+        model_name=args.model,
+        data=args.data,
+        validation_split=args.validation_split,
+        compare=args.compare,
     )
     if args.json:
         print(json.dumps(result))
