@@ -243,6 +243,7 @@ def write_compare(out: Path, split: list[float], unsplit: list[float], title: st
 
     matplotlib.use("Agg")  # a file, never a window
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     epochs = list(range(1, len(split) + 1))
     json_path, png_path = out / "compare.json", out / "compare.png"
@@ -264,6 +265,7 @@ def write_compare(out: Path, split: list[float], unsplit: list[float], title: st
     ax.plot(epochs, unsplit, "o-", label="unsplit (tf_keras)", linewidth=3, alpha=0.5)
     ax.plot(epochs, split, "s--", label="split (A, C: TF device; B: PyTorch server)")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("held-out accuracy")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)

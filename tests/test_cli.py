@@ -185,10 +185,25 @@ def test_train_refuses_a_server_with_another_bundle(digits_bundle_dir, serve_app
 
 def test_demo_learns_and_matches_unsplit(tmp_path):
     result = spliteasy(
-        "demo", "--epochs", "5", "--out", str(tmp_path / "demo"), "--json", "--no-progress"
+        "demo",
+        "--epochs",
+        "5",
+        "--out",
+        str(tmp_path / "demo"),
+        "--json",
+        "--no-progress",
+        "--compare",
     )
     assert result.returncode == 0, result.stderr
+    assert "Warning" not in result.stderr and "WARNING" not in result.stderr, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
+    # --compare: the per-epoch curves (the paper's Figure 3) as JSON and PNG in the run folder
+    curves = json.loads(Path(summary["compare"]["json"]).read_text())
+    assert curves["epochs"] == [1, 2, 3, 4, 5]
+    assert curves["split_accuracy"][-1] == summary["split_accuracy"]
+    assert curves["unsplit_accuracy"][-1] == summary["unsplit_accuracy"]
+    assert curves["max_abs_difference"] <= 2 / 360 + 1e-9
+    assert Path(summary["compare"]["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     print(
         f"\ndemo: split {summary['split_accuracy']:.4f}, unsplit {summary['unsplit_accuracy']:.4f}, "
         f"{summary['steps']} steps, mean step {summary['mean_step_ms']}"
