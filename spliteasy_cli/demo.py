@@ -112,6 +112,12 @@ def run_demo(
     )
     for old in (server_state, device_state):  # a fresh run, never a resumed one
         shutil.rmtree(old, ignore_errors=True)
+    if data != "digits" and not Path(data).exists():  # before minutes of conversion
+        from device_tf.datasets import DataError
+
+        raise DataError(
+            f"{data}: no such file or folder (give a folder of images, an .npz or 'digits')"
+        )
     model, _ = load_model(model_name, seed=seed)
     baseline = clone_with_weights(model)
     t0 = time.perf_counter()
