@@ -271,7 +271,7 @@ def small(k, body):
     return k.Model(x, body(x), name="small")
 
 
-def test_shared_multi_output_and_rank_3_layers_are_not_cut_points():
+def test_shared_and_multi_output_layers_are_not_cut_points_rank_5_neither():
     k = keras()
     L = k.layers
 
@@ -284,7 +284,7 @@ def test_shared_multi_output_and_rank_3_layers_are_not_cut_points():
         h = shared(h)
         h = L.Lambda(lambda t: [t, t * 2], name="twins")(h)
         h = L.Add(name="join")(h)
-        h = L.Reshape((36, 2), name="rank3")(h)
+        h = L.Reshape((6, 6, 2, 1), name="rank5")(h)
         h = L.Flatten(name="flat")(h)
         return L.Dense(3, name="head")(h)
 
@@ -297,7 +297,7 @@ def test_shared_multi_output_and_rank_3_layers_are_not_cut_points():
     assert "layer 'shared_conv' is shared by calls on both sides of it" in msg
     assert "nearest valid cuts: 'pre' (before), 'join' (after)" in msg
     assert "it returns several tensors; a cut carries exactly one" in invalid(model, ["twins"])
-    assert "its output has rank 3" in invalid(model, ["rank3"])
+    assert "its output has rank 5" in invalid(model, ["rank5"])
     assert cuts.validate_cuts(model, ["join"])[0].shape == (6, 6, 2)
 
 
