@@ -208,11 +208,7 @@ def replace_scalar_layers(model: Any) -> Any:
             for call in layer["inbound_nodes"]
         ]
     config["output_layers"] = [rename(ref) for ref in config["output_layers"]]
-    rebuilt = keras.Model.from_config(config)
-    for layer in rebuilt.layers:
-        if layer.weights:
-            layer.set_weights(model.get_layer(layer.name).get_weights())
-    return rebuilt
+    return _rebuilt_with_weights(keras, config, model)
 
 
 @contextlib.contextmanager
@@ -305,7 +301,12 @@ def replace_custom_scale_layers(model: Any) -> Any:
         layer["inbound_nodes"] = [[rename(ref) for ref in call] for call in layer["inbound_nodes"]]
     config["layers"] = new_layers
     config["output_layers"] = [rename(ref) for ref in config["output_layers"]]
+    return _rebuilt_with_weights(keras, config, model)
 
+
+def _rebuilt_with_weights(keras: Any, config: dict, model: Any) -> Any:
+    """The model of an edited functional ``config``, carrying ``model``'s weights by
+    layer name (the edits keep every weighted layer's name)."""
     rebuilt = keras.Model.from_config(config)
     for layer in rebuilt.layers:
         if layer.weights:

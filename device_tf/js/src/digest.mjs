@@ -73,7 +73,7 @@ export function sha256(bytes) {
 }
 
 /** Python sorts pathlib paths part by part, not as strings ('a/b' < 'a-b'). */
-function comparePaths(a, b) {
+export function comparePaths(a, b) {
   const pa = a.split('/');
   const pb = b.split('/');
   for (let i = 0; i < Math.min(pa.length, pb.length); i++) {

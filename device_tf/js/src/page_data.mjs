@@ -16,6 +16,7 @@
  * trains on it exactly as on a data URL; the images never leave the page -- only cut
  * tensors do.
  */
+import { comparePaths } from './digest.mjs';
 import { DeviceError } from './errors.mjs';
 import { FrameKind, encode, frame } from './frame.mjs';
 
@@ -24,15 +25,6 @@ const GRAY = [0.2989, 0.587, 0.114]; // tf.image.rgb_to_grayscale
 const SCORE_LOSSES = ['sparse_categorical_crossentropy', 'categorical_crossentropy', 'binary_crossentropy'];
 
 const isImage = (name) => !name.startsWith('.') && IMAGE_SUFFIXES.some((s) => name.toLowerCase().endsWith(s));
-
-function comparePaths(a, b) {
-  const pa = a.split('/');
-  const pb = b.split('/');
-  for (let i = 0; i < Math.min(pa.length, pb.length); i++) {
-    if (pa[i] !== pb[i]) return pa[i] < pb[i] ? -1 : 1;
-  }
-  return pa.length - pb.length;
-}
 
 /**
  * The picked files as a labelled list: {classes (sorted), items: [{file, path, index}]
